@@ -1,0 +1,211 @@
+"""skyjax checkpoint folders, and conversion from / export to Hugging Face folders.
+
+A skyjax checkpoint folder:
+
+    skyjax.json        {"format": 1, "architecture": "qwen2", "model": {...config...}, "hf_config": {...}}
+    params/            orbax (tensorstore) checkpoint of the parameter dict, written by every host in parallel
+    tokenizer + processor files carried over from the Hugging Face folder
+
+`load_model` accepts either kind of folder, so `score` and `generate` take a Hugging Face folder or a checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh
+
+from skyjax.config import from_dict, to_dict
+from skyjax.convert.hf_params import export_params, load_params
+from skyjax.convert.registry import ARCHITECTURES, Architecture, detect
+from skyjax.convert.safetensors_io import CheckpointError, SafetensorsReader, SafetensorsWriter
+from skyjax.nn.functional import Functional
+from skyjax.parallel.rules import DEFAULT_RULES, AxisRules
+
+META_NAME = "skyjax.json"
+FORMAT_VERSION = 1
+# Files that travel with the weights (tokenizer, chat template, image processor, generation defaults).
+SIDE_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+    "added_tokens.json", "chat_template.json", "chat_template.jinja", "generation_config.json",
+    "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json", "tokenizer.model",
+)
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    arch: Architecture
+    config: Any
+    fn: Functional
+    params: dict
+    folder: Path  # where tokenizer / processor files are
+    hf_config: dict
+
+    def module(self):
+        return self.fn.bind(self.params)
+
+
+def read_hf_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: no config.json (is this a Hugging Face model folder?)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from e
+
+
+def _runtime(config_cls, dtype: str | None, param_dtype: str | None, hf_dtype: str | None) -> dict:
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    runtime = {}
+    # Default: compute and store in the checkpoint's own dtype.
+    chosen = dtype or hf_dtype or "float32"
+    if "dtype" in fields:
+        runtime["dtype"] = chosen
+    if "param_dtype" in fields:
+        runtime["param_dtype"] = param_dtype or chosen
+    return runtime
+
+
+def _hf_dtype(hf_config: dict) -> str | None:
+    d = hf_config.get("dtype") or hf_config.get("torch_dtype") or (hf_config.get("text_config") or {}).get("dtype")
+    return d if d in ("float32", "bfloat16", "float16") else None
+
+
+def load_hf(
+    folder: str | Path,
+    mesh: Mesh | None = None,
+    rules: AxisRules = DEFAULT_RULES,
+    dtype: str | None = None,
+    param_dtype: str | None = None,
+    **runtime,
+) -> LoadedModel:
+    """Read a Hugging Face folder straight onto `mesh` (each host reads only its own shards)."""
+    folder = Path(folder)
+    hf_config = read_hf_config(folder)
+    arch = detect(hf_config, str(folder / "config.json"))
+    cfg = arch.config_from_hf(hf_config, **_runtime(arch.config_cls, dtype, param_dtype, _hf_dtype(hf_config)),
+                              **runtime)
+    fn = Functional.create(lambda r: arch.build(cfg, r))
+    reader = SafetensorsReader(folder, extra_files=arch.extra_weight_files)
+    try:
+        shardings = fn.shardings(mesh, rules) if mesh is not None else None
+        params = load_params(reader, arch.rules(cfg), fn.shapes, shardings, ignore=arch.ignore_keys)
+    finally:
+        reader.close()
+    return LoadedModel(arch, cfg, fn, params, folder, hf_config)
+
+
+def save_checkpoint(dst: str | Path, model: LoadedModel, side_files_from: Path | None = None) -> Path:
+    """Write params (orbax), skyjax.json and the tokenizer/processor files."""
+    dst = Path(dst).resolve()
+    dst.mkdir(parents=True, exist_ok=True)
+    params_dir = dst / "params"
+    if params_dir.exists():
+        shutil.rmtree(params_dir)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(params_dir, model.params)
+        ckptr.wait_until_finished()
+    meta = {"format": FORMAT_VERSION, "architecture": model.arch.name, "model": to_dict(model.config),
+            "hf_config": model.hf_config}
+    if jax.process_index() == 0:
+        (dst / META_NAME).write_text(json.dumps(meta, indent=2))
+        copy_side_files(side_files_from or model.folder, dst)
+    return dst
+
+
+def copy_side_files(src: Path, dst: Path) -> list[str]:
+    copied = []
+    if src.resolve() == dst.resolve():
+        return copied
+    for name in SIDE_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def is_checkpoint(folder: str | Path) -> bool:
+    return (Path(folder) / META_NAME).is_file()
+
+
+def load_checkpoint(
+    folder: str | Path,
+    mesh: Mesh | None = None,
+    rules: AxisRules = DEFAULT_RULES,
+    dtype: str | None = None,
+    param_dtype: str | None = None,
+    **runtime,
+) -> LoadedModel:
+    """Restore a skyjax checkpoint onto `mesh` (any mesh shape: orbax reshards on read)."""
+    folder = Path(folder).resolve()
+    meta = json.loads((folder / META_NAME).read_text())
+    if meta.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{folder / META_NAME}: unsupported format {meta.get('format')}")
+    if meta["architecture"] not in ARCHITECTURES:
+        raise CheckpointError(f"{folder / META_NAME}: unknown architecture {meta['architecture']!r}")
+    arch = ARCHITECTURES[meta["architecture"]]
+    model_dict = dict(meta["model"])
+    if dtype is not None:
+        model_dict["dtype"] = dtype
+    if param_dtype is not None or dtype is not None:
+        model_dict["param_dtype"] = param_dtype or dtype
+    model_dict.update(runtime)
+    cfg = from_dict(arch.config_cls, model_dict)
+    fn = Functional.create(lambda r: arch.build(cfg, r))
+    params = restore_params(folder / "params", fn, mesh, rules)
+    return LoadedModel(arch, cfg, fn, params, folder, meta.get("hf_config", {}))
+
+
+def restore_params(path: Path, fn: Functional, mesh: Mesh | None, rules: AxisRules = DEFAULT_RULES) -> dict:
+    if mesh is None:
+        from skyjax.parallel.mesh import single_device_mesh
+
+        mesh = single_device_mesh()
+    shardings = fn.shardings(mesh, rules)
+    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), fn.shapes, shardings)
+    with ocp.StandardCheckpointer() as ckptr:
+        try:
+            return ckptr.restore(path, target)
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{path}: the checkpoint does not match the model ({e})") from e
+
+
+def load_model(folder: str | Path, mesh: Mesh | None = None, rules: AxisRules = DEFAULT_RULES, **kw) -> LoadedModel:
+    """A skyjax checkpoint or a Hugging Face folder, whichever `folder` is."""
+    return (load_checkpoint if is_checkpoint(folder) else load_hf)(folder, mesh, rules, **kw)
+
+
+def export_hf(model: LoadedModel, dst: str | Path, dtype: str | None = None,
+              max_shard_bytes: int = 2 * 1024**3) -> Path:
+    """Write a Hugging Face folder: sharded safetensors + config.json + tokenizer/processor files."""
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    out_dtype = np.dtype(dtype or model.config.param_dtype) if dtype or hasattr(model.config, "param_dtype") else None
+    export_model_weights(model, dst, out_dtype, max_shard_bytes)
+    hf_config = {**model.hf_config, **model.config.to_hf()}
+    hf_config["torch_dtype"] = str(out_dtype) if out_dtype is not None else hf_config.get("torch_dtype")
+    hf_config.pop("dtype", None)
+    (dst / "config.json").write_text(json.dumps(hf_config, indent=2))
+    copy_side_files(model.folder, dst)
+    return dst
+
+
+def export_model_weights(model: LoadedModel, dst: Path, out_dtype, max_shard_bytes: int) -> None:
+    """Hook for architectures whose weights span several files (e.g. a reward head file)."""
+    with SafetensorsWriter(dst, max_shard_bytes=max_shard_bytes) as writer:
+        export_params(model.params, model.arch.rules(model.config), writer, dtype=out_dtype,
+                      hf_shapes=hf_shapes_of(model))
+
+
+def hf_shapes_of(model: LoadedModel) -> dict:
+    """Original HF tensor shapes, needed where a transform is not invertible from our shape alone (conv kernels)."""
+    hook = getattr(model.arch.config_cls, "hf_tensor_shapes", None)
+    return hook(model.config) if hook else {}

@@ -1,0 +1,261 @@
+"""Chat formatting: render with the tokenizer's own chat template, expand image placeholders, build loss masks.
+
+`format_conversation` is the one place where text becomes model input ids:
+
+1. Render the messages with ``tokenizer.apply_chat_template(..., tokenize=False)`` (the checkpoint decides the format).
+2. Find each assistant message's character span (see `_assistant_spans`).
+3. Tokenize the rendered text once (with offsets; exactly as HF's own ``apply_chat_template(tokenize=True)`` does:
+   ``add_special_tokens=False``).
+4. Expand the k-th image placeholder token to ``num_image_tokens[k]`` copies. Expanding at the token level gives the
+   same ids as tokenizing the expanded text (the placeholder is an added token, so it splits the text), without
+   tokenizing thousands of copies.
+
+Qwen2.5-VL: the placeholder is ``<|image_pad|>`` (rendered as ``<|vision_start|><|image_pad|><|vision_end|>``).
+InternVL / R1V: pass ``image_token="<image>"``; the k-th ``<image>`` text marker becomes ``<img>`` +
+``<IMG_CONTEXT>`` x num_image_tokens[k] + ``</img>`` (num_image_tokens[k] = tokens_per_tile * tiles), the same ids as
+`expand_internvl_images` followed by tokenization.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from skyjax.data.tokenizer import INTERNVL_IMAGE_MARKER
+
+__all__ = [
+    "FormattedConversation",
+    "SequenceTooLongError",
+    "expand_internvl_images",
+    "format_conversation",
+    "pad_batch",
+]
+
+IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
+# Stands in for an assistant message's content to locate it in the rendering; no template produces it itself.
+_SENTINEL = "\x00skyjax-assistant-content\x00"
+
+
+class SequenceTooLongError(ValueError):
+    """A formatted sequence is longer than the allowed maximum (we never truncate silently)."""
+
+    def __init__(self, length: int, limit: int):
+        self.length, self.limit = length, limit
+        super().__init__(f"sequence has {length} tokens (images expanded), more than max_length={limit}")
+
+
+@dataclass(frozen=True)
+class FormattedConversation:
+    """Model inputs for one conversation (1-D numpy arrays of equal length L).
+
+    - input_ids (int32)
+    - assistant_mask (bool): True on the tokens an SFT loss trains on: each assistant message's rendered content
+      plus the eos token (``<|im_end|>``) that closes it when the template puts it right after the content. The
+      ``<|im_start|>assistant\\n`` header, the newline after ``<|im_end|>``, and image tokens are False. A token that
+      straddles a span edge counts as assistant (HF's rule for ``return_assistant_tokens_mask``).
+    - mm_token_type_ids (int32): 1 on expanded image tokens (``<|image_pad|>`` / ``<IMG_CONTEXT>``), 0 elsewhere.
+    - image_token_counts (int32, one per image): the expansion sizes, in order.
+    - text: the rendered text before expansion (for debugging).
+    """
+
+    input_ids: np.ndarray
+    assistant_mask: np.ndarray
+    mm_token_type_ids: np.ndarray
+    image_token_counts: np.ndarray
+    text: str
+
+    @property
+    def length(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def expand_internvl_images(text: str, tiles_per_image: Sequence[int], tokens_per_tile: int) -> str:
+    """Replace the k-th ``<image>`` with ``<img>`` + ``<IMG_CONTEXT>`` x (tokens_per_tile * tiles_per_image[k]) +
+    ``</img>``. Raises ValueError when the number of markers differs from ``len(tiles_per_image)``."""
+    pieces = text.split(INTERNVL_IMAGE_MARKER)
+    if len(pieces) - 1 != len(tiles_per_image):
+        raise ValueError(
+            f"text has {len(pieces) - 1} {INTERNVL_IMAGE_MARKER} marker(s) but tiles_per_image has "
+            f"{len(tiles_per_image)} entries"
+        )
+    if tokens_per_tile < 1 or any(int(t) < 1 for t in tiles_per_image):
+        raise ValueError(f"tokens_per_tile and every tile count must be >= 1, got {tokens_per_tile}, {tiles_per_image}")
+    out = [pieces[0]]
+    for tiles, piece in zip(tiles_per_image, pieces[1:]):
+        out.append(IMG_START + IMG_CONTEXT * (tokens_per_tile * int(tiles)) + IMG_END + piece)
+    return "".join(out)
+
+
+def _render(tokenizer, messages: Sequence[Mapping[str, Any]], **kwargs) -> str:
+    return tokenizer.apply_chat_template(list(messages), tokenize=False, **kwargs)
+
+
+def _assistant_spans(tokenizer, messages: Sequence[Mapping[str, Any]], full: str) -> list[tuple[int, int]]:
+    """Character spans [start, end) of assistant content (+ the closing eos token) in `full`.
+
+    For assistant message i we render messages[:i+1] twice, once as is and once with the content replaced by a
+    sentinel; the sentinel's surroundings (header before, closing tokens after) locate the content exactly, whatever
+    the template does to whitespace. The rendering of messages[:i+1] must be a prefix of the full rendering (true
+    for ChatML templates; templates that rewrite earlier turns, e.g. stripping reasoning, are refused).
+    """
+    spans = []
+    eos = tokenizer.eos_token
+    for i, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        upto = _render(tokenizer, messages[: i + 1])
+        probe = _render(tokenizer, [*messages[:i], {**message, "content": _SENTINEL}])
+        head, sep, tail = probe.partition(_SENTINEL)
+        if not sep or not (upto.startswith(head) and upto.endswith(tail)) or len(head) + len(tail) > len(upto):
+            raise ValueError(f"cannot locate assistant message {i} in the chat template's output")
+        if not full.startswith(upto):
+            raise ValueError(
+                f"the chat template renders messages[:{i + 1}] differently inside the full conversation (it "
+                "rewrites earlier turns), so assistant tokens cannot be located"
+            )
+        start, end = len(head), len(upto) - len(tail)
+        if eos and upto.startswith(eos, end):
+            end += len(eos)
+        spans.append((start, end))
+    return spans
+
+
+def _shift_for_markers(text: str, marker: str, replacement: str, positions: list[int]) -> tuple[str, list[int]]:
+    """Replace every `marker` with `replacement` and map character `positions` into the new text."""
+    starts, at = [], text.find(marker)
+    while at >= 0:
+        starts.append(at)
+        at = text.find(marker, at + len(marker))
+    grow = len(replacement) - len(marker)
+    ends = np.array([s + len(marker) for s in starts], dtype=np.int64)
+    mapped = [p + grow * int(np.searchsorted(ends, p, side="right")) for p in positions]
+    return text.replace(marker, replacement), mapped
+
+
+def format_conversation(
+    tokenizer,
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    num_image_tokens: Sequence[int],
+    image_token: str = "<|image_pad|>",
+    add_generation_prompt: bool = False,
+    max_length: int | None = None,
+) -> FormattedConversation:
+    """Render `messages` with the tokenizer's chat template, expand images, and build the masks.
+
+    `num_image_tokens[k]` is the number of LLM tokens of the k-th image in rendering order (Qwen2.5-VL:
+    grid_t*grid_h*grid_w/4; InternVL: tokens_per_tile * tiles). `image_token` is a single added token that is
+    repeated in place (``<|image_pad|>``), or InternVL's ``<image>`` text marker. Raises ValueError when the number
+    of placeholders differs from ``len(num_image_tokens)``, and `SequenceTooLongError` when the expanded length
+    exceeds `max_length`.
+    """
+    counts = [int(n) for n in num_image_tokens]
+    if any(n < 1 for n in counts):
+        raise ValueError(f"every image needs at least one token, got num_image_tokens={counts}")
+    messages = list(messages)
+    text = _render(tokenizer, messages, add_generation_prompt=add_generation_prompt)
+    spans = _assistant_spans(tokenizer, messages, text)
+
+    vocab = tokenizer.get_vocab()
+    if image_token == INTERNVL_IMAGE_MARKER:
+        n_markers = text.count(INTERNVL_IMAGE_MARKER)
+        if n_markers != len(counts):
+            raise ValueError(
+                f"rendered text has {n_markers} image placeholder(s) {image_token} but num_image_tokens has "
+                f"{len(counts)} entries"
+            )
+        # One <IMG_CONTEXT> per image here; it is repeated at the token level below.
+        flat = [p for span in spans for p in span]
+        text_to_tokenize, flat = _shift_for_markers(text, INTERNVL_IMAGE_MARKER, IMG_START + IMG_CONTEXT + IMG_END, flat)
+        spans = list(zip(flat[::2], flat[1::2]))
+        expand_token = IMG_CONTEXT
+    else:
+        text_to_tokenize, expand_token = text, image_token
+    if expand_token not in vocab:
+        raise ValueError(f"image token {expand_token!r} is not a single token of this tokenizer")
+    expand_id = vocab[expand_token]
+
+    enc = tokenizer(text_to_tokenize, add_special_tokens=False, return_offsets_mapping=True)
+    ids = np.asarray(enc["input_ids"], dtype=np.int32)
+    offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+
+    is_image = ids == expand_id
+    n_found = int(is_image.sum())
+    if n_found != len(counts):
+        raise ValueError(
+            f"rendered text has {n_found} image placeholder(s) {expand_token} but num_image_tokens has "
+            f"{len(counts)} entries"
+        )
+    mask = np.zeros(ids.shape, dtype=bool)
+    for start, end in spans:  # a token overlapping [start, end) is an assistant token
+        mask |= (offsets[:, 1] > start) & (offsets[:, 0] < end)
+    mask &= ~is_image
+
+    repeats = np.ones(ids.shape, dtype=np.int64)
+    repeats[is_image] = counts
+    length = int(repeats.sum())
+    if max_length is not None and length > max_length:
+        raise SequenceTooLongError(length, max_length)
+    return FormattedConversation(
+        input_ids=np.repeat(ids, repeats),
+        assistant_mask=np.repeat(mask, repeats),
+        mm_token_type_ids=np.repeat(is_image.astype(np.int32), repeats),
+        image_token_counts=np.asarray(counts, dtype=np.int32),
+        text=text,
+    )
+
+
+def _field(example, name: str):
+    return getattr(example, name) if isinstance(example, FormattedConversation) else example.get(name)
+
+
+def pad_batch(
+    examples: Sequence[FormattedConversation | Mapping[str, np.ndarray]],
+    pad_id: int,
+    side: str = "right",
+    bucket_sizes: Sequence[int] | None = None,
+) -> dict[str, np.ndarray]:
+    """Stack formatted conversations into (B, L) arrays, padding on `side`.
+
+    L is the longest example, or with `bucket_sizes` the smallest bucket >= the longest example (so jit sees a few
+    static shapes); ValueError if no bucket fits. Returns input_ids (int32, `pad_id` in padding), attention_mask
+    (int32, 1 on real tokens), assistant_mask (bool), mm_token_type_ids (int32), and image bookkeeping:
+    image_token_counts (all images of the batch in order, int32) and num_images (B,) int32.
+    """
+    if side not in ("right", "left"):
+        raise ValueError(f"side must be 'right' or 'left', got {side!r}")
+    if not examples:
+        raise ValueError("pad_batch needs at least one example")
+    lengths = [len(_field(e, "input_ids")) for e in examples]
+    longest = max(lengths)
+    if bucket_sizes is None:
+        width = longest
+    else:
+        fitting = [b for b in sorted(bucket_sizes) if b >= longest]
+        if not fitting:
+            raise ValueError(f"longest sequence has {longest} tokens; no bucket fits (buckets {sorted(bucket_sizes)})")
+        width = fitting[0]
+
+    batch = len(examples)
+    out = {
+        "input_ids": np.full((batch, width), pad_id, dtype=np.int32),
+        "attention_mask": np.zeros((batch, width), dtype=np.int32),
+        "assistant_mask": np.zeros((batch, width), dtype=bool),
+        "mm_token_type_ids": np.zeros((batch, width), dtype=np.int32),
+    }
+    counts = []
+    for row, (example, n) in enumerate(zip(examples, lengths)):
+        cols = slice(0, n) if side == "right" else slice(width - n, width)
+        out["input_ids"][row, cols] = _field(example, "input_ids")
+        out["attention_mask"][row, cols] = 1
+        for name in ("assistant_mask", "mm_token_type_ids"):
+            value = _field(example, name)
+            if value is not None:
+                out[name][row, cols] = value
+        image_counts = _field(example, "image_token_counts")
+        counts.append(np.zeros(0, np.int32) if image_counts is None else np.asarray(image_counts, np.int32))
+    out["image_token_counts"] = np.concatenate(counts).astype(np.int32)
+    out["num_images"] = np.asarray([len(c) for c in counts], dtype=np.int32)
+    return out

@@ -1,0 +1,97 @@
+"""Attention: masks, the one attention entry point, and the KV cache.
+
+`dot_product_attention` is the single call every model makes, so a faster kernel (cuDNN on GPU, Splash on TPU) is a
+config value (`attention_impl`), not a code change. The default 'xla' path is plain einsums with an fp32 softmax.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+ATTENTION_IMPLS = ("xla", "jax", "cudnn")
+
+
+class KVCache(NamedTuple):
+    """Per-layer keys and values, stacked over layers: [layers, batch, max_len, kv_heads, head_dim].
+
+    Slots are written in order; `valid` [batch, max_len] marks slots holding a real token (not padding, not yet
+    written), so left-padded prompts of different lengths share one cache.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+
+    @classmethod
+    def init(cls, num_layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype) -> "KVCache":
+        shape = (num_layers, batch, max_len, kv_heads, head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, max_len), bool))
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+def attention_mask(
+    q_slots: jax.Array,
+    kv_slots: jax.Array,
+    kv_valid: jax.Array | None,
+    *,
+    causal: bool = True,
+    q_segments: jax.Array | None = None,
+    kv_segments: jax.Array | None = None,
+) -> jax.Array:
+    """Boolean mask [B, S, T]: query slot i may see key slot j.
+
+    q_slots [S] / kv_slots [T] are cache (or sequence) indices; kv_valid [B, T] masks padding; segment ids
+    [B, S] / [B, T] make the mask block-diagonal (packed sequences, per-image or per-window vision attention).
+    """
+    mask = jnp.ones((1, q_slots.shape[0], kv_slots.shape[0]), bool)
+    if causal:
+        mask = mask & (kv_slots[None, None, :] <= q_slots[None, :, None])
+    if kv_valid is not None:
+        mask = mask & kv_valid[:, None, :]
+    if q_segments is not None:
+        mask = mask & (q_segments[:, :, None] == kv_segments[:, None, :])
+    return mask
+
+
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array | None,
+    *,
+    scale: float | None = None,
+    impl: str = "xla",
+    precision=None,
+) -> jax.Array:
+    """Grouped-query attention. q [B, S, H, D], k/v [B, T, K, D] with H a multiple of K, mask [B, S, T] -> [B, S, H, D].
+
+    The logits are computed in the activation dtype and the softmax in fp32, as the reference does.
+    A fully masked query row (a padding position) gets a uniform distribution instead of NaN.
+    """
+    b, s, h, d = q.shape
+    kv_heads = k.shape[2]
+    if h % kv_heads:
+        raise ValueError(f"attention: {h} query heads are not a multiple of {kv_heads} kv heads")
+    scale = d**-0.5 if scale is None else scale
+    if impl in ("jax", "cudnn"):
+        return jax.nn.dot_product_attention(
+            q, k, v, mask=None if mask is None else mask[:, None], scale=scale,
+            implementation="cudnn" if impl == "cudnn" else None,
+        )
+    if impl != "xla":
+        raise ValueError(f"attention_impl {impl!r} is not one of {ATTENTION_IMPLS}")
+    g = h // kv_heads
+    qg = q.reshape(b, s, kv_heads, g, d)
+    logits = jnp.einsum("bskgd,btkd->bkgst", qg, k, precision=precision) * jnp.asarray(scale, q.dtype)
+    logits = logits.astype(jnp.float32)
+    if mask is not None:
+        logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgst,btkd->bskgd", probs, v, precision=precision)
+    return out.reshape(b, s, h, d)

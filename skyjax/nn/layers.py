@@ -1,0 +1,123 @@
+"""Basic layers: Linear, Embed, RMSNorm, LayerNorm and the SwiGLU MLP.
+
+Every parameter is an `nnx.Param` with an `axes` metadata entry naming its logical axes; `skyjax.parallel.rules`
+turns those names into shardings. Parameters are stored in `param_dtype` and cast to the compute `dtype` at use, so
+bf16 compute with fp32 master weights is one config line.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from skyjax.parallel.rules import constrain
+
+DType = jnp.dtype
+
+
+def normal_init(std: float = 0.02):
+    return jax.nn.initializers.normal(stddev=std)
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel (+ bias). kernel is (in, out): a torch Linear weight (out, in) transposed."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        axes: tuple[str | None, str | None],
+        use_bias: bool = False,
+        dtype: DType = jnp.float32,
+        param_dtype: DType = jnp.float32,
+        precision: jax.lax.Precision | str | None = None,
+        init_std: float = 0.02,
+        rngs: nnx.Rngs,
+    ):
+        self.kernel = nnx.Param(
+            normal_init(init_std)(rngs.params(), (in_features, out_features), param_dtype), axes=axes
+        )
+        self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype), axes=(axes[1],)) if use_bias else None
+        self.dtype = dtype
+        self.precision = precision
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype), precision=self.precision)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    """Token embedding table (vocab, embed); `attend` computes tied-head logits."""
+
+    def __init__(self, num_embeddings: int, features: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 precision=None, init_std: float = 0.02, rngs: nnx.Rngs):
+        self.embedding = nnx.Param(
+            normal_init(init_std)(rngs.params(), (num_embeddings, features), param_dtype), axes=("vocab", "embed")
+        )
+        self.dtype = dtype
+        self.precision = precision
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T, precision=self.precision)
+
+
+class RMSNorm(nnx.Module):
+    """Qwen/LLaMA RMSNorm: normalise in fp32, cast back to the input dtype, THEN multiply by the weight.
+
+    The cast order matters in bf16: multiplying before the cast (as some ports do) differs from the reference.
+    """
+
+    def __init__(self, features: int, *, eps: float = 1e-6, axis_name: str = "norm", param_dtype=jnp.float32,
+                 rngs: nnx.Rngs | None = None):
+        self.weight = nnx.Param(jnp.ones((features,), param_dtype), axes=(axis_name,))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        in_dtype = x.dtype
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(in_dtype) * x32.astype(in_dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with affine weight and bias, statistics in fp32."""
+
+    def __init__(self, features: int, *, eps: float = 1e-5, axis_name: str = "norm", param_dtype=jnp.float32,
+                 rngs: nnx.Rngs | None = None):
+        self.weight = nnx.Param(jnp.ones((features,), param_dtype), axes=(axis_name,))
+        self.bias = nnx.Param(jnp.zeros((features,), param_dtype), axes=(axis_name,))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        in_dtype = x.dtype
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(in_dtype)
+
+
+class SwiGLU(nnx.Module):
+    """down(silu(gate(x)) * up(x)), the Qwen2 MLP (and, with biases, the Qwen2.5-VL vision MLP)."""
+
+    def __init__(self, features: int, hidden: int, *, use_bias: bool = False, embed_axis: str = "embed",
+                 mlp_axis: str = "mlp", dtype=jnp.float32, param_dtype=jnp.float32, precision=None,
+                 init_std: float = 0.02, rngs: nnx.Rngs):
+        kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, precision=precision, init_std=init_std,
+                  rngs=rngs)
+        self.gate_proj = Linear(features, hidden, axes=(embed_axis, mlp_axis), **kw)
+        self.up_proj = Linear(features, hidden, axes=(embed_axis, mlp_axis), **kw)
+        self.down_proj = Linear(hidden, features, axes=(mlp_axis, embed_axis), **kw)
+        self.mlp_axis = mlp_axis
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)  # [..., hidden]
+        h = constrain(h, ("batch", "seq", self.mlp_axis)) if h.ndim == 3 else h
+        return self.down_proj(h)
