@@ -17,7 +17,9 @@ from skyjax.data.records import (
 
 FULL = {
     "images": ["img/0.png"],
-    "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the square?"}]}],
+    "prompt": [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the square?"}]},
+    ],
     "chosen": [{"role": "assistant", "content": "Red."}],
     "rejected": [{"role": "assistant", "content": "Blue."}],
 }
@@ -35,7 +37,8 @@ def test_full_preference_row_and_path_resolution(tmp_path):
     path = write_jsonl(sub / "train.jsonl", [FULL])
     (record,) = list(read_jsonl_records(path, kind="preference"))
     assert record.images == (os.path.join(str(sub), "img", "0.png"),)
-    assert record.prompt == (Message("user", (ContentPart("image"), ContentPart("text", "What colour is the square?"))),)
+    question = ContentPart("text", "What colour is the square?")
+    assert record.prompt == (Message("user", (ContentPart("image"), question)),)
     assert record.chosen == (Message("assistant", "Red."),)
     assert record.rejected == (Message("assistant", "Blue."),)
     assert record.response is None and record.answer is None and record.is_pair
@@ -61,7 +64,8 @@ def test_string_shorthands():
                           kind="preference", base_dir="/d")
     assert record.images == ("/d/a.png", "/d/b.png")
     # Images are placed before the text, so the placeholder count always matches.
-    assert record.prompt == (Message("user", (ContentPart("image"), ContentPart("image"), ContentPart("text", "Compare."))),)
+    parts = (ContentPart("image"), ContentPart("image"), ContentPart("text", "Compare."))
+    assert record.prompt == (Message("user", parts),)
     assert record.chosen == (Message("assistant", "Same."),) and record.rejected == (Message("assistant", "No."),)
     assert record.conversation("rejected")[0]["content"] == [{"type": "image"}, {"type": "image"},
                                                               {"type": "text", "text": "Compare."}]
@@ -83,8 +87,8 @@ def test_score_generate_and_passthrough():
         {"type": "image", "text": None}, {"type": "text", "text": "Hi"}]}]}, base_dir="/d")
     assert tolerant.prompt[0].content[0] == ContentPart("image")
     # Multi-turn completions are kept.
-    multi = parse_record({"prompt": "Q", "response": [{"role": "assistant", "content": "a"},
-                                                      {"role": "assistant", "content": [{"type": "text", "text": "b"}]}]})
+    turns = [{"role": "assistant", "content": "a"}, {"role": "assistant", "content": [{"type": "text", "text": "b"}]}]
+    multi = parse_record({"prompt": "Q", "response": turns})
     assert multi.response[1] == Message("assistant", (ContentPart("text", "b"),))
 
 
@@ -125,8 +129,7 @@ BAD_ROWS = [
 
 @pytest.mark.parametrize("kind,row,key,reason,fragment", BAD_ROWS)
 def test_errors_name_file_line_and_key(tmp_path, kind, row, key, reason, fragment):
-    good = {"prompt": "Q", "chosen": "A", "rejected": "B", "response": "A"} if kind == "any" else \
-        {"prompt": "Q", "chosen": "A", "rejected": "B"} if kind == "preference" else {"prompt": "Q", "response": "A"}
+    good = {"prompt": "Q", "response": "A"} if kind == "score" else {"prompt": "Q", "chosen": "A", "rejected": "B"}
     # Line 1 good, line 2 blank, line 3 bad: line numbers count physical lines.
     path = write_jsonl(tmp_path / "rows.jsonl", [good, "", row])
     reader = read_jsonl_records(path, kind=kind)
@@ -154,7 +157,7 @@ def test_skip_mode_counts_reasons(tmp_path):
         FULL,
         "{broken",
         {"prompt": "Q", "choosen": "A"},
-        {"images": ["a.png"], "prompt": [{"role": "user", "content": "no placeholder"}], "chosen": "A", "rejected": "B"},
+        {"images": ["a.png"], "prompt": [{"role": "user", "content": "no image"}], "chosen": "A", "rejected": "B"},
         {"prompt": "Q", "chosen": "A", "rejected": "B"},
         {"prompt": "Q", "response": "A"},  # valid row, but not a preference row
         "{also broken",

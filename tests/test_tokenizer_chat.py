@@ -24,7 +24,11 @@ SPEC_ONE_IMAGE = (
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
     "<|vision_start|><|image_pad|><|vision_end|>Describe.<|im_end|>\n<|im_start|>assistant\n"
 )
-SAMPLES = ["héllo wörld 🙂\n\n  tabs\tand the end", "<|im_start|>user\nthe in<|image_pad|>x<|im_end|>", "<think>a</think>"]
+SAMPLES = [
+    "héllo wörld 🙂\n\n  tabs\tand the end",
+    "<|im_start|>user\nthe in<|image_pad|>x<|im_end|>",
+    "<think>a</think><img><IMG_CONTEXT></img>",
+]
 
 
 @pytest.fixture(scope="module")

@@ -168,7 +168,8 @@ def format_conversation(
             )
         # One <IMG_CONTEXT> per image here; it is repeated at the token level below.
         flat = [p for span in spans for p in span]
-        text_to_tokenize, flat = _shift_for_markers(text, INTERNVL_IMAGE_MARKER, IMG_START + IMG_CONTEXT + IMG_END, flat)
+        one_context = IMG_START + IMG_CONTEXT + IMG_END
+        text_to_tokenize, flat = _shift_for_markers(text, INTERNVL_IMAGE_MARKER, one_context, flat)
         spans = list(zip(flat[::2], flat[1::2]))
         expand_token = IMG_CONTEXT
     else:

@@ -253,7 +253,7 @@ def _crop_tiles(image: Image.Image, cfg: InternVLImageConfig) -> list[np.ndarray
              for r in range(rows) for c in range(cols)]
     if cfg.use_thumbnail and len(tiles) != 1:
         # Thumbnail is resized from the full image, not from the canvas, as in the reference.
-        tiles.append(np.asarray(Image.fromarray(canvas).resize((size, size), resample=cfg.resample)))
+        tiles.append(np.asarray(rgb.resize((size, size), resample=cfg.resample)))
     return tiles
 
 

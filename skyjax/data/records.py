@@ -311,7 +311,8 @@ class RecordReader:
                     try:
                         obj = json.loads(text)
                     except json.JSONDecodeError as e:
-                        raise RecordError(self.path, lineno, None, "json", f"malformed JSON: {e.msg} (column {e.colno})")
+                        detail = f"malformed JSON: {e.msg} (column {e.colno})"
+                        raise RecordError(self.path, lineno, None, "json", detail) from None
                     record = parse_record(obj, kind=self.kind, base_dir=base_dir, source=self.path, line=lineno)
                 except RecordError as e:
                     if self.on_error == "raise":
