@@ -1,0 +1,150 @@
+"""Qwen2 decoder vs transformers on tiny random weights (fp32 parity <= 1e-5 relative), bf16, mesh and KV cache."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from helpers import rel_error, tiny_hf_qwen2, torch_logits
+from skyjax.convert.checkpoint import load_hf
+from skyjax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
+from skyjax.nn.functional import Functional
+from skyjax.parallel import make_mesh, use_mesh
+
+VOCAB = 320
+
+
+def padded_batch(rng, lengths, width, side):
+    ids = rng.randint(3, VOCAB, (len(lengths), width))
+    mask = np.zeros((len(lengths), width), bool)
+    for i, n in enumerate(lengths):
+        if side == "right":
+            mask[i, :n] = True
+        else:
+            mask[i, width - n:] = True
+    ids[~mask] = 0
+    return ids, mask
+
+
+def ours(model, ids, mask=None):
+    fwd = jax.jit(lambda p, i, m: model.fn.bind(p)(i, attention_mask=m)[0])
+    return np.asarray(fwd(model.params, jnp.asarray(ids), None if mask is None else jnp.asarray(mask)))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_logits_match_transformers(tmp_path, tied, side):
+    hf = tiny_hf_qwen2(tmp_path, tied=tied, kv_heads=2, heads=4)  # GQA 4:2
+    model = load_hf(tmp_path)
+    assert model.config.tie_word_embeddings is tied and model.config.num_key_value_heads == 2
+    rng = np.random.RandomState(1)
+    ids, mask = padded_batch(rng, [11, 6, 9], 11, side)
+    # the reference is given the same positions (count of real tokens before each one)
+    positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
+    ref = torch_logits(hf, ids, mask, positions)
+    got = ours(model, ids, mask)
+    assert rel_error(got[mask], ref[mask]) <= 1e-5
+    # padding invariance: the most padded row equals that prompt run alone, unpadded (also against transformers)
+    i = 1
+    alone = ours(model, ids[i][mask[i]][None])
+    assert rel_error(got[i][mask[i]], alone[0]) <= 1e-5
+    assert rel_error(alone[0], torch_logits(hf, ids[i][mask[i]][None])[0]) <= 1e-5
+
+
+def test_bf16_compute_close_to_fp32_reference(tmp_path):
+    """bf16 keeps 8 mantissa bits (relative rounding 2^-9 per op). Errors compound through the layers, so the
+    yardstick is the reference's own bf16 run: ours (bf16 compute, fp32 master weights) must stay within 2x the
+    error of transformers in bf16 versus fp32, plus one bf16 ulp of slack (2^-8), and agree on the argmax."""
+    import torch
+
+    hf = tiny_hf_qwen2(tmp_path)
+    ids, mask = padded_batch(np.random.RandomState(2), [12, 12], 12, "right")
+    ref32 = torch_logits(hf, ids, mask)
+    ref16 = torch_logits(hf.to(torch.bfloat16), ids, mask)
+    model = load_hf(tmp_path, dtype="bfloat16", param_dtype="float32")
+    got = ours(model, ids, mask).astype(np.float32)
+    ref_err = rel_error(ref16, ref32)
+    our_err = rel_error(got, ref32)
+    assert our_err <= 2 * ref_err + 2**-8, (our_err, ref_err)
+    assert np.mean(got.argmax(-1) == ref32.argmax(-1)) >= 0.9
+    # and bf16 compute really ran in bf16 (a silent fp32 fallback would make this test meaningless)
+    assert model.config.compute_dtype == jnp.bfloat16 and our_err > 1e-4
+
+
+def test_mesh_matches_single_device_and_shardings_follow_rules(tmp_path):
+    tiny_hf_qwen2(tmp_path)
+    single = load_hf(tmp_path)
+    mesh = make_mesh((2, 2, 2))
+    sharded = load_hf(tmp_path, mesh=mesh)
+    p = sharded.params["model"]
+    expected = {
+        ("embed_tokens", "embedding"): P("tensor", "fsdp"),
+        ("layers", "self_attn", "q_proj", "kernel"): P(None, "fsdp", "tensor"),
+        ("layers", "self_attn", "q_proj", "bias"): P(None, "tensor"),
+        ("layers", "self_attn", "k_proj", "kernel"): P(None, "fsdp", "tensor"),
+        ("layers", "self_attn", "o_proj", "kernel"): P(None, "tensor", "fsdp"),
+        ("layers", "mlp", "gate_proj", "kernel"): P(None, "fsdp", "tensor"),
+        ("layers", "mlp", "down_proj", "kernel"): P(None, "tensor", "fsdp"),
+        ("layers", "input_layernorm", "weight"): P(None, None),
+        ("norm", "weight"): P(None),
+    }
+    for path, spec in expected.items():
+        node = p
+        for k in path:
+            node = node[k]
+        assert node.sharding.spec == spec, (path, node.sharding.spec)
+        assert node.sharding.mesh.shape == mesh.shape
+    assert sharded.params["lm_head"]["kernel"].sharding.spec == P("fsdp", "tensor")
+    # every parameter is actually split across devices where its spec says so (not replicated)
+    kernel = p["layers"]["mlp"]["gate_proj"]["kernel"]
+    assert kernel.addressable_shards[0].data.shape == (2, 32, 64)
+
+    ids, mask = padded_batch(np.random.RandomState(3), [10, 7, 10, 4], 10, "left")
+    one = ours(single, ids, mask)
+    with use_mesh(mesh):
+        many = ours(sharded, ids, mask)
+    assert np.max(np.abs(one - many)) <= 1e-6
+
+
+def test_kv_cache_decode_matches_full_forward():
+    cfg = Qwen2Config.tiny()
+    fn = Functional.create(lambda r: Qwen2ForCausalLM(cfg, rngs=r))
+    params = fn.init(seed=4)
+    rng = np.random.RandomState(4)
+    prompt_ids, prompt_mask = padded_batch(rng, [7, 3], 7, "left")
+    new = rng.randint(3, VOCAB, (2, 5))
+    full_ids = np.concatenate([prompt_ids, new], 1)
+    full_mask = np.concatenate([prompt_mask, np.ones_like(new, bool)], 1)
+    full = np.asarray(jax.jit(lambda p, i, m: fn.bind(p)(i, attention_mask=m)[0])(
+        params, jnp.asarray(full_ids), jnp.asarray(full_mask)))
+
+    @jax.jit
+    def step(params, ids, mask, cache, index):
+        return fn.bind(params)(ids, attention_mask=mask, cache=cache, cache_index=index)
+
+    model = fn.bind(params)
+    cache = model.init_cache(2, 16)
+    logits, cache = step(params, jnp.asarray(prompt_ids), jnp.asarray(prompt_mask), cache, 0)
+    m = prompt_mask
+    assert rel_error(np.asarray(logits)[m], full[:, :7][m]) <= 1e-5
+    for t in range(5):
+        logits, cache = step(params, jnp.asarray(new[:, t:t + 1]), jnp.ones((2, 1), bool), cache, 7 + t)
+        assert rel_error(np.asarray(logits)[:, 0], full[:, 7 + t]) <= 1e-5, t
+    assert np.asarray(cache.valid).sum(1).tolist() == [12, 8]
+
+
+def test_scan_remat_policies_agree():
+    cfg = Qwen2Config.tiny()
+    ids = jnp.asarray(np.random.RandomState(5).randint(0, VOCAB, (2, 6)))
+    grads = {}
+    for remat in ("none", "full"):
+        c = Qwen2Config.tiny(remat=remat)
+        fn = Functional.create(lambda r, c=c: Qwen2ForCausalLM(c, rngs=r))
+        params = fn.init(seed=0)
+        loss = lambda p: jnp.mean(fn.bind(p)(ids)[0] ** 2)  # noqa: E731
+        grads[remat] = jax.jit(jax.grad(loss))(params)
+    for remat in ("full",):
+        diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), grads["none"], grads[remat])
+        assert max(jax.tree.leaves(diff)) <= 1e-6
+    assert cfg.remat == "none"
