@@ -81,3 +81,18 @@ def test_missing_file_and_bad_yaml(tmp_path):
     # YAML is safe-loaded: a python tag is rejected, never executed
     with pytest.raises(ConfigError, match="invalid YAML"):
         load_config(RunConfig, write(tmp_path, "name: !!python/object/apply:os.system ['true']\n"))
+
+
+@pytest.mark.parametrize("name,billions", [("qwen2_5_7b_text", 7.615), ("r1_distill_qwen_32b", 32.764)])
+def test_model_configs_load_and_have_the_published_size(name, billions):
+    """The shipped model YAMLs load into the model config, and the abstract model (no weights allocated) has the
+    published parameter count: Qwen2.5-VL-7B is 8.292B with a 676.6M vision tower; Qwen2.5-32B is 32.76B."""
+    from pathlib import Path
+
+    from skyjax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
+    from skyjax.nn.functional import Functional
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "models" / f"{name}.yaml"
+    cfg = load_config(Qwen2Config, path)
+    fn = Functional.create(lambda r: Qwen2ForCausalLM(cfg, rngs=r))
+    assert fn.num_params() / 1e9 == pytest.approx(billions, abs=0.005)

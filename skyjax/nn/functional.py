@@ -21,7 +21,7 @@ def _is_var(x) -> bool:
     return isinstance(x, nnx.Variable)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: usable as a static argument of jit
 class Functional:
     """The static half of a model: its graph and the shapes, dtypes and logical axes of its parameters."""
 
