@@ -1,4 +1,4 @@
-"""skyjax.nn.mrope against transformers 5.24 Qwen2.5-VL: get_rope_index, the generate decode path and the rotary embedding.
+"""skyjax.nn.mrope against transformers 5.24 Qwen2.5-VL: get_rope_index, generate's decode positions, rotary embedding.
 
 Every expected value comes from the reference run on the same layout (a tiny random Qwen2.5-VL, built in memory).
 """
@@ -85,21 +85,29 @@ def jitted_positions(types, mask, grids, spatial_merge_size=MERGE):
     return mrope_positions(types, mask, grids, spatial_merge_size=spatial_merge_size)
 
 
-def assert_like_reference(rows, side, max_images=4, seq=None):
+def assert_like_reference(rows, side, batch=3, seq=140, max_images=9):
+    """Ours (eager and jitted) equals get_rope_index; every case has the same shapes, so the whole file compiles twice.
+
+    Rows beyond the layout's are all padding (the reference cannot take them): they get positions 0 and delta 0.
+    """
     input_ids, mask, grids = build_batch(rows, side, seq)
     want_pos, want_deltas = reference_rope_index(input_ids, mask, grids)
+    extra = batch - len(rows)
+    input_ids = np.concatenate([input_ids, np.full((extra, seq), PAD)])
+    mask = np.concatenate([mask, np.zeros((extra, seq), mask.dtype)])
     types = mm_token_types(input_ids, IMAGE, VIDEO)
     for pos, deltas in (mrope_positions(types, mask, padded_grids(grids, max_images)),  # eager: validated
                         jitted_positions(types, mask, padded_grids(grids, max_images))):
-        assert pos.dtype == jnp.int32 and pos.shape == (3,) + input_ids.shape
-        np.testing.assert_array_equal(np.asarray(pos), want_pos)
-        np.testing.assert_array_equal(np.asarray(deltas), want_deltas)
+        assert pos.dtype == jnp.int32 and pos.shape == (3, batch, seq) and deltas.shape == (batch, 1)
+        np.testing.assert_array_equal(np.asarray(pos)[:, : len(rows)], want_pos)
+        np.testing.assert_array_equal(np.asarray(deltas)[: len(rows)], want_deltas)
+        assert not np.any(np.asarray(pos)[:, len(rows):]) and not np.any(np.asarray(deltas)[len(rows):])
     return want_pos, want_deltas
 
 
 def test_text_only_is_1d():
     pos, deltas = assert_like_reference([[7], [4]], "left")
-    assert np.all(deltas == 0) and np.array_equal(pos[0, 0], np.arange(7))
+    assert np.all(deltas == 0) and np.array_equal(pos[:, 1, -4:], np.tile(np.arange(4), (3, 1)))
 
 
 def test_one_image():
@@ -123,7 +131,7 @@ def test_padded_batch_with_different_images(side):
 
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_row_without_images_beside_rows_with_images(side):
-    assert_like_reference([[(1, 4, 4), 3], [9], [2, (1, 2, 2), (1, 4, 2)]], side, max_images=6)
+    assert_like_reference([[(1, 4, 4), 3], [9], [2, (1, 2, 2), (1, 4, 2)]], side)
 
 
 layouts = st.lists(  # a batch of 3 rows: text lengths and images (t=1, even h, w in [2, 12]) alternating
@@ -137,7 +145,7 @@ layouts = st.lists(  # a batch of 3 rows: text lengths and images (t=1, even h, 
 @given(layouts, st.sampled_from(["left", "right"]))
 def test_random_layouts_match_reference(rows, side):
     segments = [[lead] + [seg for t, h, w, tail in images for seg in ((t, h, w), tail)] for lead, images in rows]
-    assert_like_reference(segments, side, max_images=9, seq=140)  # fixed shapes: one compile for every example
+    assert_like_reference(segments, side)
 
 
 def test_jit_compiles_once_for_different_grids():
@@ -209,11 +217,13 @@ def reference_rotary(head_dim, section, theta):
 
     config = Qwen2_5_VLTextConfig(hidden_size=2 * head_dim, num_attention_heads=2, num_key_value_heads=1,
                                   intermediate_size=8, num_hidden_layers=1, vocab_size=8,
-                                  rope_parameters={"rope_type": "default", "rope_theta": theta, "mrope_section": section})
+                                  rope_parameters={"rope_type": "default", "rope_theta": theta,
+                                                   "mrope_section": section})
     return Qwen2_5_VLRotaryEmbedding(config)
 
 
-@pytest.mark.parametrize("head_dim,section,theta", [(16, [2, 3, 3], 1e6), (128, [16, 24, 24], 1e6), (32, [4, 4, 8], 1e4)])
+@pytest.mark.parametrize("head_dim,section,theta",
+                         [(16, [2, 3, 3], 1e6), (128, [16, 24, 24], 1e6), (32, [4, 4, 8], 1e4)])
 def test_cos_sin_rotate_like_reference(head_dim, section, theta):
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
 

@@ -1,9 +1,9 @@
 """Multimodal rotary position embedding (M-RoPE) of Qwen2.5-VL: 3-D (temporal, height, width) positions and cos/sin.
 
 Positions follow `Qwen2_5_VLModel.get_rope_index` of transformers 5.24. Walk the non-pad tokens of a row with a counter
-c = 0: a text token gets (c, c, c) and c += 1; an image with LLM grid (t, h', w') = (t, h/m, w/m) (m = spatial merge size)
-gives its tokens, in (t, y, x) row-major order, (c + t_i, c + y, c + x), then c += max(h', w'). Pad tokens get 0 on all
-axes (5.24 fills a zero tensor; 4.x used 1 -- masked either way). rope_deltas[b] = max(positions of row b) + 1 -
+c = 0: a text token gets (c, c, c) and c += 1; an image with LLM grid (t, h', w') = (t, h/m, w/m) (m = spatial merge
+size) gives its tokens, in (t, y, x) row-major order, (c + t_i, c + y, c + x), then c += max(h', w'). Pad tokens get 0
+on all axes (5.24 fills a zero tensor; 4.x used 1 -- masked either way). rope_deltas[b] = max(positions of row b) + 1 -
 (non-pad tokens of row b), the shift a text token generated after the prompt gets on top of its 1-D position.
 
 Here the walk is done per token with static shapes (one compile for every image size, image count and layout):
@@ -11,23 +11,25 @@ a token's image is found from the cumulative count of image-pad tokens before it
 the images; its counter value is (text tokens before it in the row) + sum of max(h', w') over the row's earlier images.
 
 cos/sin use the CHUNKED section layout of Qwen2.5-VL (not Qwen3-VL's interleaved one): frequency j < s0 rotates by the
-temporal position, s0 <= j < s0 + s1 by the height, the rest by the width; emb = concat(F, F) as in `rotate_half`, so the
-result feeds `skyjax.nn.rotary.apply_rotary` unchanged.
+temporal position, s0 <= j < s0 + s1 by the height, the rest by the width; emb = concat(F, F) as in `rotate_half`, so
+the result feeds `skyjax.nn.rotary.apply_rotary` unchanged.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 TEXT, IMAGE, VIDEO = 0, 1, 2  # mm_token_type_ids values (transformers 5.x)
 
 
 def mm_token_types(input_ids, image_token_id: int, video_token_id: int | None = None) -> jax.Array:
-    """input_ids [B, S] -> mm_token_type_ids [B, S] int32: 0 text, 1 image pad, 2 video pad (what the HF processor emits)."""
+    """input_ids [B, S] -> mm_token_type_ids [B, S] int32: 0 text, 1 image pad, 2 video pad (as the HF processor)."""
     ids = jnp.asarray(input_ids)
     types = jnp.where(ids == image_token_id, IMAGE, TEXT)
     if video_token_id is not None:
@@ -50,8 +52,8 @@ def check_mrope_inputs(token_types, attention_mask, image_grid_thw, *, spatial_m
     if types.ndim != 2 or mask.shape != types.shape:
         raise ValueError(f"token_types {types.shape} and attention_mask {mask.shape} must both be [batch, seq]")
     if np.any((types == VIDEO) & mask):
-        raise NotImplementedError("video tokens (mm_token_type_ids == 2) are not supported by mrope_positions: only text "
-                                  "and images are implemented (video needs tokens_per_second * second_per_grid_t)")
+        raise NotImplementedError("video tokens (mm_token_type_ids == 2) are not supported by mrope_positions: only "
+                                  "text and images are (video needs tokens_per_second * second_per_grid_t)")
     bad = np.setdiff1d(np.unique(types[mask]), [TEXT, IMAGE])
     if bad.size:
         raise ValueError(f"token types must be 0 (text) or 1 (image), got {bad.tolist()}")
@@ -81,14 +83,14 @@ def mrope_positions(token_types, attention_mask, image_grid_thw, *, spatial_merg
     """3-D M-RoPE positions of a prompt batch, equal to transformers 5.24 `get_rope_index` (text and images).
 
     Args:
-      token_types: [B, S] int, `mm_token_type_ids`: 0 text, 1 image pad token, 2 video pad token (build it from input_ids
-        with `mm_token_types`). Video is out of scope: raises NotImplementedError when it is concrete; under jit type 2
-        cannot be checked and is treated as text.
+      token_types: [B, S] int, `mm_token_type_ids`: 0 text, 1 image pad token, 2 video pad token (build it from
+        input_ids with `mm_token_types`). Video is out of scope: NotImplementedError when the input is concrete;
+        under jit type 2 cannot be checked and is treated as text.
       attention_mask: [B, S] (1 real, 0 pad; left, right or anywhere) or None (no padding). Pad tokens are skipped by
         the counter and get position 0.
-      image_grid_thw: [M, 3] int (t, h, w in vision patches, as the image processor returns), or None. Row i describes the
-        i-th image of the BATCH in row-major order of appearance (row 0's images left to right, then row 1's, ...) --
-        the order the reference consumes them. M is a static bucket: rows after the last image must be all zero.
+      image_grid_thw: [M, 3] int (t, h, w in vision patches, as the image processor returns), or None. Row i describes
+        the i-th image of the BATCH in row-major order of appearance (row 0's images left to right, then row 1's,
+        ...) -- the order the reference consumes them. M is a static bucket: rows after the last image must be all zero.
         Image i owns t*(h/m)*(w/m) consecutive image tokens; two images must be separated by at least one text token
         (as <|vision_end|><|vision_start|> always does: the reference merges adjacent runs).
       spatial_merge_size: m (2 for Qwen2.5-VL).
@@ -100,32 +102,48 @@ def mrope_positions(token_types, attention_mask, image_grid_thw, *, spatial_merg
     if validate and _is_concrete(token_types, attention_mask, image_grid_thw):
         check_mrope_inputs(token_types, attention_mask, image_grid_thw, spatial_merge_size=spatial_merge_size)
     types = jnp.asarray(token_types)
-    batch, seq = types.shape
-    mask = jnp.ones((batch, seq), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
-    grid = jnp.zeros((1, 3), jnp.int32) if image_grid_thw is None else jnp.asarray(image_grid_thw, jnp.int32).reshape(-1, 3)
-    if grid.shape[0] == 0:
+    mask = jnp.ones(types.shape, bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+    grid = jnp.zeros((0, 3), jnp.int32) if image_grid_thw is None else jnp.asarray(image_grid_thw, jnp.int32)
+    grid = grid.reshape(-1, 3)
+    if grid.shape[0] == 0:  # no image slot at all: one empty one keeps the indexing below valid
         grid = jnp.zeros((1, 3), jnp.int32)
+    return _mrope_positions(types, mask, grid, spatial_merge_size)
 
-    # per image: LLM grid, token count, cumulative token offsets, counter advance
+
+def _exclusive_prefix_sum(x: jax.Array) -> jax.Array:
+    """Exclusive prefix sum of a SHORT vector as one masked reduction (XLA CPU compiles a scan slowly)."""
+    n = x.shape[0]
+    before = jnp.arange(n)[None, :] < jnp.arange(n)[:, None]  # [n, n]: j < i
+    return jnp.sum(jnp.where(before, x[None, :], 0), axis=1)
+
+
+@functools.partial(jax.jit, static_argnums=3)  # one program, also when called eagerly (op-by-op is ~30 dispatches)
+def _mrope_positions(types, mask, grid, spatial_merge_size):
+    # per image (M of them): LLM grid, token count, first global image-token index, counter advance
     grid_t, grid_h, grid_w = grid[:, 0], grid[:, 1] // spatial_merge_size, grid[:, 2] // spatial_merge_size
     n_tokens = grid_t * grid_h * grid_w  # [M]
-    ends = jnp.cumsum(n_tokens)  # image i owns global image tokens [ends[i] - n[i], ends[i])
-    starts = ends - n_tokens
-    advance = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(jnp.maximum(grid_h, grid_w))])  # [M + 1]
+    starts = _exclusive_prefix_sum(n_tokens)  # image i owns global image tokens [starts[i], starts[i] + n[i])
+    ends = starts + n_tokens
+    advance = _exclusive_prefix_sum(jnp.concatenate([jnp.maximum(grid_h, grid_w), jnp.zeros((1,), jnp.int32)]))  # [M+1]
 
     is_image = (types == IMAGE) & mask
     is_text = mask & ~is_image
-    flat = is_image.reshape(-1).astype(jnp.int32)
-    images_before = (jnp.cumsum(flat) - flat).reshape(batch, seq)  # image tokens before this one, batch row-major
-    done = jnp.searchsorted(ends, images_before, side="right").astype(jnp.int32)  # images completed before [B, S]
-    text_before = jnp.cumsum(is_text, axis=1, dtype=jnp.int32) - is_text.astype(jnp.int32)
+    kinds = jnp.stack([is_image, is_text], axis=-1).astype(jnp.int32)  # [B, S, 2]
+    before = jnp.cumsum(kinds, axis=1) - kinds  # image / text tokens before this one in its row (the only long scan)
+    row_images = before[:, -1, 0] + kinds[:, -1, 0]  # [B]
+    images_before = before[..., 0] + _exclusive_prefix_sum(row_images)[:, None]  # global, batch row-major [B, S]
+    text_before = before[..., 1]
+    # images completed before this token: ends is sorted and M is small, so one [B, S, M] comparison
+    done = jnp.searchsorted(ends, images_before, side="right", method="compare_all").astype(jnp.int32)
     counter = text_before + advance[done] - advance[done[:, :1]]  # done[:, 0]: images of the earlier rows
 
     image = jnp.minimum(done, grid.shape[0] - 1)  # for an image token: the image it belongs to
     local = images_before - starts[image]
     width = jnp.maximum(grid_w[image], 1)
     plane = jnp.maximum(grid_h[image] * grid_w[image], 1)
-    offsets = jnp.stack([local // plane, (local % plane) // width, local % width])  # [3, B, S] (t, y, x)
+    local = jnp.maximum(local, 0)  # only image tokens use it; non-negative, so lax.div/rem equal // and %
+    in_plane = lax.rem(local, plane)
+    offsets = jnp.stack([lax.div(local, plane), lax.div(in_plane, width), lax.rem(in_plane, width)])  # [3, B, S]
     positions = counter[None] + jnp.where(is_image[None], offsets, 0)
     positions = jnp.where(mask[None], positions, 0).astype(jnp.int32)
 
@@ -169,8 +187,9 @@ def _section_axes(head_dim: int, mrope_section: Sequence[int]) -> np.ndarray:
 
 
 def _inverse_frequencies(head_dim: int, theta: float) -> np.ndarray:
-    # A trace-time constant computed on the host in float32 like torch (powf); XLA's CPU pow is a few ulp off for some
-    # head_dims (80, 96), an error that grows with the position.
+    # A trace-time constant computed on the host in float32 (powf). It equals torch's inv_freq bitwise for head_dim 16,
+    # 32, 64, 80, 96 (one element 1 ulp off at 128, |d| = 3e-11); XLA's CPU pow is several ulp off at 80 and 96, an
+    # angle error that grows with the position.
     exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
     return (np.float32(1.0) / (np.float32(theta) ** exponents)).astype(np.float32)
 
