@@ -49,3 +49,61 @@ def torch_logits(model, input_ids, attention_mask=None, position_ids=None):
             position_ids=None if position_ids is None else torch.as_tensor(np.asarray(position_ids)).long(),
         )
     return out.logits.float().numpy()
+
+
+def tiny_hf_qwen2_5_vl(folder: Path, tokenizer, *, tied: bool = False, seed: int = 0, dtype: str = "float32",
+                       flat_config: bool = False, max_shard_size=None):
+    """A tiny random transformers Qwen2_5_VLForConditionalGeneration saved (hub layout) with `tokenizer` and a
+    preprocessor_config.json; special ids come from the tokenizer. Vision windows are 2x2 merge units (56 px), so
+    small images have partial windows. `flat_config` rewrites config.json in the flat 4.x hub style."""
+    import json
+
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from skyjax.data.qwen_vl_image import QwenVLImageConfig
+    from skyjax.data.tokenizer import special_token_ids
+
+    ids = special_token_ids(tokenizer)
+    torch.manual_seed(seed)
+    text = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=4096,
+                rope_parameters={"rope_type": "default", "type": "mrope", "mrope_section": [2, 3, 3],
+                                 "rope_theta": 10000.0},
+                bos_token_id=None, eos_token_id=ids["eos"], pad_token_id=ids["pad"])
+    vision = dict(depth=4, hidden_size=32, num_heads=2, intermediate_size=48, out_hidden_size=64,
+                  fullatt_block_indexes=[1, 3], window_size=56, patch_size=14, temporal_patch_size=2,
+                  spatial_merge_size=2, in_chans=3)
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["image_pad"],
+                              video_token_id=ids["video_pad"], vision_start_token_id=ids["vision_start"],
+                              vision_end_token_id=ids["vision_end"], tie_word_embeddings=tied)
+    config._attn_implementation = "eager"
+    config.text_config._attn_implementation = "eager"
+    config.vision_config._attn_implementation = "eager"
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    if dtype == "bfloat16":
+        model = model.to(torch.bfloat16)
+    model.save_pretrained(folder, **({} if max_shard_size is None else {"max_shard_size": max_shard_size}))
+    tokenizer.save_pretrained(folder)
+    QwenVLImageConfig(min_pixels=4 * 28 * 28, max_pixels=64 * 28 * 28).save(folder)
+    if flat_config:  # the hub's 4.x layout: text keys at the top level, rope_scaling, no text_config
+        cfg = json.loads((folder / "config.json").read_text())
+        flat = {**cfg.pop("text_config"), **cfg}
+        rope = flat.pop("rope_parameters")
+        flat["rope_theta"] = rope["rope_theta"]
+        flat["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
+        flat["model_type"] = "qwen2_5_vl"
+        (folder / "config.json").write_text(json.dumps(flat))
+    return model
+
+
+def random_image(seed: int, width: int, height: int, mode: str = "RGB"):
+    """A PIL image with random blocks of colour (deterministic)."""
+    from PIL import Image
+
+    rng = np.random.RandomState(seed)
+    small = rng.randint(0, 256, (max(height // 8, 1), max(width // 8, 1), 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((width, height), Image.NEAREST).convert(mode)

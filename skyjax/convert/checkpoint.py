@@ -62,16 +62,21 @@ def read_hf_config(folder: Path) -> dict:
         raise CheckpointError(f"{path}: invalid JSON ({e})") from e
 
 
-def _runtime(config_cls, dtype: str | None, param_dtype: str | None, hf_dtype: str | None) -> dict:
-    fields = {f.name for f in dataclasses.fields(config_cls)}
-    runtime = {}
-    # Default: compute and store in the checkpoint's own dtype.
+def _runtime(dtype: str | None, param_dtype: str | None, hf_dtype: str | None) -> dict:
+    """Compute and storage dtypes; by default the checkpoint's own dtype. Every config's `from_hf` takes these."""
     chosen = dtype or hf_dtype or "float32"
-    if "dtype" in fields:
-        runtime["dtype"] = chosen
-    if "param_dtype" in fields:
-        runtime["param_dtype"] = param_dtype or chosen
-    return runtime
+    return {"dtype": chosen, "param_dtype": param_dtype or chosen}
+
+
+def _set_runtime(cfg_dict: dict, runtime: dict) -> dict:
+    """Apply runtime fields (dtype, remat, ...) to a config dict and every nested sub-config that has them."""
+    out = {}
+    for key, value in cfg_dict.items():
+        out[key] = _set_runtime(value, runtime) if isinstance(value, dict) else value
+    for key, value in runtime.items():
+        if key in cfg_dict:
+            out[key] = value
+    return out
 
 
 def _hf_dtype(hf_config: dict) -> str | None:
@@ -91,8 +96,7 @@ def load_hf(
     folder = Path(folder)
     hf_config = read_hf_config(folder)
     arch = detect(hf_config, str(folder / "config.json"))
-    cfg = arch.config_from_hf(hf_config, **_runtime(arch.config_cls, dtype, param_dtype, _hf_dtype(hf_config)),
-                              **runtime)
+    cfg = arch.config_from_hf(hf_config, **_runtime(dtype, param_dtype, _hf_dtype(hf_config)), **runtime)
     fn = Functional.create(lambda r: arch.build(cfg, r))
     reader = SafetensorsReader(folder, extra_files=arch.extra_weight_files)
     try:
@@ -152,13 +156,11 @@ def load_checkpoint(
     if meta["architecture"] not in ARCHITECTURES:
         raise CheckpointError(f"{folder / META_NAME}: unknown architecture {meta['architecture']!r}")
     arch = ARCHITECTURES[meta["architecture"]]
-    model_dict = dict(meta["model"])
     if dtype is not None:
-        model_dict["dtype"] = dtype
+        runtime["dtype"] = dtype
     if param_dtype is not None or dtype is not None:
-        model_dict["param_dtype"] = param_dtype or dtype
-    model_dict.update(runtime)
-    cfg = from_dict(arch.config_cls, model_dict)
+        runtime["param_dtype"] = param_dtype or dtype
+    cfg = from_dict(arch.config_cls, _set_runtime(meta["model"], runtime))
     fn = Functional.create(lambda r: arch.build(cfg, r))
     params = restore_params(folder / "params", fn, mesh, rules)
     return LoadedModel(arch, cfg, fn, params, folder, meta.get("hf_config", {}))

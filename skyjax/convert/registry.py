@@ -11,8 +11,10 @@ from typing import Any, Callable
 
 from flax import nnx
 
-from skyjax.convert.keymap import KeyRule, qwen2_causal_lm_rules
+from skyjax.convert.keymap import KeyRule, linear, qwen2_causal_lm_rules, qwen2_decoder_rules
 from skyjax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
+from skyjax.models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from skyjax.models.qwen2_5_vl_vision import vision_rules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +35,20 @@ def _is_qwen2(c: dict) -> bool:
     return c.get("model_type") == "qwen2" or "Qwen2ForCausalLM" in (c.get("architectures") or [])
 
 
+def _is_qwen2_5_vl(c: dict) -> bool:
+    return c.get("model_type") == "qwen2_5_vl" or "Qwen2_5_VLForConditionalGeneration" in (c.get("architectures") or [])
+
+
+def qwen2_5_vl_rules(cfg: Qwen2_5_VLConfig) -> list[KeyRule]:
+    """Hub layout (`visual.*`, `model.*`) with the transformers >= 4.52 in-memory names as aliases
+    (`model.visual.*`, `model.language_model.*`). Export writes the hub layout."""
+    rules = vision_rules("visual", "visual", aliases=("model.visual",))
+    rules += qwen2_decoder_rules("model", "model", aliases=("model.language_model",))
+    if not cfg.text.tie_word_embeddings:
+        rules += linear("lm_head", "lm_head")
+    return rules
+
+
 ARCHITECTURES: dict[str, Architecture] = {
     "qwen2": Architecture(
         name="qwen2",
@@ -42,6 +58,14 @@ ARCHITECTURES: dict[str, Architecture] = {
         matches=_is_qwen2,
         # a tied checkpoint may still carry lm_head.weight (a copy of the embedding); it is not needed
         ignore_keys=(r"lm_head\.weight",),
+    ),
+    "qwen2_5_vl": Architecture(
+        name="qwen2_5_vl",
+        config_cls=Qwen2_5_VLConfig,
+        build=lambda cfg, rngs: Qwen2_5_VLForConditionalGeneration(cfg, rngs=rngs),
+        rules=qwen2_5_vl_rules,
+        matches=_is_qwen2_5_vl,
+        ignore_keys=(r"lm_head\.weight",),  # the tied (3B) variant may still carry a copy of the embedding
     ),
 }
 

@@ -207,3 +207,13 @@ def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
     if tokenizer.pad_token_id is not None:
         ids["pad"] = tokenizer.pad_token_id
     return ids
+
+
+def load_tokenizer(folder: str | os.PathLike) -> PreTrainedTokenizerBase:
+    """The checkpoint's own tokenizer and chat template, from local files only (no hub access, no remote code)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{folder}: cannot load the tokenizer ({e})") from e

@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from skyjax.nn.rotary import inverse_frequencies
+
 TEXT, IMAGE, VIDEO = 0, 1, 2  # mm_token_type_ids values (transformers 5.x)
 
 
@@ -186,14 +188,6 @@ def _section_axes(head_dim: int, mrope_section: Sequence[int]) -> np.ndarray:
     return np.concatenate([np.full(s, i % 3) for i, s in enumerate(section)])  # i % 3 as in the reference's split
 
 
-def _inverse_frequencies(head_dim: int, theta: float) -> np.ndarray:
-    # A trace-time constant computed on the host in float32 (powf). It equals torch's inv_freq bitwise for head_dim 16,
-    # 32, 64, 80, 96 (one element 1 ulp off at 128, |d| = 3e-11); XLA's CPU pow is several ulp off at 80 and 96, an
-    # angle error that grows with the position.
-    exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
-    return (np.float32(1.0) / (np.float32(theta) ** exponents)).astype(np.float32)
-
-
 def mrope_cos_sin(positions, head_dim: int, theta: float,
                   mrope_section: Sequence[int] = (16, 24, 24)) -> tuple[jax.Array, jax.Array]:
     """positions [3, B, S] (or [B, S], the same on all axes) -> cos, sin [B, S, head_dim] fp32 for `apply_rotary`."""
@@ -204,6 +198,6 @@ def mrope_cos_sin(positions, head_dim: int, theta: float,
     if positions.ndim != 3 or positions.shape[0] != 3:
         raise ValueError(f"positions must be [3, batch, seq] (t, h, w), got {positions.shape}")
     chosen = jnp.moveaxis(positions.astype(jnp.float32)[axes], 0, -1)  # [B, S, head_dim/2]: each frequency's axis
-    freqs = chosen * _inverse_frequencies(head_dim, theta)
+    freqs = chosen * inverse_frequencies(head_dim, theta)
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
