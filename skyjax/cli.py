@@ -8,6 +8,10 @@ import time
 from pathlib import Path
 
 
+# Modules that add their own subcommands (kept light: heavy imports happen inside the command functions).
+COMMAND_MODULES: list[str] = []
+
+
 def _mesh_arg(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(x) for x in text.replace("x", ",").split(","))
@@ -18,7 +22,7 @@ def _mesh_arg(text: str) -> tuple[int, ...]:
     return shape
 
 
-def _add_mesh(p: argparse.ArgumentParser):
+def add_mesh_arg(p: argparse.ArgumentParser):
     p.add_argument("--mesh", type=_mesh_arg, default=(1, -1, 1),
                    help="mesh shape data,fsdp,tensor; one entry may be -1 (all remaining devices). Default 1,-1,1")
 
@@ -72,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype recorded in the checkpoint (default: the source's dtype)")
     p.add_argument("--param-dtype", choices=["float32", "bfloat16"], default=None,
                    help="storage dtype of the parameters (default: same as --dtype)")
-    _add_mesh(p)
+    add_mesh_arg(p)
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser(
@@ -85,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="dtype of the written tensors (default: the checkpoint's parameter dtype)")
     p.add_argument("--max-shard-gb", type=float, default=2.0, help="largest safetensors shard file, in GiB")
-    _add_mesh(p)
+    add_mesh_arg(p)
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser(
@@ -95,8 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "it onto the device mesh, check the round trip, and decode a few tokens with the KV cache.\n\n"
                     "example:\n  skyjax demo --run-dir runs/demo")
     p.add_argument("--run-dir", type=Path, default=Path("runs/demo"), help="where outputs go (default runs/demo)")
-    _add_mesh(p)
+    add_mesh_arg(p)
     p.set_defaults(func=_cmd_demo)
+
+    # Subcommands that live beside their subsystem: each module has `add_parser(subparsers)`.
+    import importlib
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_parser(sub)
     return parser
 
 
