@@ -83,3 +83,17 @@ def detect(hf_config: dict, source: str = "config.json") -> Architecture:
         f"{source}: unsupported architecture (model_type={hf_config.get('model_type')!r}, "
         f"architectures={hf_config.get('architectures')}); supported: {', '.join(ARCHITECTURES)}"
     )
+
+
+# Modules that register further architectures (kept in their own files; each calls `register(...)` on import).
+ARCH_MODULES: list[str] = []
+
+
+def _load_arch_modules() -> None:
+    import importlib
+
+    for module in ARCH_MODULES:
+        importlib.import_module(module)
+
+
+_load_arch_modules()
