@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 # Modules that add their own subcommands (kept light: heavy imports happen inside the command functions).
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["skyjax.train.cli", "skyjax.convert.internvl", "skyjax.parallel.cli", "skyjax.sample.cli", "skyjax.eval.cli"]
 
 
 def _mesh_arg(text: str) -> tuple[int, ...]:
@@ -48,7 +48,8 @@ def _cmd_export(args) -> int:
 
     t0 = time.time()
     model = load_model(args.src, mesh=make_mesh(args.mesh))
-    dst = export_hf(model, args.dst, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1024**3))
+    dst = export_hf(model, args.dst, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1024**3),
+                    layout=args.layout)
     print(f"wrote Hugging Face folder {dst} ({model.arch.name}) in {time.time() - t0:.1f}s")
     return 0
 
@@ -89,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="dtype of the written tensors (default: the checkpoint's parameter dtype)")
     p.add_argument("--max-shard-gb", type=float, default=2.0, help="largest safetensors shard file, in GiB")
+    p.add_argument("--layout", default=None,
+                   help="Hugging Face layout, for architectures with several (InternVL / R1V: 'native' = "
+                        "transformers' InternVLForConditionalGeneration, the default; 'remote' = InternVL-chat / "
+                        "Skywork-R1V remote code)")
     add_mesh_arg(p)
     p.set_defaults(func=_cmd_export)
 
@@ -112,14 +117,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    from skyjax.convert.safetensors_io import CheckpointError
+    args, extra = parser.parse_known_args(argv)
+    # dotted overrides may come after options (`train cfg.yaml --run-dir d a.b=1`): give them to the command
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from skyjax.config import ConfigError
+    from skyjax.convert.safetensors_io import CheckpointError
+    from skyjax.data.records import RecordError
     from skyjax.parallel.rules import ShardingError
 
+    expected = (CheckpointError, ConfigError, ShardingError, RecordError, FileNotFoundError)
+    try:
+        from skyjax.eval.scorer import RowError
+        from skyjax.train.pairs import BadRowError
+
+        expected += (RowError, BadRowError)
+    except ImportError:  # pragma: no cover
+        pass
     try:
         return args.func(args) or 0
-    except (CheckpointError, ConfigError, ShardingError, FileNotFoundError) as e:
+    except expected as e:
         print(f"skyjax {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -15,6 +15,7 @@ def test_mesh_shapes():
     assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
     with pytest.raises(ValueError, match="needs 12 devices"):
         make_mesh((3, 2, 2))
+    assert make_mesh((1, 2, 1)).devices.size == 2  # a smaller mesh takes the first devices
     with pytest.raises(ValueError, match="do not divide"):
         make_mesh((3, -1, 1))
     sliced = make_mesh(MeshConfig(shape=(1, -1, 1), num_slices=2))

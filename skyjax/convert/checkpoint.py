@@ -95,8 +95,10 @@ def load_hf(
     """Read a Hugging Face folder straight onto `mesh` (each host reads only its own shards)."""
     folder = Path(folder)
     hf_config = read_hf_config(folder)
-    arch = detect(hf_config, str(folder / "config.json"))
+    arch = detect(hf_config, str(folder / "config.json"), folder)
     cfg = arch.config_from_hf(hf_config, **_runtime(dtype, param_dtype, _hf_dtype(hf_config)), **runtime)
+    if hasattr(arch, "complete_config"):  # facts kept beside config.json (InternVL: the tokenizer's image token id)
+        cfg = arch.complete_config(cfg, folder)
     fn = Functional.create(lambda r: arch.build(cfg, r))
     reader = SafetensorsReader(folder, extra_files=arch.extra_weight_files)
     try:
@@ -186,8 +188,15 @@ def load_model(folder: str | Path, mesh: Mesh | None = None, rules: AxisRules = 
 
 
 def export_hf(model: LoadedModel, dst: str | Path, dtype: str | None = None,
-              max_shard_bytes: int = 2 * 1024**3) -> Path:
-    """Write a Hugging Face folder: sharded safetensors + config.json + tokenizer/processor files."""
+              max_shard_bytes: int = 2 * 1024**3, layout: str | None = None) -> Path:
+    """Write a Hugging Face folder: sharded safetensors + config.json + tokenizer/processor files.
+
+    `layout` picks one of the Hugging Face layouts an architecture can write (InternVL: 'native', default, or
+    'remote'); architectures with a single layout accept only None."""
+    if hasattr(model.arch, "export_hf"):  # architectures that write their own layouts (InternVL)
+        return model.arch.export_hf(model, dst, dtype=dtype, max_shard_bytes=max_shard_bytes, layout=layout)
+    if layout is not None:
+        raise CheckpointError(f"architecture {model.arch.name} has no export layout {layout!r}")
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     out_dtype = np.dtype(dtype or model.config.param_dtype) if dtype or hasattr(model.config, "param_dtype") else None
@@ -201,10 +210,35 @@ def export_hf(model: LoadedModel, dst: str | Path, dtype: str | None = None,
 
 
 def export_model_weights(model: LoadedModel, dst: Path, out_dtype, max_shard_bytes: int) -> None:
-    """Hook for architectures whose weights span several files (e.g. a reward head file)."""
+    """Model shards (+ index), and the tensors an architecture keeps in files of their own (a value head)."""
+    rules = model.arch.rules(model.config)
+    separate = dict(model.arch.separate_files)
+    flat = {r.path: r for r in rules}
+    main_rules = [r for r in rules if not any(r.hf.startswith(p) for p in separate)]
     with SafetensorsWriter(dst, max_shard_bytes=max_shard_bytes) as writer:
-        export_params(model.params, model.arch.rules(model.config), writer, dtype=out_dtype,
+        export_params(_subtree(model.params, {r.path for r in main_rules}), main_rules, writer, dtype=out_dtype,
                       hf_shapes=hf_shapes_of(model))
+    for prefix, filename in separate.items():
+        sub_rules = [r for r in flat.values() if r.hf.startswith(prefix)]
+        dtype = np.dtype(model.arch.separate_files_dtype) if model.arch.separate_files_dtype else out_dtype
+        tmp = dst / (filename + ".parts")
+        with SafetensorsWriter(tmp, max_shard_bytes=2**62) as writer:
+            export_params(_subtree(model.params, {r.path for r in sub_rules}), sub_rules, writer, dtype=dtype)
+        (tmp / "model.safetensors").rename(dst / filename)
+        tmp.rmdir()
+
+
+def _subtree(params: dict, paths: set[str]) -> dict:
+    """The part of a nested params dict whose slash-joined leaf paths are in `paths`."""
+    out: dict = {}
+    for path in paths:
+        src, dst = params, out
+        parts = path.split("/")
+        for part in parts[:-1]:
+            src = src[part]
+            dst = dst.setdefault(part, {})
+        dst[parts[-1]] = src[parts[-1]]
+    return out
 
 
 def hf_shapes_of(model: LoadedModel) -> dict:

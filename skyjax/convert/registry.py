@@ -11,10 +11,13 @@ from typing import Any, Callable
 
 from flax import nnx
 
-from skyjax.convert.keymap import KeyRule, linear, qwen2_causal_lm_rules, qwen2_decoder_rules
+from pathlib import Path
+
+from skyjax.convert.keymap import COPY, LINEAR, KeyRule, linear, qwen2_causal_lm_rules, qwen2_decoder_rules
 from skyjax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
 from skyjax.models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from skyjax.models.qwen2_5_vl_vision import vision_rules
+from skyjax.models.reward import VALUE_HEAD_FILE, Qwen2_5_VLRewardModel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,8 +27,11 @@ class Architecture:
     build: Callable[[Any, nnx.Rngs], nnx.Module]
     rules: Callable[[Any], list[KeyRule]]
     matches: Callable[[dict], bool]
-    extra_weight_files: tuple[str, ...] = ()
+    extra_weight_files: tuple[str, ...] = ()  # read beside the model's safetensors when present
     ignore_keys: tuple[str, ...] = ()  # regexes of HF tensors that are dropped on purpose
+    requires_files: tuple[str, ...] = ()  # files that must be in the folder for this architecture to match
+    separate_files: tuple[tuple[str, str], ...] = ()  # (HF key prefix, file): tensors exported to their own file
+    separate_files_dtype: str | None = None  # dtype of those files (None: as the rest)
 
     def config_from_hf(self, hf_config: dict, **runtime):
         return self.config_cls.from_hf(hf_config, **runtime)
@@ -49,6 +55,12 @@ def qwen2_5_vl_rules(cfg: Qwen2_5_VLConfig) -> list[KeyRule]:
     return rules
 
 
+def qwen2_5_vl_reward_rules(cfg: Qwen2_5_VLConfig) -> list[KeyRule]:
+    """Qwen2.5-VL + the TRL/LLaMA-Factory value head (`v_head.summary.weight` (1, hidden), `.bias` (1,))."""
+    return qwen2_5_vl_rules(cfg) + [KeyRule("v_head/summary/kernel", "v_head.summary.weight", LINEAR),
+                                    KeyRule("v_head/summary/bias", "v_head.summary.bias", COPY)]
+
+
 ARCHITECTURES: dict[str, Architecture] = {
     "qwen2": Architecture(
         name="qwen2",
@@ -67,6 +79,18 @@ ARCHITECTURES: dict[str, Architecture] = {
         matches=_is_qwen2_5_vl,
         ignore_keys=(r"lm_head\.weight",),  # the tied (3B) variant may still carry a copy of the embedding
     ),
+    "qwen2_5_vl_reward": Architecture(
+        name="qwen2_5_vl_reward",
+        config_cls=Qwen2_5_VLConfig,
+        build=lambda cfg, rngs: Qwen2_5_VLRewardModel(cfg, rngs=rngs),
+        rules=qwen2_5_vl_reward_rules,
+        matches=_is_qwen2_5_vl,
+        extra_weight_files=(VALUE_HEAD_FILE,),
+        ignore_keys=(r"lm_head\.weight",),
+        requires_files=(VALUE_HEAD_FILE,),
+        separate_files=(("v_head.", VALUE_HEAD_FILE),),
+        separate_files_dtype="float32",  # the head is computed in fp32; keep its file exact
+    ),
 }
 
 
@@ -74,9 +98,13 @@ def register(arch: Architecture) -> None:
     ARCHITECTURES[arch.name] = arch
 
 
-def detect(hf_config: dict, source: str = "config.json") -> Architecture:
-    """The architecture of a Hugging Face config; the most specific match wins (reward head before plain VL)."""
-    for arch in reversed(list(ARCHITECTURES.values())):
+def detect(hf_config: dict, source: str = "config.json", folder: Path | None = None) -> Architecture:
+    """The architecture of a Hugging Face config (and folder); the most specific match wins: an architecture that
+    requires extra files (a reward head) is tried before the plain one."""
+    candidates = sorted(ARCHITECTURES.values(), key=lambda a: -len(a.requires_files))
+    for arch in candidates:
+        if arch.requires_files and (folder is None or not all((folder / f).is_file() for f in arch.requires_files)):
+            continue
         if arch.matches(hf_config):
             return arch
     raise ValueError(
@@ -86,7 +114,7 @@ def detect(hf_config: dict, source: str = "config.json") -> Architecture:
 
 
 # Modules that register further architectures (kept in their own files; each calls `register(...)` on import).
-ARCH_MODULES: list[str] = []
+ARCH_MODULES: list[str] = ["skyjax.convert.internvl"]
 
 
 def _load_arch_modules() -> None:

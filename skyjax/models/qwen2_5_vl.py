@@ -162,12 +162,18 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
             t.hidden_size, t.vocab_size, axes=("embed", "vocab"), dtype=t.compute_dtype,
             param_dtype=jnp.dtype(t.param_dtype), precision=t.precision, init_std=t.initializer_range, rngs=rngs)
 
-    def embed(self, input_ids, pixel_values=None, vision_meta=None) -> jax.Array:
-        """Token embeddings with the image features written over the <|image_pad|> slots, in order."""
+    def embed(self, input_ids, pixel_values=None, vision_meta=None, image_features=None) -> jax.Array:
+        """Token embeddings with the image features written over the <|image_pad|> slots, in order.
+
+        `image_features` [U, E] (the vision tower's output) may be passed instead of pixels, e.g. to encode the
+        images of a preference pair once for both of its rows.
+        """
         x = self.model.embed_tokens(input_ids)  # [B, S, E]
-        if pixel_values is None:
+        if image_features is None and pixel_values is None:
             return x
-        feats = self.visual(pixel_values, vision_meta).astype(x.dtype)  # [U, E], real rows first
+        if image_features is None:
+            image_features = self.visual(pixel_values, vision_meta)  # [U, E], real rows first
+        feats = image_features.astype(x.dtype)
         is_image = input_ids == self.cfg.image_token_id  # [B, S]
         # the k-th image token (row-major over the batch) takes feature row k
         index = jnp.cumsum(is_image.reshape(-1)) - 1
@@ -185,8 +191,9 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
         positions: jax.Array | None = None,
         cache: KVCache | None = None,
         cache_index: jax.Array | int = 0,
+        inputs_embeds: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
-        """Final-norm hidden states [B, S, E].
+        """Final-norm hidden states [B, S, E] (`inputs_embeds` from `embed` skips the embedding step).
 
         positions [3, B, S] default to the reference's `get_rope_index` over (input_ids, attention_mask,
         image_grid_thw); pass them explicitly when decoding (see `skyjax.nn.mrope.decode_positions`).
@@ -194,13 +201,13 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
         cfg = self.cfg
         if pixel_values is not None and (vision_meta is None or image_grid_thw is None):
             raise ValueError("pixel_values needs vision_meta (vision_inputs(...)) and image_grid_thw")
-        if pixel_values is not None and _is_concrete(input_ids, image_grid_thw):
+        if pixel_values is not None and inputs_embeds is None and _is_concrete(input_ids, image_grid_thw):
             check_image_tokens(input_ids, image_grid_thw, cfg.image_token_id, cfg.vision.spatial_merge_size)
-        elif pixel_values is None and _is_concrete(input_ids) and positions is None:
+        elif pixel_values is None and inputs_embeds is None and _is_concrete(input_ids) and positions is None:
             n = int(np.sum(np.asarray(input_ids) == cfg.image_token_id))
             if n:
                 raise ImageTokenMismatchError(f"{n} <|image_pad|> placeholder tokens but no pixel_values were given")
-        x = self.embed(input_ids, pixel_values, vision_meta)
+        x = self.embed(input_ids, pixel_values, vision_meta) if inputs_embeds is None else inputs_embeds
         if positions is None:
             types = mm_token_types(input_ids, cfg.image_token_id, cfg.video_token_id)
             positions, _ = mrope_positions(types, attention_mask, image_grid_thw,

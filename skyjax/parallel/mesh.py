@@ -59,6 +59,9 @@ def make_mesh(config: MeshConfig | Sequence[int] = MeshConfig(), devices: Sequen
     if not isinstance(config, MeshConfig):
         config = MeshConfig(shape=tuple(config))
     devices = list(jax.devices() if devices is None else devices)
+    wanted = config.num_slices * math.prod(config.shape)
+    if -1 not in config.shape and wanted < len(devices) and jax.process_count() == 1:
+        devices = devices[:wanted]  # a smaller mesh on one host (tests, debugging): use the first devices
     shape = config.resolved_shape(len(devices))
     axes = tuple(config.axes)
     if config.num_slices > 1:

@@ -1,17 +1,45 @@
-"""Greedy decoding with a KV cache, compiled as one program (prefill + a `fori_loop` of single-token steps).
+"""KV-cache generation compiled as one program: prefill, then a `lax.while_loop` of single-token steps.
 
-Prompts are left-padded into one batch; every row writes its next token into the same cache slot, and the cache's
-`valid` mask keeps padding out of attention, so rows of different lengths decode together.
+    out = generate(adapter, params, inputs, Sampling(max_new_tokens=256, temperature=1.0, num_samples=8), seed=0)
+    out.tokens [B*G, N]   out.logprobs [B*G, N]   out.lengths [B*G]   out.stopped [B*G]
+
+- Prompts are LEFT-padded into one batch ([B, S]); every row writes its n-th new token to cache slot S + n and the
+  cache's `valid` mask keeps padding out of attention, so prompts of different lengths (and, for Qwen2.5-VL,
+  different images) decode together. Shapes are static: S is a bucket, N = max_new_tokens.
+- The model-specific part is a `DecodeAdapter` (skyjax.sample.adapters): prefill and one step.
+- Several samples per prompt (G = num_samples, e.g. GRPO's 8): the prompt is prefilled ONCE, then the cache, the
+  adapter state and the last logits are repeated G times along the batch. Output row b*G + g is sample g of
+  prompt b.
+- Sampling follows Hugging Face `generate` (skyjax.sample.processors): repetition penalty, then temperature, top-k,
+  top-p, min-p; temperature 0 is greedy. Every control may differ per prompt.
+- Rows stop independently at any of `stop_token_ids` (the stop token is kept and counted); the loop ends when all
+  rows have stopped or N tokens were produced. Unused token slots hold -1 (logprob 0).
+- Randomness: prompt b's sample g at step n uses fold_in(fold_in(prompt_key[b], g), n). The prompt keys default to
+  fold_in(key(seed), b); pass `prompt_keys` to make a row's draws independent of its batch (the CLI keys them by
+  the input line), so the same seed gives the same samples whatever the batch size or mesh.
+
+Log-probabilities (what GRPO needs as pi_old): `logprobs[r, n]` = log_softmax(RAW model logits)[token], the
+unprocessed model at temperature 1 -- no penalty, temperature or truncation -- computed in float32 from the same
+forward that chose the token. `sample_logprobs[r, n]` is the log-probability under the PROCESSED distribution the
+token was actually drawn from (0 for greedy rows), for importance weights of off-policy samples.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
-from typing import Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from skyjax.nn.attention import KVCache
+from skyjax.parallel.rules import constrain, current_mesh, logical_to_spec
+from skyjax.sample.adapters import DecodeAdapter, Qwen2Adapter, constrain_cache
+from skyjax.sample.processors import ProcessorFlags, process_logits
+
+PAD = -1  # token slot after a row stopped
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -27,28 +55,217 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np
     return ids, mask
 
 
-@partial(jax.jit, static_argnames=("fn", "max_new_tokens"))
-def greedy_generate(fn, params, input_ids, attention_mask, stop_ids, *, max_new_tokens: int):
-    """Greedy tokens [B, max_new_tokens] and lengths [B] for a causal LM built by `fn.bind(params)`.
+def _per_row(name: str, value, batch: int, dtype) -> np.ndarray:
+    arr = np.asarray(value, dtype=dtype)
+    if arr.ndim == 0:
+        return np.full((batch,), arr, dtype)
+    if arr.shape != (batch,):
+        raise ValueError(f"{name}: expected a scalar or one value per prompt ({batch}), got shape {arr.shape}")
+    return arr
 
-    A row stops after emitting any of `stop_ids` (the stop token is kept); later slots hold the pad value -1.
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """Generation controls, Hugging Face semantics. temperature / top_k / top_p / min_p / repetition_penalty are each
+    a scalar or a sequence with one value per prompt. Off values: top_k 0, top_p 1, min_p 0, penalty 1;
+    temperature 0 = greedy (argmax after the repetition penalty)."""
+
+    max_new_tokens: int = 256
+    temperature: Any = 0.0
+    top_k: Any = 0
+    top_p: Any = 1.0
+    min_p: Any = 0.0
+    repetition_penalty: Any = 1.0
+    stop_token_ids: tuple[int, ...] = ()
+    num_samples: int = 1
+
+    def __post_init__(self):
+        for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if not np.isscalar(value):
+                object.__setattr__(self, name, tuple(np.asarray(value).tolist()))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        if int(self.max_new_tokens) < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if int(self.num_samples) < 1:
+            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+        checks = {
+            "temperature": (lambda a: a >= 0, ">= 0 (0 = greedy)"),
+            "top_k": (lambda a: (a >= 0) & (a == np.round(a)), "a non-negative integer (0 = off)"),
+            "top_p": (lambda a: (a >= 0) & (a <= 1), "in [0, 1] (1 = off)"),
+            "min_p": (lambda a: (a >= 0) & (a <= 1), "in [0, 1] (0 = off)"),
+            "repetition_penalty": (lambda a: a > 0, "> 0 (1 = off)"),
+        }
+        for name, (ok, what) in checks.items():
+            a = np.asarray(getattr(self, name), np.float64)
+            if not np.all(ok(a) & np.isfinite(a)):
+                raise ValueError(f"{name} must be {what}, got {getattr(self, name)}")
+
+    def rows(self, batch: int) -> dict[str, np.ndarray]:
+        """[batch] arrays of every per-row control (top-p's threshold 1 - p computed in float64, as HF does)."""
+        top_p = _per_row("top_p", self.top_p, batch, np.float64)
+        return {
+            "temperature": _per_row("temperature", self.temperature, batch, np.float32),
+            "top_k": _per_row("top_k", self.top_k, batch, np.float64).astype(np.int32),
+            "top_p": top_p.astype(np.float32),
+            "one_minus_top_p": (1.0 - top_p).astype(np.float32),
+            "min_p": _per_row("min_p", self.min_p, batch, np.float32),
+            "repetition_penalty": _per_row("repetition_penalty", self.repetition_penalty, batch, np.float32),
+        }
+
+
+class GenerateOutput(NamedTuple):
+    tokens: jax.Array  # [B*G, N] int32, PAD (-1) after the row stopped
+    logprobs: jax.Array  # [B*G, N] float32: raw model log-prob of each token (temperature 1, unprocessed)
+    sample_logprobs: jax.Array  # [B*G, N] float32: log-prob under the processed sampling distribution (greedy: 0)
+    lengths: jax.Array  # [B*G] int32: tokens produced, the stop token included
+    stopped: jax.Array  # [B*G] bool: True = finish_reason 'stop' (a stop token), False = 'length'
+
+    def finish_reasons(self) -> list[str]:
+        return ["stop" if s else "length" for s in np.asarray(self.stopped)]
+
+    def token_lists(self) -> list[list[int]]:
+        tokens, lengths = np.asarray(self.tokens), np.asarray(self.lengths)
+        return [tokens[i, : lengths[i]].tolist() for i in range(tokens.shape[0])]
+
+
+def _repeat_rows(tree, g: int):
+    return jax.tree.map(lambda x: jnp.repeat(x, g, axis=0), tree)
+
+
+def _repeat_cache(cache: KVCache, g: int) -> KVCache:
+    return KVCache(jnp.repeat(cache.k, g, axis=1), jnp.repeat(cache.v, g, axis=1), jnp.repeat(cache.valid, g, axis=0))
+
+
+def _mark_seen(seen, token, active):
+    rows = jnp.arange(token.shape[0])
+    return seen.at[rows, token].max(active)
+
+
+@partial(jax.jit, static_argnames=("adapter", "max_new_tokens", "num_samples", "flags"))
+def _generate(adapter: DecodeAdapter, params, inputs: dict, rows: dict, stop_ids, prompt_keys, *,
+              max_new_tokens: int, num_samples: int, flags: ProcessorFlags) -> GenerateOutput:
+    ids, mask = inputs["input_ids"], inputs["attention_mask"].astype(bool)
+    b, s = ids.shape
+    g, n = num_samples, max_new_tokens
+    # the n-th new token (n = 0..N-1) is written to slot S + n; the last one is never fed back
+    logits, cache, state = adapter.prefill(params, inputs, s + n - 1)
+    vocab = logits.shape[-1]
+    seen = None
+    if flags.penalty:  # token ids in each prompt (real tokens only), for the repetition penalty
+        seen = jnp.zeros((b, vocab), bool).at[jnp.arange(b)[:, None], jnp.clip(ids, 0, vocab - 1)].max(mask)
+    if g > 1:  # several samples per prompt: repeat what the prefill produced instead of recomputing it
+        logits, state, rows, seen = _repeat_rows((logits, state, rows, seen), g)
+        cache = _repeat_cache(cache, g)
+    # sample g of prompt b draws with fold_in(prompt_keys[b], g), folded again with the step
+    sample_keys = jax.vmap(lambda k: jax.vmap(lambda i: jax.random.fold_in(k, i))(jnp.arange(g)))(prompt_keys)
+    sample_keys = sample_keys.reshape((b * g,) + sample_keys.shape[2:])
+    r = b * g
+    cache = constrain_cache(cache)
+    if seen is not None:
+        seen = constrain(seen, ("batch", None))
+
+    def choose(logits, seen, step):
+        logits = constrain(logits.astype(jnp.float32), ("batch", None))  # whole vocabulary per row: sort / top-k
+        raw = jax.nn.log_softmax(logits, axis=-1)
+        penalised, warped = process_logits(logits, seen, rows, flags)
+        token = jnp.argmax(penalised, axis=-1).astype(jnp.int32)
+        sample_lp = jnp.zeros((r,), jnp.float32)
+        if flags.sample:
+            keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(sample_keys)
+            drawn = jax.vmap(jax.random.categorical)(keys, warped).astype(jnp.int32)
+            sampled = rows["temperature"] > 0
+            token = jnp.where(sampled, drawn, token)
+            lp = jnp.take_along_axis(jax.nn.log_softmax(warped, axis=-1), token[:, None], axis=-1)[:, 0]
+            sample_lp = jnp.where(sampled, lp, 0.0)
+        return token, jnp.take_along_axis(raw, token[:, None], axis=-1)[:, 0], sample_lp
+
+    token, lp, slp = choose(logits, seen, 0)
+    tokens = jnp.full((r, n), PAD, jnp.int32).at[:, 0].set(token)
+    logprobs = jnp.zeros((r, n), jnp.float32).at[:, 0].set(lp)
+    sample_logprobs = jnp.zeros((r, n), jnp.float32).at[:, 0].set(slp)
+    done = jnp.isin(token, stop_ids)
+    if seen is not None:
+        seen = _mark_seen(seen, token, jnp.ones((r,), bool))
+    lengths = jnp.ones((r,), jnp.int32)
+
+    def cond(carry):
+        t, _, done = carry[:3]
+        return (t < n) & ~jnp.all(done)
+
+    def body(carry):
+        t, token, done, cache, seen, tokens, logprobs, sample_logprobs, lengths = carry
+        active = ~done
+        logits, cache = adapter.step(params, token, cache, s + t - 1, state, active)
+        new, lp, slp = choose(logits, seen, t)
+        tokens = tokens.at[:, t].set(jnp.where(active, new, PAD))
+        logprobs = logprobs.at[:, t].set(jnp.where(active, lp, 0.0))
+        sample_logprobs = sample_logprobs.at[:, t].set(jnp.where(active, slp, 0.0))
+        lengths = lengths + active.astype(jnp.int32)
+        if seen is not None:
+            seen = _mark_seen(seen, new, active)
+        done = done | (active & jnp.isin(new, stop_ids))
+        return t + 1, new, done, cache, seen, tokens, logprobs, sample_logprobs, lengths
+
+    carry = (jnp.int32(1), token, done, cache, seen, tokens, logprobs, sample_logprobs, lengths)
+    _, _, done, _, _, tokens, logprobs, sample_logprobs, lengths = jax.lax.while_loop(cond, body, carry)
+    per_row = [constrain(x, ("batch", None)) for x in (tokens, logprobs, sample_logprobs)]
+    return GenerateOutput(*per_row, constrain(lengths, ("batch",)), constrain(done, ("batch",)))
+
+
+def _place(x, axes, mesh, rules):
+    """Put a host array on the mesh: batch-sharded when the batch divides the data axes, replicated otherwise."""
+    from jax.sharding import NamedSharding
+
+    spec = logical_to_spec(axes, mesh, rules, shape=np.shape(x), strict=False)
+    return jax.device_put(x, NamedSharding(mesh, spec))
+
+
+def _prompt_keys(seed, prompt_keys, batch: int):
+    if prompt_keys is not None:
+        keys = jnp.asarray(prompt_keys) if not isinstance(prompt_keys, jax.Array) else prompt_keys
+        if keys.shape[0] != batch:
+            raise ValueError(f"prompt_keys: {keys.shape[0]} keys for {batch} prompts")
+        return keys
+    key = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch))
+
+
+def generate(adapter: DecodeAdapter, params, inputs: dict, sampling: Sampling = Sampling(), *, seed=0,
+             prompt_keys=None, check: bool = True) -> GenerateOutput:
+    """Generate for a LEFT-padded batch `inputs` (from `adapter.prepare`, or any dict with input_ids and
+    attention_mask [B, S] plus the model's extra inputs). Runs on the mesh of the enclosing `use_mesh`, if any.
+
+    seed: an int or a jax PRNG key; prompt_keys: [B] keys (one per prompt) instead of deriving them from `seed`.
     """
-    model = fn.bind(params)
-    b, prompt_len = input_ids.shape
-    cache = model.init_cache(b, prompt_len + max_new_tokens)
-    logits, cache = model(input_ids, attention_mask=attention_mask, cache=cache, cache_index=0)
-    first = jnp.argmax(logits[:, -1].astype(jnp.float32), axis=-1).astype(jnp.int32)
+    if check:
+        adapter.check(inputs)
+    b = int(np.shape(inputs["input_ids"])[0])
+    rows = sampling.rows(b)
+    flags = ProcessorFlags.from_rows(rows["temperature"], rows["top_k"], rows["top_p"], rows["min_p"],
+                                     rows["repetition_penalty"], adapter.vocab_size)
+    stop = list(sampling.stop_token_ids)
+    stop_ids = jnp.asarray(stop + [-2] * (-len(stop) % 8 or (8 if not stop else 0)), jnp.int32)  # -2: never drawn
+    ctx = current_mesh()
+    if ctx is not None:
+        mesh, rules = ctx
+        inputs = dict(inputs)
+        for name in ("input_ids", "attention_mask"):
+            inputs[name] = _place(np.asarray(inputs[name]), ("batch", "seq"), mesh, rules)
+        rows = {k: _place(v, ("batch",), mesh, rules) for k, v in rows.items()}
+    return _generate(adapter, params, inputs, rows, stop_ids, _prompt_keys(seed, prompt_keys, b),
+                     max_new_tokens=int(sampling.max_new_tokens), num_samples=int(sampling.num_samples), flags=flags)
 
-    def step(t, state):
-        tokens, done, token, cache = state
-        tokens = tokens.at[:, t].set(jnp.where(done, -1, token))
-        done = done | jnp.isin(token, stop_ids)
-        logits, cache = model(token[:, None], attention_mask=jnp.ones((b, 1), bool), cache=cache,
-                              cache_index=prompt_len + t)
-        nxt = jnp.argmax(logits[:, -1].astype(jnp.float32), axis=-1).astype(jnp.int32)
-        return tokens, done, nxt, cache
 
-    tokens = jnp.full((b, max_new_tokens), -1, jnp.int32)
-    tokens, done, _, _ = jax.lax.fori_loop(0, max_new_tokens, step, (tokens, jnp.zeros(b, bool), first, cache))
-    lengths = jnp.sum(tokens >= 0, axis=1)
-    return tokens, lengths
+def greedy_generate(fn, params, input_ids, attention_mask, stop_ids, *, max_new_tokens: int):
+    """Greedy tokens [B, max_new_tokens] and lengths [B] for a Qwen2 causal LM built by `fn` (the first API, kept
+    for skyjax.demo). A row stops after emitting any of `stop_ids` (kept); later slots hold -1."""
+    from flax import nnx
+
+    model_cfg = nnx.merge(fn.graphdef, fn.abstract).cfg  # every skyjax model keeps its config as .cfg
+    adapter = Qwen2Adapter(fn=fn, config=model_cfg, seq_buckets=None)
+    out = generate(adapter, params, {"input_ids": input_ids, "attention_mask": attention_mask},
+                   Sampling(max_new_tokens=max_new_tokens, stop_token_ids=tuple(np.asarray(stop_ids).tolist())),
+                   check=False)
+    return out.tokens, out.lengths
+

@@ -1,0 +1,354 @@
+"""Compile a sharded step for a TPU topology on any machine, and tell whether it fits in HBM.
+
+    def build(mesh):                      # the step is traced inside `use_mesh(mesh)`: `constrain` sees the mesh
+        step = jax.jit(train_step, out_shardings=..., donate_argnums=(0, 1))
+        return step, (abstract_params, abstract_opt_state, abstract_batch)   # ShapeDtypeStructs with shardings
+
+    report = compile_for_topology(build, topology="v5e:4x4", mesh_shape=(1, -1, 1), num_slices=2)
+    print(report.table())                 # raises DoesNotFitError before that if the step needs more than HBM
+
+Nothing is allocated: arguments are `jax.ShapeDtypeStruct`s, devices are libtpu's compile-only devices (see
+`topology.py`). Memory figures are XLA's per-device buffer assignment for the compiled executable; FLOPs are its
+cost analysis of the per-device (SPMD-partitioned) program.
+
+Runs are described by YAML configs with a `kind`; `register_aot_builder(kind, fn)` connects a kind to a function
+`fn(config_path, overrides, mesh) -> (step, abstract_args, description)`, and `compile_config` runs it. The
+`skyjax aot` command (skyjax/parallel/cli.py) is a thin shell over `compile_config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from skyjax.parallel.rules import DEFAULT_RULES, AxisRules, use_mesh
+from skyjax.parallel.topology import GiB, TpuTopology, get_topology, topology_mesh
+
+Builder = Callable[[Any], tuple]  # mesh -> (jitted step, abstract args) or (step, args, description)
+ConfigBuilder = Callable[[Any, Sequence[str], Any], tuple]  # (config_path, overrides, mesh) -> (step, args, desc)
+
+
+class DoesNotFitError(ValueError):
+    """The compiled step needs more memory per device than the chip's HBM. `.report` has the breakdown."""
+
+    def __init__(self, report: "AotReport"):
+        self.report = report
+        r = report
+        if r.xla_error:
+            detail = (f"XLA stopped the compile: {r.xla_error} (arguments alone are {_fmt_bytes(r.argument_bytes)} "
+                      f"per device)")
+        else:
+            detail = (f"arguments {_fmt_bytes(r.argument_bytes)}, outputs {_fmt_bytes(r.output_bytes)} of which "
+                      f"{_fmt_bytes(r.alias_bytes)} reuse donated arguments, temporaries {_fmt_bytes(r.temp_bytes)}, "
+                      f"code {_fmt_bytes(r.generated_code_bytes)}")
+        super().__init__(
+            f"{r.description or 'the step'} does not fit on {r.topology}: it needs {_fmt_bytes(r.required_bytes)} "
+            f"per device ({detail}) but a {r.device_kind} device has {_fmt_bytes(r.hbm_bytes)} of HBM; shard more "
+            f"(a larger fsdp axis, more chips), remat, a smaller batch, or bf16 parameters"
+        )
+
+
+@dataclasses.dataclass(eq=False)
+class AotReport:
+    """What one compiled step costs on one device of the topology (all byte counts are per device)."""
+
+    description: str
+    topology: str  # e.g. 'v5e:4x4' or '2 x v5e:4x4'
+    num_slices: int
+    num_devices: int
+    device_kind: str
+    mesh: dict[str, int]
+    hbm_bytes: int
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int  # outputs written into donated argument buffers (counted once, in arguments)
+    temp_bytes: int
+    generated_code_bytes: int
+    peak_bytes: int  # XLA's own peak estimate (0 where the backend does not report it)
+    flops: float  # per device and step
+    bytes_accessed: float  # per device and step (HBM traffic estimate)
+    peak_flops_per_device: float
+    lower_seconds: float
+    compile_seconds: float
+    input_shardings: Any  # pytree of NamedSharding, one per positional argument leaf, as the executable expects
+    output_shardings: Any
+    compiled: Any = dataclasses.field(repr=False, default=None)
+    xla_error: str = ""  # set when XLA itself refused the compile for lack of HBM (no executable then)
+
+    @property
+    def total_bytes(self) -> int:
+        """Arguments + outputs - aliased + temporaries + code: the usual upper estimate of what is resident."""
+        return (self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+                + self.generated_code_bytes)
+
+    @property
+    def required_bytes(self) -> int:
+        """What the step is taken to need per device: `total_bytes`, or XLA's own peak figure where that is larger
+        (it is the number XLA's compile-time HBM check uses; the two are within a few percent on large steps)."""
+        return max(self.total_bytes, self.peak_bytes)
+
+    @property
+    def fits(self) -> bool:
+        return not self.xla_error and self.required_bytes <= self.hbm_bytes
+
+    @property
+    def min_step_seconds(self) -> float:
+        """A compute-bound lower bound: this device's FLOPs at the chip's peak bf16 rate."""
+        return self.flops / self.peak_flops_per_device if self.peak_flops_per_device else 0.0
+
+    def raise_if_not_fits(self) -> "AotReport":
+        if not self.fits:
+            raise DoesNotFitError(self)
+        return self
+
+    def table(self) -> str:
+        """A human-readable summary: memory per device against HBM, FLOPs, compile time."""
+        hbm = self.hbm_bytes
+        pct = lambda b: f"{100 * b / hbm:5.1f}%" if hbm else ""  # noqa: E731
+        rows = [
+            ("arguments", self.argument_bytes),
+            ("outputs", self.output_bytes),
+            ("aliased (donated)", -self.alias_bytes),
+            ("temporaries", self.temp_bytes),
+            ("generated code", self.generated_code_bytes),
+        ]
+        mesh = ", ".join(f"{k}={v}" for k, v in self.mesh.items())
+        lines = [
+            f"{self.description}",
+            f"topology {self.topology}: {self.num_devices} x {self.device_kind}, mesh ({mesh})",
+            f"{'memory per device':<22}{'':>12}  of HBM {_fmt_bytes(hbm)}",
+        ]
+        verdict = "fits" if self.fits else f"DOES NOT FIT (over by {_fmt_bytes(self.required_bytes - hbm)})"
+        if self.xla_error:
+            lines.append(f"  {'arguments':<20}{_fmt_bytes(self.argument_bytes):>12}  {pct(self.argument_bytes)}")
+            lines.append(f"  {'required (XLA)':<20}{_fmt_bytes(self.required_bytes):>12}  "
+                         f"{pct(self.required_bytes)}  {verdict}")
+            lines.append(f"XLA stopped the compile: {self.xla_error}")
+            return "\n".join(lines)
+        lines += [f"  {name:<20}{_fmt_bytes(b):>12}  {pct(abs(b))}" for name, b in rows]
+        lines.append(f"  {'total':<20}{_fmt_bytes(self.required_bytes):>12}  {pct(self.required_bytes)}  {verdict}")
+        if self.peak_bytes:
+            lines.append(f"  {'(XLA peak estimate)':<20}{_fmt_bytes(self.peak_bytes):>12}")
+        lines.append(
+            f"FLOPs per step: {_fmt_num(self.flops)} per device, {_fmt_num(self.flops * self.num_devices)} in all; "
+            f">= {_fmt_seconds(self.min_step_seconds)} per step at {self.peak_flops_per_device / 1e12:.0f} TFLOP/s "
+            f"per device (bf16 peak)")
+        lines.append(f"lower {self.lower_seconds:.1f} s, compile {self.compile_seconds:.1f} s")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        """JSON-friendly summary (no shardings, no executable)."""
+        skip = {"compiled", "input_shardings", "output_shardings"}
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
+        out.update(total_bytes=self.total_bytes, required_bytes=self.required_bytes, fits=self.fits,
+                   min_step_seconds=self.min_step_seconds)
+        return out
+
+
+def _fmt_bytes(n: float) -> str:
+    sign, n = ("-" if n < 0 else ""), abs(n)
+    for unit, size in (("GiB", GiB), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= size:
+            return f"{sign}{n / size:.2f} {unit}"
+    return f"{sign}{int(n)} B"
+
+
+def _fmt_num(x: float) -> str:
+    for unit, size in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if x >= size:
+            return f"{x / size:.3g} {unit}"
+    return f"{x:.3g}"
+
+
+def _fmt_seconds(s: float) -> str:
+    return f"{s * 1e3:.3g} ms" if s >= 1e-3 else f"{s * 1e6:.3g} us"
+
+
+def _cost(compiled) -> dict:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+        cost = cost[0] if cost else {}
+    return dict(cost or {})
+
+
+_UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": GiB, "T": 1024**4}
+
+
+def _xla_oom(error: Exception) -> tuple[int, int] | None:
+    """(bytes required, bytes available) from XLA's out-of-HBM compile error, or None for any other error."""
+    import re
+
+    text = str(error)
+    if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
+        return None
+    num = r"([\d.]+)\s*([KMGT]?)i?B?"
+    for pattern in (rf"required for HLO temporaries \({num}\) exceeds available HBM \({num}\)",
+                    rf"Used {num} of {num} hbm"):
+        m = re.search(pattern, text)
+        if m:
+            need, need_u, have, have_u = m.groups()
+            return int(float(need) * _UNITS[need_u]), int(float(have) * _UNITS[have_u])
+    return (0, 0)
+
+
+def _argument_bytes(args) -> int:
+    """Bytes per device of the (abstract, sharded) arguments: each leaf's shard shape times its item size."""
+    import jax
+    import numpy as np
+
+    total = 0
+    for leaf in jax.tree.leaves(args):
+        shape = tuple(leaf.shape)
+        sharding = getattr(leaf, "sharding", None)
+        if sharding is not None:
+            shape = sharding.shard_shape(shape)
+        total += int(np.prod(shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def compile_for_topology(
+    build: Builder,
+    *,
+    topology: "str | TpuTopology",
+    mesh_shape: Sequence[int] = (1, -1, 1),
+    num_slices: int | None = None,
+    axes: Sequence[str] | None = None,
+    rules: AxisRules = DEFAULT_RULES,
+    hbm_bytes: int | None = None,
+    check_fits: bool = True,
+) -> AotReport:
+    """Lay a mesh over `topology`, let `build(mesh)` make the step, lower and compile it, and report.
+
+    `mesh_shape` is per slice over `axes` (default data, fsdp, tensor; one entry may be -1); `num_slices` > 1
+    adds a leading 'slice' axis. `hbm_bytes` overrides the chip's HBM per device. With `check_fits`, a step that
+    needs more than that raises DoesNotFitError (its `.report` still has every number). A step so large that XLA
+    itself refuses to compile it always raises DoesNotFitError, with XLA's figure as `required_bytes` (XLA checks
+    against the usable HBM, e.g. 15.75 GiB of a v5e's 16). Errors from `build` (a ShardingError naming a parameter
+    that does not divide the mesh) propagate unchanged.
+    """
+    topo = get_topology(topology, num_slices)
+    mesh = topology_mesh(topo, mesh_shape, axes)
+    # Built outside the mesh context: a builder may run small eager ops (optax's tree_map_params does), which must
+    # not be placed on the compile-only TPU devices. Tracing (where `constrain` reads the context) happens below.
+    built = build(mesh)
+    if not isinstance(built, tuple) or len(built) not in (2, 3):
+        raise TypeError("an AOT builder returns (jitted step, abstract args) or (step, args, description)")
+    step, args = built[0], tuple(built[1])
+    description = built[2] if len(built) == 3 else getattr(step, "__name__", "step")
+    with use_mesh(mesh, rules):
+        t0 = time.perf_counter()
+        lowered = step.lower(*args)
+        t1 = time.perf_counter()
+        try:
+            compiled = lowered.compile()
+        except Exception as e:  # XLA refuses a step that overflows HBM: report it as DoesNotFit, with its numbers
+            oom = _xla_oom(e)
+            if oom is None:
+                raise
+            compiled = None
+            xla_error = str(e).strip().splitlines()[0]
+        t2 = time.perf_counter()
+    chip = topo.chip
+    common = dict(
+        description=description,
+        topology=str(topo),
+        num_slices=topo.num_slices,
+        num_devices=mesh.devices.size,
+        device_kind=mesh.devices.flat[0].device_kind,
+        mesh=dict(mesh.shape),
+        hbm_bytes=int(hbm_bytes) if hbm_bytes is not None else chip.hbm_bytes_per_device,
+        peak_flops_per_device=chip.peak_bf16_tflops * 1e12 / chip.devices_per_chip,
+        lower_seconds=t1 - t0,
+        compile_seconds=t2 - t1,
+    )
+    if compiled is None:
+        report = AotReport(**common, argument_bytes=_argument_bytes(args), output_bytes=0, alias_bytes=0,
+                           temp_bytes=0, generated_code_bytes=0, peak_bytes=oom[0], flops=0.0, bytes_accessed=0.0,
+                           input_shardings=None, output_shardings=None, xla_error=xla_error)
+        raise DoesNotFitError(report)
+    mem = compiled.memory_analysis()
+    cost = _cost(compiled)
+    report = AotReport(
+        **common,
+        argument_bytes=int(mem.argument_size_in_bytes),
+        output_bytes=int(mem.output_size_in_bytes),
+        alias_bytes=int(mem.alias_size_in_bytes),
+        temp_bytes=int(mem.temp_size_in_bytes),
+        generated_code_bytes=int(mem.generated_code_size_in_bytes),
+        peak_bytes=int(getattr(mem, "peak_memory_in_bytes", 0) or 0),
+        flops=float(cost.get("flops", 0.0)),
+        bytes_accessed=float(cost.get("bytes accessed", 0.0)),
+        input_shardings=compiled.input_shardings[0],
+        output_shardings=compiled.output_shardings,
+        compiled=compiled,
+    )
+    if check_fits:
+        report.raise_if_not_fits()
+    return report
+
+
+# --- configs -> builders ----------------------------------------------------------------------------------------------
+
+_BUILDERS: dict[str, ConfigBuilder] = {}
+
+
+def register_aot_builder(kind: str, fn: ConfigBuilder | None = None):
+    """Connect a config `kind` to `fn(config_path, overrides, mesh) -> (step, abstract_args, description)`.
+
+    Usable as a decorator (`@register_aot_builder("sft")`). Registering a kind twice replaces the builder.
+    """
+    if fn is None:
+        return lambda f: register_aot_builder(kind, f)
+    _BUILDERS[kind] = fn
+    return fn
+
+
+def aot_builder(kind: str) -> ConfigBuilder:
+    from skyjax.config import ConfigError
+
+    if kind not in _BUILDERS:
+        raise ConfigError(f"kind {kind!r} has no AOT builder (known kinds: {', '.join(sorted(_BUILDERS)) or 'none'})")
+    return _BUILDERS[kind]
+
+
+def aot_kinds() -> list[str]:
+    return sorted(_BUILDERS)
+
+
+def compile_config(
+    config_path: str | Path,
+    overrides: Sequence[str] = (),
+    *,
+    topology: "str | TpuTopology",
+    num_slices: int | None = None,
+    hbm_bytes: int | None = None,
+    check_fits: bool = True,
+) -> AotReport:
+    """Compile the step of the run described by a YAML config (its `kind` picks the builder, its `mesh` the mesh).
+
+    `num_slices`, when given, becomes the override `mesh.num_slices=N`, so the builder sees the same mesh.
+    """
+    from skyjax.config import ConfigError, apply_overrides, from_dict, read_yaml
+    from skyjax.parallel.mesh import MeshConfig
+
+    overrides = list(overrides) + ([f"mesh.num_slices={num_slices}"] if num_slices is not None else [])
+    raw = apply_overrides(read_yaml(config_path), overrides)
+    kind = raw.get("kind")
+    if not isinstance(kind, str):
+        raise ConfigError(f"{config_path}: missing 'kind' (one of: {', '.join(aot_kinds())})")
+    builder = aot_builder(kind)
+    try:
+        mesh_cfg = from_dict(MeshConfig, raw.get("mesh") or {}, prefix="mesh.")
+    except ConfigError as e:
+        raise ConfigError(f"{config_path}: {e}") from None
+    return compile_for_topology(
+        lambda mesh: builder(config_path, overrides, mesh),
+        topology=topology,
+        mesh_shape=mesh_cfg.shape,
+        axes=mesh_cfg.axes,
+        num_slices=mesh_cfg.num_slices,
+        hbm_bytes=hbm_bytes,
+        check_fits=check_fits,
+    )

@@ -1,0 +1,222 @@
+"""Per-family glue between a model and the generic decode loop (`skyjax.sample.decode.generate`).
+
+A `DecodeAdapter` is the only model-specific part of generation:
+
+    prepare(conversations, images, tokenizer) -> inputs      host: chat template, images, LEFT padding to a bucket
+    check(inputs)                                           host: checks jit cannot do (image-token counts)
+    prefill(params, inputs, max_len) -> (logits_last [B, V] fp32, cache, state)
+    step(params, token [R], cache, index, state, active [R]) -> (logits [R, V] fp32, cache)
+
+`inputs` is a dict of arrays with at least `input_ids` and `attention_mask` [B, S] (left-padded, so every row's
+last prompt token sits in column S - 1 and every row writes its n-th new token to cache slot S + n); `state` is a
+pytree of per-row arrays (batch on axis 0) the step needs besides the cache, e.g. Qwen2.5-VL's M-RoPE deltas.
+The loop repeats cache and state along the batch for several samples per prompt, so `state` leaves must all be
+batch-major. `index` is the cache slot the token is written to (a scalar, the same for every row).
+
+Adapters are frozen dataclasses hashed by the model's `Functional` (identity), so they are static arguments of jit.
+A new family registers itself: `register_adapter("skywork_r1v", R1VAdapter.from_loaded)`. R1V (InternVL-style) needs
+only its own `prefill` (vision tower -> mlp1 -> features over <IMG_CONTEXT>, 1-D positions) and `prepare` (tiles);
+its `step` is the Qwen2 one (1-D positions counted from the cache's valid slots).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from skyjax.nn.attention import KVCache
+from skyjax.nn.functional import Functional
+from skyjax.parallel.rules import constrain
+
+DEFAULT_SEQ_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+
+def _last_logits(model, hidden: jax.Array) -> jax.Array:
+    """LM head on the last column only (left padding: every row's last prompt token) -> [B, V] float32."""
+    return model.logits(hidden[:, -1:])[:, 0].astype(jnp.float32)
+
+
+def constrain_cache(cache: KVCache) -> KVCache:
+    """Batch-shard the cache (and heads over tensor) by the logical rules, whatever the model's last op left."""
+    axes = ("layers", "batch", "kv_seq", "kv_heads", "head_dim")
+    return KVCache(constrain(cache.k, axes), constrain(cache.v, axes), constrain(cache.valid, ("batch", "kv_seq")))
+
+
+def left_pad_to_bucket(rows: Sequence[np.ndarray], pad_id: int, buckets: Sequence[int] | None) -> dict:
+    """Token rows -> {'input_ids' [B, L] int32, 'attention_mask' [B, L] bool}, padded on the left to a bucket."""
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("every prompt needs at least one token")
+    longest = max(len(r) for r in rows)
+    width = longest
+    if buckets is not None:
+        fitting = [b for b in sorted(buckets) if b >= longest]
+        if not fitting:
+            raise ValueError(f"a prompt has {longest} tokens, more than the largest sequence bucket {max(buckets)}")
+        width = fitting[0]
+    ids = np.full((len(rows), width), pad_id, np.int32)
+    mask = np.zeros((len(rows), width), bool)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = r
+        mask[i, width - len(r):] = True
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeAdapter:
+    """Base class: a text-only causal LM with 1-D positions (Qwen2). Subclasses override what differs.
+
+    `config` is the model's frozen config dataclass (hashable, so the adapter is a valid static jit argument)."""
+
+    fn: Functional
+    config: Any
+    seq_buckets: tuple[int, ...] | None = DEFAULT_SEQ_BUCKETS
+
+    name = "causal_lm"
+    supports_images = False
+
+    @property
+    def text_config(self):
+        return getattr(self.config, "text", self.config)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.text_config.vocab_size
+
+    # --- host side -----------------------------------------------------------------------------------------------
+    def prepare(self, conversations: Sequence[Sequence[dict]], images: Sequence[Sequence[Any]], tokenizer) -> dict:
+        """Chat-template the conversations (with the generation prompt) and left-pad them to a sequence bucket.
+        A ValueError names the row (index into `conversations`)."""
+        from skyjax.data.chat import format_conversation
+
+        rows = []
+        for i, (messages, imgs) in enumerate(zip(conversations, images)):
+            if imgs:
+                raise ValueError(f"row {i}: {len(imgs)} image(s), but {self.name} is a text-only model")
+            try:
+                rows.append(format_conversation(tokenizer, messages, num_image_tokens=[],
+                                                add_generation_prompt=True).input_ids)
+            except ValueError as e:
+                raise type(e)(f"row {i}: {e}") from None
+        pad = tokenizer.pad_token_id
+        if pad is None:
+            pad = self.text_config.pad_token_id or 0
+        return left_pad_to_bucket(rows, pad, self.seq_buckets)
+
+    def check(self, inputs: dict) -> None:
+        ids, mask = np.asarray(inputs["input_ids"]), np.asarray(inputs["attention_mask"]).astype(bool)
+        if ids.ndim != 2 or mask.shape != ids.shape:
+            raise ValueError(f"input_ids {ids.shape} and attention_mask {mask.shape} must both be [batch, seq]")
+        bad = np.flatnonzero(mask.any(axis=1) & ~mask[:, -1])
+        if bad.size:
+            raise ValueError(f"prompts must be LEFT-padded: rows {bad.tolist()} do not end in the last column")
+
+    # --- inside jit ----------------------------------------------------------------------------------------------
+    def prefill(self, params, inputs: dict, max_len: int):
+        model = self.fn.bind(params)
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        cache = model.init_cache(ids.shape[0], max_len)
+        hidden, cache = model.model(ids, attention_mask=mask, cache=cache, cache_index=0)
+        return _last_logits(model, hidden), cache, {}
+
+    def step(self, params, token, cache, index, state, active):
+        model = self.fn.bind(params)
+        # positions default to the count of valid cache slots before the token: real tokens only, so left
+        # padding does not shift them (what HF computes from cumsum(attention_mask) - 1)
+        hidden, cache = model.model(token[:, None], attention_mask=active[:, None], cache=cache, cache_index=index)
+        return _last_logits(model, hidden), cache
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen2Adapter(DecodeAdapter):
+    name = "qwen2"
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen2_5_VLAdapter(DecodeAdapter):
+    """Images through the vision tower at prefill; M-RoPE positions for the prompt, and for each new token
+    (real tokens before it) + rope_delta on all three axes (`decode_positions`: what HF generate does)."""
+
+    image_cfg: Any = None  # skyjax.data.qwen_vl_image.QwenVLImageConfig
+
+    name = "qwen2_5_vl"
+    supports_images = True
+
+    def prepare(self, conversations, images, tokenizer) -> dict:
+        from skyjax.models.qwen2_5_vl_inputs import Buckets, prepare_vl_batch
+
+        batch = prepare_vl_batch(conversations, images, tokenizer, self.image_cfg, self.config.vision,
+                                 add_generation_prompt=True, pad_side="left", buckets=Buckets(seq=self.seq_buckets))
+        return {"input_ids": batch.input_ids, **batch.model_kwargs()}
+
+    def check(self, inputs: dict) -> None:
+        super().check(inputs)
+        from skyjax.models.qwen2_5_vl import ImageTokenMismatchError, check_image_tokens
+        from skyjax.nn.mrope import check_mrope_inputs, mm_token_types
+
+        cfg = self.config
+        ids = np.asarray(inputs["input_ids"])
+        if inputs.get("pixel_values") is None:
+            n = int(np.sum(ids == cfg.image_token_id))
+            if n:
+                raise ImageTokenMismatchError(f"{n} <|image_pad|> placeholder tokens but no pixel_values were given")
+            return
+        grid = np.asarray(inputs["image_grid_thw"])
+        check_image_tokens(ids, grid, cfg.image_token_id, cfg.vision.spatial_merge_size)
+        check_mrope_inputs(np.asarray(mm_token_types(ids, cfg.image_token_id, cfg.video_token_id)),
+                           np.asarray(inputs["attention_mask"]), grid, spatial_merge_size=cfg.vision.spatial_merge_size)
+
+    def prefill(self, params, inputs: dict, max_len: int):
+        from skyjax.nn.mrope import mm_token_types, mrope_positions
+
+        cfg = self.config
+        model = self.fn.bind(params)
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        types = mm_token_types(ids, cfg.image_token_id, cfg.video_token_id)
+        positions, deltas = mrope_positions(types, mask, inputs.get("image_grid_thw"),
+                                            spatial_merge_size=cfg.vision.spatial_merge_size, validate=False)
+        cache = model.init_cache(ids.shape[0], max_len)
+        kw = {k: inputs[k] for k in ("pixel_values", "vision_meta", "image_grid_thw") if inputs.get(k) is not None}
+        hidden, cache = model.hidden_states(ids, attention_mask=mask, positions=positions, cache=cache,
+                                            cache_index=0, **kw)
+        num_pad = ids.shape[1] - jnp.sum(mask, axis=1, dtype=jnp.int32)
+        return _last_logits(model, hidden), cache, {"rope_deltas": deltas[:, 0], "num_pad": num_pad}
+
+    def step(self, params, token, cache, index, state, active):
+        from skyjax.nn.mrope import decode_positions
+
+        model = self.fn.bind(params)
+        positions = decode_positions(index, state["rope_deltas"], num_pad=state["num_pad"])  # [3, R, 1]
+        hidden, cache = model.hidden_states(token[:, None], attention_mask=active[:, None], positions=positions,
+                                            cache=cache, cache_index=index)
+        return _last_logits(model, hidden), cache
+
+
+def _qwen2(loaded) -> DecodeAdapter:
+    return Qwen2Adapter(fn=loaded.fn, config=loaded.config)
+
+
+def _qwen2_5_vl(loaded) -> DecodeAdapter:
+    from skyjax.data.qwen_vl_image import QwenVLImageConfig
+
+    return Qwen2_5_VLAdapter(fn=loaded.fn, config=loaded.config,
+                             image_cfg=QwenVLImageConfig.from_folder(loaded.folder))
+
+
+ADAPTERS: dict[str, Callable[[Any], DecodeAdapter]] = {"qwen2": _qwen2, "qwen2_5_vl": _qwen2_5_vl}
+
+
+def register_adapter(arch_name: str, factory: Callable[[Any], DecodeAdapter]) -> None:
+    """`factory(loaded_model) -> DecodeAdapter` for the architecture `arch_name` (skyjax.convert.registry name)."""
+    ADAPTERS[arch_name] = factory
+
+
+def adapter_for(loaded) -> DecodeAdapter:
+    """The adapter of a `LoadedModel` (from `skyjax.convert.checkpoint.load_model`), by its architecture name."""
+    name = loaded.arch.name
+    if name not in ADAPTERS:
+        raise ValueError(f"generation is not supported for architecture {name!r} (supported: {', '.join(ADAPTERS)})")
+    return ADAPTERS[name](loaded)

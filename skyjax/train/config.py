@@ -1,0 +1,113 @@
+"""The run config of `skyjax train`: one frozen dataclass tree, loaded from YAML with dotted overrides.
+
+    skyjax train configs/reward_model/stage1_7b.yaml optimizer.lr=1e-5 trainer.steps=100
+
+`kind` picks the objective (reward_model today; sft, mpo and grpo plug into the same trainer). Values the papers do
+not state are marked UNCONFIRMED in the shipped YAML files and are ordinary options here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from skyjax.parallel.mesh import MeshConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    # "tiny": the built-in tiny Qwen2.5-VL reward model; otherwise a Hugging Face folder or a skyjax checkpoint
+    source: str = "tiny"
+    tokenizer: str | None = None  # folder with the tokenizer; default: `source` (tiny: a local byte-level one)
+    dtype: str | None = None  # compute dtype (default: the checkpoint's)
+    param_dtype: str | None = None  # master-weight dtype (default: the checkpoint's); float32 for bf16 training
+    remat: str | None = None  # none | full | dots | dots_no_batch (default: the checkpoint config's)
+    attention_impl: str | None = None
+    seed: int = 0  # initialisation of new parameters (the value head, or everything for "tiny")
+    tiny_layers: int = 2  # tiny model: decoder layers
+    tiny_vision_depth: int = 4  # tiny model: vision blocks
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticDataConfig:
+    """A locally generated visual preference task (see skyjax.data.synthetic)."""
+
+    train: int = 2000
+    heldout: int = 256
+    seed: int = 0
+    image_size: int = 56
+    tasks: tuple[str, ...] = ("colour", "shape", "position")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    train: tuple[str, ...] = ()  # JSONL preference files (DESIGN.md record format), concatenated and shuffled
+    eval: tuple[str, ...] = ()  # held-out JSONL files scored after training (and every trainer.eval_every steps)
+    synthetic: SyntheticDataConfig | None = None  # generate the demo task instead of reading files
+    batch_size: int = 8  # pairs per optimizer step, over all hosts
+    seq_buckets: tuple[int, ...] = (128, 256, 512, 1024, 2048, 4096)
+    patch_buckets: tuple[int, ...] = (256, 1024, 4096, 16384)
+    image_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    max_length: int | None = None  # longer rows are errors (or skipped, with on_error: skip)
+    min_pixels: int | None = None  # override the checkpoint's preprocessor_config.json
+    max_pixels: int | None = None
+    shuffle_seed: int = 0
+    on_error: Literal["raise", "skip"] = "raise"  # a bad row (missing image, too long...) stops the run or is counted
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    lr: float = 1e-5
+    schedule: Literal["constant", "cosine", "linear"] = "cosine"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0  # used when warmup_steps is 0
+    min_lr_ratio: float = 0.0  # final LR as a fraction of lr (cosine / linear)
+    weight_decay: float = 0.0  # decoupled (AdamW); never applied to norms and biases
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    clip_norm: float | None = 1.0  # global gradient-norm clipping (None: off)
+    grad_accum: int = 1  # micro-batches per optimizer step (batch_size must divide by it)
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+    """Bradley-Terry by default exactly as the paper: -log sigmoid(r+ - r-), nothing else."""
+
+    margin: float = 0.0  # optional: -log sigmoid(r+ - r- - margin)
+    center_coef: float = 0.0  # optional reward centering: + coef * mean((r+ + r-)^2)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerConfig:
+    steps: int | None = None  # optimizer steps; None: `epochs` over the training data
+    epochs: float = 1.0
+    log_every: int = 10
+    eval_every: int = 0  # 0: only at the end
+    save_every: int = 0  # 0: only at the end (and on SIGTERM)
+    keep_checkpoints: int = 2
+    async_checkpointing: bool = True
+    freeze: tuple[str, ...] = ("vision",)  # presets (vision, projector, llm, lm_head, head) or path regexes
+    seed: int = 0
+    export: bool = True  # write a Hugging Face folder at the end
+    eval_batch_size: int = 16
+    progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    kind: Literal["reward_model"] = "reward_model"
+    name: str = "run"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    mesh: MeshConfig = MeshConfig()
+
+    def __post_init__(self):
+        if self.data.batch_size % self.optimizer.grad_accum:
+            raise ValueError(f"data.batch_size {self.data.batch_size} is not a multiple of optimizer.grad_accum "
+                             f"{self.optimizer.grad_accum}")
+        if not self.data.train and self.data.synthetic is None:
+            raise ValueError("data.train lists no files and data.synthetic is not set: nothing to train on")

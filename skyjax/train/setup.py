@@ -1,0 +1,178 @@
+"""What a reward-model run needs before its first step: the model on the mesh, its tokenizer and image settings, and
+the preference data as a deterministic, checkpointable grain pipeline."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from skyjax.convert.checkpoint import LoadedModel, load_model
+from skyjax.convert.registry import ARCHITECTURES
+from skyjax.data.qwen_vl_image import QwenVLImageConfig
+from skyjax.data.records import Record, read_jsonl_records
+from skyjax.data.tokenizer import build_tiny_tokenizer, load_tokenizer, special_token_ids
+from skyjax.models.qwen2_5_vl import Qwen2_5_VLConfig
+from skyjax.nn.functional import Functional
+from skyjax.train.config import DataConfig, ModelConfig
+from skyjax.train.pairs import BadRowError, PairBuckets, PairExample, collate_pairs, featurize_pair
+
+
+@dataclasses.dataclass
+class ModelBundle:
+    model: LoadedModel
+    tokenizer: Any
+    image_cfg: QwenVLImageConfig
+
+
+def _runtime(cfg: ModelConfig) -> dict:
+    out = {}
+    for key in ("remat", "attention_impl"):
+        if getattr(cfg, key) is not None:
+            out[key] = getattr(cfg, key)
+    return out
+
+
+def tiny_reward_model(cfg: ModelConfig, mesh: Mesh, folder: Path) -> ModelBundle:
+    """The built-in tiny Qwen2.5-VL reward model with a local byte-level tokenizer (saved under `folder`)."""
+    tok = build_tiny_tokenizer("qwen2_5_vl", out_dir=folder)
+    ids = special_token_ids(tok)
+    runtime = {"dtype": cfg.dtype or "float32", "param_dtype": cfg.param_dtype or cfg.dtype or "float32",
+               **_runtime(cfg)}
+    mcfg = Qwen2_5_VLConfig.tiny(image_token_id=ids["image_pad"], video_token_id=ids["video_pad"],
+                                 vision_start_token_id=ids["vision_start"], vision_end_token_id=ids["vision_end"],
+                                 **runtime)
+    text = dataclasses.replace(mcfg.text, num_hidden_layers=cfg.tiny_layers, eos_token_id=ids["eos"],
+                               pad_token_id=ids["pad"])
+    vision = dataclasses.replace(mcfg.vision, depth=cfg.tiny_vision_depth,
+                                 fullatt_block_indexes=tuple(i for i in mcfg.vision.fullatt_block_indexes
+                                                             if i < cfg.tiny_vision_depth))
+    mcfg = dataclasses.replace(mcfg, text=text, vision=vision)
+    arch = ARCHITECTURES["qwen2_5_vl_reward"]
+    fn = Functional.create(lambda r: arch.build(mcfg, r))
+    params = fn.init(seed=cfg.seed, mesh=mesh)
+    image_cfg = QwenVLImageConfig(min_pixels=56 * 56, max_pixels=112 * 112)
+    image_cfg.save(folder)
+    return ModelBundle(LoadedModel(arch, mcfg, fn, params, folder, {}), tok, image_cfg)
+
+
+def reward_model_from(loaded: LoadedModel, mesh: Mesh, seed: int) -> LoadedModel:
+    """A Qwen2.5-VL model without a value head gets a freshly initialised one (the start of stage 1)."""
+    if loaded.arch.name == "qwen2_5_vl_reward":
+        return loaded
+    if loaded.arch.name != "qwen2_5_vl":
+        raise ValueError(f"a reward model needs a Qwen2.5-VL backbone, got architecture {loaded.arch.name!r}")
+    arch = ARCHITECTURES["qwen2_5_vl_reward"]
+    fn = Functional.create(lambda r: arch.build(loaded.config, r))
+    head_shapes = {"v_head": fn.shapes["v_head"]}
+    head = jax.jit(lambda: {"v_head": {"summary": {
+        "kernel": jax.random.normal(jax.random.key(seed), head_shapes["v_head"]["summary"]["kernel"].shape,
+                                    jax.numpy.float32) * loaded.config.text.initializer_range,
+        "bias": jax.numpy.zeros((1,), jax.numpy.float32)}}},
+        out_shardings={"v_head": fn.shardings(mesh)["v_head"]})()
+    return LoadedModel(arch, loaded.config, fn, {**loaded.params, **head}, loaded.folder, loaded.hf_config)
+
+
+def load_bundle(cfg: ModelConfig, mesh: Mesh, run_dir: Path) -> ModelBundle:
+    if cfg.source == "tiny":
+        return tiny_reward_model(cfg, mesh, run_dir / "tokenizer")
+    loaded = load_model(cfg.source, mesh=mesh, dtype=cfg.dtype, param_dtype=cfg.param_dtype, **_runtime(cfg))
+    loaded = reward_model_from(loaded, mesh, cfg.seed)
+    tok = load_tokenizer(cfg.tokenizer or loaded.folder)
+    return ModelBundle(loaded, tok, QwenVLImageConfig.from_folder(loaded.folder))
+
+
+def image_config(bundle: ModelBundle, data: DataConfig) -> QwenVLImageConfig:
+    changes = {k: getattr(data, k) for k in ("min_pixels", "max_pixels") if getattr(data, k) is not None}
+    return dataclasses.replace(bundle.image_cfg, **changes) if changes else bundle.image_cfg
+
+
+def read_records(paths, on_error: str = "raise") -> tuple[list[Record], collections.Counter]:
+    records, skipped = [], collections.Counter()
+    for path in paths:
+        reader = read_jsonl_records(path, kind="preference", on_error=on_error)
+        records.extend(reader)
+        skipped.update(reader.skipped)
+    return records, skipped
+
+
+class PairPipeline:
+    """Shuffled (by seed), repeated, host-sliced pairs -> featurized -> collated batches (grain MapDataset).
+
+    Bad rows raise `BadRowError` (naming file and line), or with on_error='skip' are counted in `skipped` and
+    replaced in their batch by a zero-weight copy of a good pair, so the batch shape never changes.
+    """
+
+    def __init__(self, records: list[Record], bundle: ModelBundle, data: DataConfig, *, micro_batches: int = 1,
+                 epochs: int | None = None, shuffle: bool = True, blank_images: bool = False,
+                 batch_size: int | None = None, drop_remainder: bool = True, pad_last: bool = False):
+        if not records:
+            raise ValueError("no preference records to read")
+        self.bundle, self.data, self.micro = bundle, data, micro_batches
+        self.image_cfg = image_config(bundle, data)
+        self.blank = blank_images
+        self.skipped: collections.Counter = collections.Counter()
+        self.buckets = PairBuckets(tuple(data.seq_buckets), tuple(data.patch_buckets), tuple(data.image_buckets))
+        self.batch_size = batch_size or data.batch_size
+        n_hosts, host = jax.process_count(), jax.process_index()
+        if self.batch_size % n_hosts:
+            raise ValueError(f"batch size {self.batch_size} does not divide over {n_hosts} hosts")
+        ds = grain.MapDataset.source(records)
+        if shuffle:
+            ds = ds.shuffle(seed=data.shuffle_seed)
+        ds = ds.repeat(epochs)
+        ds = ds[host::n_hosts]  # each host reads only its share
+        ds = ds.map(self._featurize)
+        self.per_host = self.batch_size // n_hosts
+        self.pad_last = pad_last  # a short last batch is filled with zero-weight pairs (one shape for jit)
+        self.dataset = ds.batch(self.per_host, drop_remainder=drop_remainder, batch_fn=self._collate)
+        self.num_records = len(records)
+
+    def _featurize(self, record: Record):
+        try:
+            return featurize_pair(record, self.bundle.tokenizer, self.image_cfg, max_length=self.data.max_length,
+                                  blank_images=self.blank)
+        except BadRowError as e:
+            if self.data.on_error == "raise":
+                raise
+            return e
+
+    def _collate(self, items):
+        good = [x for x in items if isinstance(x, PairExample)]
+        for bad in (x for x in items if not isinstance(x, PairExample)):
+            self.skipped[str(bad).split(": ", 1)[-1].split(" (")[0][:80]] += 1
+        if not good:
+            raise BadRowError(f"every row of a batch was bad, e.g. {items[0]}")
+        size = max(len(items), self.per_host) if self.pad_last else len(items)
+        weights = [1.0] * len(good) + [0.0] * (size - len(good))
+        padded = good + [good[0]] * (size - len(good))
+        return collate_pairs(padded, self.bundle.model.config.vision, self.buckets,
+                             self.bundle.tokenizer.pad_token_id, micro_batches=self.micro, weights=weights)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+def total_pairs_skipped(pipelines) -> int:
+    return int(sum(sum(p.skipped.values()) for p in pipelines))
+
+
+def to_device(batch: dict, mesh: Mesh) -> dict:
+    """Place a collated batch on the mesh: rows over the batch axes, the packed vision input replicated."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from skyjax.parallel.rules import logical_to_spec
+
+    row_spec = logical_to_spec((None, "batch", "seq"), mesh, shape=batch["input_ids"].shape, strict=False)
+
+    def put(key, x):
+        spec = row_spec if key in ("input_ids", "attention_mask") else P()
+        return jax.device_put(np.asarray(x), NamedSharding(mesh, spec))
+
+    return {k: (jax.tree.map(lambda x: put(k, x), v) if isinstance(v, dict) else put(k, v)) for k, v in batch.items()}

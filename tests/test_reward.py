@@ -1,0 +1,159 @@
+"""Reward model: scores vs transformers + the Skywork card's value head, the Bradley-Terry loss and its gradient,
+release-layout conversion and export, scoring from the command line, and bad rows."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from helpers import random_image, rel_error, tiny_hf_qwen2_5_vl
+from skyjax.cli import main as cli
+from skyjax.convert.checkpoint import export_hf, load_hf, save_checkpoint
+from skyjax.data.qwen_vl_image import QwenVLImageConfig
+from skyjax.data.tokenizer import build_tiny_tokenizer, load_tokenizer
+from skyjax.models.qwen2_5_vl_inputs import prepare_vl_batch
+from skyjax.models.reward import last_token_index
+from skyjax.train.config import ObjectiveConfig
+from skyjax.train.objectives import bradley_terry
+
+
+@pytest.fixture(scope="module")
+def reward_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("reward")
+    tok = build_tiny_tokenizer("qwen2_5_vl")
+    hf = tiny_hf_qwen2_5_vl(folder, tok)
+    rng = np.random.RandomState(0)
+    head = {"v_head.summary.weight": rng.normal(0, 0.5, (1, 64)).astype(np.float32),
+            "v_head.summary.bias": np.array([0.3], np.float32)}
+    save_file(head, str(folder / "value_head.safetensors"))
+    return folder, hf, head
+
+
+def conv(question, answer, image=True):
+    content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": question}]
+    return [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
+
+
+def reference_scores(hf, head, batch):
+    """The Skywork card's computation on the transformers model: value head on the final post-norm hidden state of
+    the last real token, in fp32 (gathered at the rightmost real token, which is right for either padding side)."""
+    import torch
+
+    kw = dict(input_ids=torch.as_tensor(batch.input_ids, dtype=torch.long),
+              attention_mask=torch.as_tensor(batch.attention_mask.astype(np.int64)),
+              mm_token_type_ids=torch.as_tensor(batch.mm_token_type_ids, dtype=torch.long),
+              pixel_values=torch.as_tensor(batch.real_pixel_values),
+              image_grid_thw=torch.as_tensor(batch.real_grid_thw, dtype=torch.long))
+    with torch.no_grad():
+        hidden = hf.model(**kw).last_hidden_state.float().numpy()  # post-norm
+    last = np.array([np.nonzero(m)[0].max() for m in batch.attention_mask])
+    picked = hidden[np.arange(len(last)), last]
+    return picked @ head["v_head.summary.weight"][0] + head["v_head.summary.bias"][0]
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_scores_match_reference(reward_folder, side):
+    folder, hf, head = reward_folder
+    model = load_hf(folder)
+    assert model.arch.name == "qwen2_5_vl_reward"  # detected from value_head.safetensors
+    convs = [conv("What colour?", "Red."), conv("And this much longer question about the picture?", "Blue, I think.")]
+    images = [[random_image(0, 84, 112)], [random_image(1, 140, 84)]]
+    batch = prepare_vl_batch(convs, images, load_tokenizer(folder), QwenVLImageConfig.from_folder(folder),
+                             model.config.vision, pad_side=side)
+    assert len(np.unique(batch.attention_mask.sum(1))) == 2  # really padded
+    ours = np.asarray(jax.jit(lambda p, i, kw: model.fn.bind(p).score(i, **kw))(
+        model.params, jnp.asarray(batch.input_ids), batch.model_kwargs()))
+    ref = reference_scores(hf, head, batch)
+    assert rel_error(ours, ref) <= 1e-5
+    assert ours.dtype == np.float32
+
+
+def test_last_token_index_either_side():
+    mask = jnp.array([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], bool)
+    assert last_token_index(mask).tolist() == [2, 4, 4]
+
+
+def test_bradley_terry_loss_and_gradient_match_torch():
+    import torch
+
+    rng = np.random.RandomState(0)
+    c, r = rng.normal(size=16).astype(np.float32) * 3, rng.normal(size=16).astype(np.float32) * 3
+    w = (rng.rand(16) > 0.2).astype(np.float32)
+    for cfg in (ObjectiveConfig(), ObjectiveConfig(margin=0.5, center_coef=0.01)):
+        loss, grads = jax.value_and_grad(lambda a, b: bradley_terry(a, b, jnp.asarray(w), cfg)[0], argnums=(0, 1))(
+            jnp.asarray(c), jnp.asarray(r))
+        tc, tr = torch.tensor(c, requires_grad=True), torch.tensor(r, requires_grad=True)
+        tw = torch.tensor(w)
+        per = -torch.nn.functional.logsigmoid(tc - tr - cfg.margin) + cfg.center_coef * (tc + tr) ** 2
+        ref = (per * tw).sum() / tw.sum()
+        ref.backward()
+        assert abs(float(loss) - ref.item()) <= 1e-6
+        np.testing.assert_allclose(np.asarray(grads[0]), tc.grad.numpy(), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(np.asarray(grads[1]), tr.grad.numpy(), rtol=1e-5, atol=1e-7)
+    _, sums = bradley_terry(jnp.array([1.0, 2.0, 0.5]), jnp.array([1.0, 1.0, 1.0]), jnp.ones(3), ObjectiveConfig())
+    assert float(sums["accuracy"]) == 1.0  # the tie (1 vs 1) and the loss (0.5 vs 1) count as wrong
+
+
+def test_release_layout_round_trip_and_score_cli(reward_folder, tmp_path):
+    folder, _, head = reward_folder
+    model = load_hf(folder)
+    save_checkpoint(tmp_path / "ckpt", model)
+    out = export_hf(model, tmp_path / "hf")
+    assert (out / "value_head.safetensors").is_file()
+    from safetensors.numpy import load_file
+
+    exported = load_file(str(out / "value_head.safetensors"))
+    assert set(exported) == set(head)
+    for k in head:
+        np.testing.assert_array_equal(exported[k], head[k])
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "np") as f:
+        assert not any(k.startswith("v_head") for k in f.keys())  # the head lives in its own file, as released
+
+    data = tmp_path / "rows.jsonl"
+    (tmp_path / "img").mkdir()
+    random_image(3, 84, 84).save(tmp_path / "img" / "a.png")
+    rows = [{"id": 1, "images": ["img/a.png"], "prompt": "Describe.", "chosen": "A red square.",
+             "rejected": "A blue circle."},
+            {"id": 2, "images": ["img/a.png"], "prompt": "Describe.", "response": "A red square."},
+            {"id": 3, "prompt": "Text only?", "response": "Yes."}]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    scored = {}
+    for name, src in (("hf", out), ("ckpt", tmp_path / "ckpt")):
+        dst = tmp_path / f"scored_{name}.jsonl"
+        assert cli(["score", "--model", str(src), "--data", str(data), "--out", str(dst), "--batch-size", "2",
+                    "--mesh", "1,1,1"]) == 0
+        scored[name] = [json.loads(line) for line in dst.read_text().splitlines()]
+    a, b = scored["hf"], scored["ckpt"]
+    assert [r["id"] for r in a] == [1, 2, 3] and a[0]["prompt"] == "Describe."
+    assert a[0]["score_chosen"] == pytest.approx(a[1]["score"], rel=1e-5)  # same conversation, same score
+    for ra, rb in zip(a, b):
+        for k in ("score", "score_chosen", "score_rejected"):
+            if k in ra:
+                assert ra[k] == pytest.approx(rb[k], rel=1e-5)
+
+
+def test_score_cli_bad_rows(reward_folder, tmp_path, capsys):
+    folder, _, _ = reward_folder
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    rows = [{"prompt": "ok", "response": "fine"},
+            {"images": ["missing.png"], "prompt": "x", "response": "y"},
+            {"images": ["bad.png"], "prompt": "x", "response": "y"},
+            {"prompt": "x", "response": "y", "bogus": 1}]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "out.jsonl"
+    assert cli(["score", "--model", str(folder), "--data", str(data), "--out", str(out), "--mesh", "1,1,1"]) == 2
+    err = capsys.readouterr().err
+    assert "rows.jsonl:4" in err and "bogus" in err  # unknown record field, named with its line
+    assert cli(["score", "--model", str(folder), "--data", str(data), "--out", str(out), "--mesh", "1,1,1",
+                "--on-error", "skip"]) == 0
+    err = capsys.readouterr().err
+    assert "rows.jsonl:2" in err and "missing.png" in err
+    assert "rows.jsonl:3" in err and "bad.png" in err
+    assert "skipped 3" in err
+    assert len(out.read_text().splitlines()) == 1
