@@ -143,6 +143,10 @@ class Trainer:
 
     def save(self, wait: bool = False):
         step = int(self.state["step"])
+        if step in self.ckpt.all_steps():  # already saved (e.g. by save_every, or on SIGTERM)
+            if wait:
+                self.ckpt.wait_until_finished()
+            return step
         self.ckpt.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(self.state),
                                                      data=ocp.args.JsonSave(self.data_iter.get_state())),
                        force=True)

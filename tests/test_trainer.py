@@ -1,0 +1,131 @@
+"""The trainer: resume exactness, restore onto another mesh, frozen parts, NaN stop, SIGTERM, bad rows."""
+
+import json
+import shutil
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from skyjax.config import load_config
+from skyjax.data.synthetic import make_records
+from skyjax.train import trainer as trainer_mod
+from skyjax.train.config import RunConfig
+from skyjax.train.optimizer import flatten
+from skyjax.train.pairs import BadRowError
+from skyjax.train.trainer import NonFiniteError, Trainer
+
+BASE = ["model.tiny_layers=1", "model.tiny_vision_depth=2", "data.synthetic.train=48", "data.synthetic.heldout=8",
+        "data.batch_size=8", "data.seq_buckets=[128]", "data.patch_buckets=[256]", "data.image_buckets=[16]",
+        "trainer.steps=4", "trainer.log_every=1", "trainer.progress=false", "trainer.export=false",
+        "trainer.eval_batch_size=8", "trainer.async_checkpointing=false", "optimizer.lr=1e-3",
+        "optimizer.warmup_steps=0", "mesh.shape=[2,2,2]"]
+
+
+def config(*extra):
+    return load_config(RunConfig, "configs/demo/reward_model.yaml", [*BASE, *extra])
+
+
+def metrics(run_dir):
+    return {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if r["split"] == "train"}
+
+
+def host(tree):
+    return {k: np.array(v) for k, v in flatten(tree).items()}
+
+
+def test_resume_is_exact_frozen_parts_stay_and_restore_onto_another_mesh(tmp_path):
+    cfg = config("trainer.freeze=[vision,lm_head]")
+    a = Trainer(cfg, tmp_path / "a")
+    before = host(a.state["frozen"])
+    trainable_before = host(a.state["trainable"])
+    assert before and all(k.startswith(("visual/patch_embed", "visual/blocks", "lm_head")) for k in before)
+    assert all(not k.startswith("visual/blocks") for k in trainable_before)  # no optimizer state for them either
+    a.fit()
+    full = metrics(tmp_path / "a")
+    after = host(a.state["frozen"])
+    for k in before:
+        np.testing.assert_array_equal(before[k], after[k], err_msg=k)  # frozen: bit-identical
+    changed = host(a.state["trainable"])
+    assert all(not np.array_equal(trainable_before[k], changed[k]) for k in trainable_before), "all trainable move"
+    assert "lm_head/kernel" in before  # unused by the score: frozen, so it costs no optimizer state
+
+    b = Trainer(cfg, tmp_path / "b")
+    b.fit(max_steps=2)  # stops after step 2 and saves
+    del b
+    b2 = Trainer(cfg, tmp_path / "b")
+    assert b2.start_step == 2
+    b2.fit()
+    resumed = metrics(tmp_path / "b")
+    for step in (3, 4):
+        for key in ("loss", "accuracy", "margin", "grad_norm"):
+            assert resumed[step][key] == pytest.approx(full[step][key], rel=1e-6, abs=1e-7), (step, key)
+    final_a = host(a.params())
+
+    # the same checkpoint restored onto a (1, 4, 2) mesh: same values, new shardings
+    other = Trainer(config("trainer.freeze=[vision,lm_head]", "mesh.shape=[1,4,2]"), tmp_path / "b")
+    assert other.start_step == 4 and dict(other.mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 2}
+    kernel = other.state["trainable"]["model"]["layers"]["mlp"]["gate_proj"]["kernel"]
+    assert kernel.sharding.mesh.shape["fsdp"] == 4
+    for k, v in host(other.params()).items():
+        np.testing.assert_allclose(v, final_a[k], rtol=0, atol=1e-6, err_msg=k)
+
+
+def test_nan_stops_with_step_and_rows(tmp_path, monkeypatch):
+    original = trainer_mod.OBJECTIVES["reward_model"]
+
+    def poisoned(model, batch, cfg):
+        loss, sums = original(model, batch, cfg)
+        bad = jax.numpy.where(batch["pair_weight"][0] > -1, jax.numpy.nan, 0.0)
+        return loss + bad, {**sums, "loss": sums["loss"] + bad}
+
+    monkeypatch.setitem(trainer_mod.OBJECTIVES, "reward_model", poisoned)
+    t = Trainer(config(), tmp_path)
+    with pytest.raises(NonFiniteError, match=r"step 1: .*loss.* NaN/inf; the batch held rows train-\d+"):
+        t.fit()
+
+
+def test_sigterm_saves_and_exits(tmp_path, monkeypatch):
+    calls = []
+    real = trainer_mod.to_device
+
+    def to_device(batch, mesh):
+        calls.append(1)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGTERM)  # as a TPU preemption would, during step 2
+        return real(batch, mesh)
+
+    monkeypatch.setattr(trainer_mod, "to_device", to_device)
+    t = Trainer(config(), tmp_path)
+    t.fit()
+    assert int(t.state["step"]) == 2 and t.ckpt.latest_step() == 2
+    assert signal.getsignal(signal.SIGTERM) is not t._on_sigterm  # the handler is restored
+
+
+def test_bad_rows_are_named_or_skipped_and_counted(tmp_path):
+    folder = tmp_path / "data"
+    path = make_records(folder, "train", 12, seed=0)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows[2]["images"] = ["images/missing.png"]
+    (folder / "images" / "corrupt.png").write_bytes(b"\x89PNG garbage")
+    rows[4]["images"] = ["images/corrupt.png"]
+    rows[6]["chosen"] = [{"role": "assistant", "content": "very long answer " * 40}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cfg = config("trainer.steps=1", f"data.train=[{path}]", "data.synthetic=null", "data.max_length=120",
+                 "data.batch_size=4")
+    with pytest.raises(BadRowError, match=r"train.jsonl:3: .*missing.png"):
+        t = Trainer(cfg, tmp_path / "raise")
+        [next(t.data_iter) for _ in range(3)]
+    t = Trainer(config("trainer.steps=1", f"data.train=[{path}]", "data.synthetic=null", "data.max_length=120",
+                       "data.batch_size=4", "data.on_error=skip"), tmp_path / "skip")
+    batches = [next(t.data_iter) for _ in range(3)]  # 12 rows
+    weights = np.concatenate([b["pair_weight"].reshape(-1) for b in batches])
+    assert weights.sum() == 9 and sum(t.train_pipe.skipped.values()) == 3
+    reasons = " ".join(t.train_pipe.skipped)
+    assert "missing.png" in reasons and "corrupt.png" in reasons and "too long" in reasons
+    rows[1]["rating"] = 5  # an unknown record field
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(ValueError, match=r"train.jsonl:2: .*rating"):
+        Trainer(cfg, tmp_path / "unknown")
