@@ -107,3 +107,56 @@ def random_image(seed: int, width: int, height: int, mode: str = "RGB"):
     rng = np.random.RandomState(seed)
     small = rng.randint(0, 256, (max(height // 8, 1), max(width // 8, 1), 3), dtype=np.uint8)
     return Image.fromarray(small).resize((width, height), Image.NEAREST).convert(mode)
+
+
+def spread_weights(model, folder: Path | None = None, *, std: float = 0.5, seed: int = 0):
+    """Redraw a tiny torch model's weights with a larger spread (norm weights 1 + small noise) so that its greedy
+    continuations vary instead of repeating one token (the default tiny init does); re-save to `folder` if given."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln_q" in name:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+            else:
+                p.copy_(std * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    if folder is not None:
+        model.save_pretrained(folder)
+    return model
+
+
+def tiny_hf_internvl(folder: Path, tokenizer, *, seed: int = 0, tied: bool = False, norm_type: str = "rms_norm",
+                     qkv_bias: bool = False, vision_layers: int = 2):
+    """A tiny random transformers InternVLForConditionalGeneration shaped like Skywork R1V (InternViT with RMSNorm,
+    full-width qk norm, layer scale, no qkv bias; Qwen2 LLM; untied head), saved with `tokenizer`. Tiles are 56 px of
+    14 px patches (4 LLM tokens per tile); every parameter (norms, layer scales, cls/pos included) is randomised."""
+    import torch
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig
+    from transformers import Qwen2Config as HFQwen2Config
+
+    from skyjax.data.tokenizer import special_token_ids
+
+    ids = special_token_ids(tokenizer)
+    torch.manual_seed(seed)
+    vision = InternVLVisionConfig(
+        hidden_size=32, num_hidden_layers=vision_layers, num_attention_heads=2, intermediate_size=64, image_size=56,
+        patch_size=14, norm_type=norm_type, use_qk_norm=True, attention_bias=qkv_bias, layer_norm_eps=1e-6,
+        hidden_act="gelu", use_mean_pooling=True, layer_scale_init_value=0.1)
+    text = HFQwen2Config(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=10000.0,
+                         max_position_embeddings=2048, bos_token_id=None, eos_token_id=ids["eos"],
+                         pad_token_id=ids["pad"], tie_word_embeddings=tied)
+    config = InternVLConfig(vision_config=vision, text_config=text, image_token_id=ids["img_context"],
+                            image_seq_length=4, downsample_ratio=0.5, projector_hidden_act="gelu",
+                            vision_feature_layer=-1, vision_feature_select_strategy="default",
+                            tie_word_embeddings=tied)
+    for c in (config, config.text_config, config.vision_config):
+        c._attn_implementation = "eager"
+    model = InternVLForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * (0.5 if "embeddings" in name and "patch" not in name else 0.05))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model

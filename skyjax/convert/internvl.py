@@ -44,7 +44,8 @@ class AssemblyError(CheckpointError):
 @dataclasses.dataclass(frozen=True)
 class FusedPart(Transform):
     """One of `parts` equal row blocks of a fused torch tensor (the remote `attn.qkv` weight (3E, E) or bias (3E,)):
-    part 0 is q, 1 k, 2 v. `name` is the transform of the block itself ('linear' or 'copy')."""
+    part 0 is q, 1 k, 2 v. `name` is the transform of the block itself ('linear' or 'copy'); `to_hf` gives the
+    block, and `export_internvl` concatenates the parts."""
 
     part: int = 0
     parts: int = 3
@@ -55,9 +56,6 @@ class FusedPart(Transform):
 
     def to_ours(self, x, our_shape):
         return super().to_ours(self._block(x), our_shape)
-
-    def to_hf(self, x, hf_shape):  # one block; `export_internvl` concatenates the parts
-        return super().to_hf(x, hf_shape)
 
     def matches(self, hf_shape, our_shape) -> bool:
         hf_shape = tuple(hf_shape)
@@ -80,14 +78,14 @@ def internvl_rules(cfg: R1VConfig, layout: str = "native") -> list[KeyRule]:
     ln_bias = v.norm_type == "layer_norm"
     remote = layout == "remote"
     if remote:
-        vis, emb, blk = "vision_model", "vision_model.embeddings", "vision_model.encoder.layers.{i}"
+        emb, blk = "vision_model.embeddings", "vision_model.encoder.layers.{i}"
         names = dict(patch=f"{emb}.patch_embedding", cls=f"{emb}.class_embedding", pos=f"{emb}.position_embedding",
                      norm1=f"{blk}.norm1", norm2=f"{blk}.norm2", ls1=f"{blk}.ls1", ls2=f"{blk}.ls2",
                      q_norm=f"{blk}.attn.q_norm", k_norm=f"{blk}.attn.k_norm", proj=f"{blk}.attn.proj",
                      fc1=f"{blk}.mlp.fc1", fc2=f"{blk}.mlp.fc2", pnorm="mlp1.0", lin1="mlp1.1", lin2="mlp1.3")
         al = lambda name: []  # noqa: E731
     else:
-        vis, emb, blk = "vision_tower", "vision_tower.embeddings", "vision_tower.encoder.layer.{i}"
+        emb, blk = "vision_tower.embeddings", "vision_tower.encoder.layer.{i}"
         names = dict(patch=f"{emb}.patch_embeddings.projection", cls=f"{emb}.cls_token",
                      pos=f"{emb}.position_embeddings", norm1=f"{blk}.layernorm_before",
                      norm2=f"{blk}.layernorm_after", ls1=f"{blk}.lambda_1", ls2=f"{blk}.lambda_2",
@@ -96,7 +94,6 @@ def internvl_rules(cfg: R1VConfig, layout: str = "native") -> list[KeyRule]:
                      pnorm="multi_modal_projector.layer_norm", lin1="multi_modal_projector.linear_1",
                      lin2="multi_modal_projector.linear_2")
         al = lambda name: [f"model.{name}"]  # noqa: E731  (transformers >= 4.52 in-memory names)
-    del vis
 
     def one(path: str, hf: str, transform: Transform = COPY) -> KeyRule:
         return KeyRule(path, hf, transform, tuple(al(hf)))
@@ -147,9 +144,13 @@ def _is_remote(c: dict) -> bool:
                                   or any(a in archs for a in REMOTE_ARCHITECTURES))
 
 
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
+
+
 def _tokenizer_image_id(folder: Path) -> int | None:
     """<IMG_CONTEXT>'s id in the folder's tokenizer files (None when there is no tokenizer or no such token)."""
-    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+    if not _has_tokenizer(folder):
         return None
     from skyjax.data.tokenizer import load_tokenizer
     from skyjax.models.r1v import IMAGE_TOKEN
@@ -295,7 +296,8 @@ def assemble(vision_src, llm_src, dst=None, mesh=None, tokenizer_from: str = "ll
     skyjax checkpoint with the tokenizer files of `tokenizer_from` ('llm' or 'vision'). Returns the LoadedModel.
 
     The projector's output width must equal the LLM's hidden size; the <IMG_CONTEXT> id comes from the chosen
-    tokenizer (else the vision checkpoint's config) and must lie inside the LLM's vocabulary.
+    tokenizer (None if it has no such token; the vision checkpoint's config when that side has no tokenizer at all)
+    and must lie inside the LLM's vocabulary.
     """
     from skyjax.convert.checkpoint import LoadedModel, load_model, save_checkpoint
     from skyjax.nn.functional import Functional
@@ -312,9 +314,10 @@ def assemble(vision_src, llm_src, dst=None, mesh=None, tokenizer_from: str = "ll
         raise AssemblyError(f"the projector of {vision_src} outputs width {width} but the LLM of {llm_src} has hidden "
                             f"size {text.hidden_size}: they cannot be joined")
     side = Path(llm.folder if tokenizer_from == "llm" else vis.folder)
-    token_id = _tokenizer_image_id(side)
-    if token_id is None:
-        token_id = vis.config.image_token_id
+    # the carried tokenizer decides; a tokenizer without <IMG_CONTEXT> (a plain LLM's) leaves the id unknown (None:
+    # the model refuses images until the InternVL tokens are added and the id set) rather than borrowing the vision
+    # checkpoint's id, which may name another token in this vocabulary
+    token_id = _tokenizer_image_id(side) if _has_tokenizer(side) else vis.config.image_token_id
     if token_id is not None and not 0 <= token_id < text.vocab_size:
         raise AssemblyError(f"<IMG_CONTEXT> id {token_id} is outside the LLM's vocabulary ({text.vocab_size} rows)")
     runtime = {k: getattr(vis.config.vision, k) for k in ("dtype", "param_dtype")}
@@ -338,6 +341,7 @@ def assemble(vision_src, llm_src, dst=None, mesh=None, tokenizer_from: str = "ll
 
 
 def _cmd_assemble(args) -> int:
+    import sys
     import time
 
     from skyjax.parallel import make_mesh
@@ -346,6 +350,10 @@ def _cmd_assemble(args) -> int:
     model = assemble(args.vision, args.llm, args.dst, mesh=make_mesh(args.mesh), tokenizer_from=args.tokenizer_from)
     print(f"assembled {model.fn.num_params() / 1e6:.2f}M parameters ({model.arch.name}, image_token_id "
           f"{model.config.image_token_id}) into {args.dst} in {time.time() - t0:.1f}s")
+    if model.config.image_token_id is None:
+        print("warning: the carried tokenizer has no <IMG_CONTEXT> token, so the model cannot take images yet: add "
+              "InternVL's <img>, </img>, <IMG_CONTEXT> tokens and set image_token_id, or use --tokenizer-from vision",
+              file=sys.stderr)
     return 0
 
 

@@ -135,18 +135,19 @@ class InternViTConfig:
             raise NotImplementedError("vision use_absolute_position_embeddings false is not supported")
         if c.get("use_mask_token"):
             raise NotImplementedError("vision use_mask_token (masked image modelling) is not supported")
+        # missing keys take each reference config class's own defaults
         native = "use_qk_norm" in c or "attention_bias" in c or c.get("model_type") == "internvl_vision"
         return cls(
             hidden_size=c["hidden_size"],
             num_hidden_layers=c["num_hidden_layers"],
             num_attention_heads=c["num_attention_heads"],
             intermediate_size=c["intermediate_size"],
-            image_size=_square(c.get("image_size", 448), "image_size"),
+            image_size=_square(c.get("image_size", 448 if native else 224), "image_size"),
             patch_size=_square(c.get("patch_size", 14), "patch_size"),
             num_channels=c.get("num_channels", 3),
-            norm_type=c.get("norm_type", "rms_norm" if not native else "layer_norm"),
+            norm_type=c.get("norm_type", "layer_norm" if native else "rms_norm"),
             layer_norm_eps=float(c.get("layer_norm_eps", 1e-6)),
-            qk_normalization=bool(c.get("use_qk_norm", False) if native else c.get("qk_normalization", False)),
+            qk_normalization=bool(c.get("use_qk_norm", False) if native else c.get("qk_normalization", True)),
             qkv_bias=bool(c.get("attention_bias", False) if native else c.get("qkv_bias", False)),
             layer_scale_init=float(c.get("layer_scale_init_value", 0.1) if native
                                    else c.get("initializer_factor", 0.1)),

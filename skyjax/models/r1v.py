@@ -174,7 +174,7 @@ class R1VConfig:
 
     def to_remote(self) -> dict[str, Any]:
         """The remote-code InternVL-chat config.json (model_type internvl_chat)."""
-        out = {
+        return {
             "architectures": ["InternVLChatModel"],
             "model_type": "internvl_chat",
             "vision_config": self.vision.to_remote(),
@@ -192,7 +192,6 @@ class R1VConfig:
             "tie_word_embeddings": self.text.tie_word_embeddings,
             "torch_dtype": self.text.param_dtype,
         }
-        return out
 
     @classmethod
     def hf_tensor_shapes(cls, cfg: "R1VConfig") -> dict[str, tuple[int, ...]]:
