@@ -1,4 +1,4 @@
-"""`skyjax aot CONFIG.yaml --topology v5e:4x4 [--num-slices N] [dotted.key=value ...]`, and the built-in
+"""`skyjax aot CONFIG.yaml [dotted.key=value ...] --topology v5e:4x4 [--num-slices N]`, and the built-in
 `lm_forward_backward` kind: one Qwen2 causal-LM training step (next-token cross entropy, gradients, AdamW update).
 
 The lm step lives here rather than in aot.py because it needs a model, and `skyjax.parallel` must not import
@@ -107,8 +107,15 @@ def build_lm_step(config_path, overrides, mesh):
 
 
 def _cmd_aot(args) -> int:
-    # Only CPU devices plus libtpu's compile-only client are needed: never initialise a real accelerator backend.
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    # Only CPU devices plus libtpu's compile-only client are needed: never initialise a real accelerator backend
+    # (with libtpu installed, JAX would otherwise try the TPU backend and take /tmp/libtpu_lockfile).
+    if not os.environ.get("JAX_PLATFORMS"):
+        import jax
+
+        try:
+            jax.config.update("jax_platforms", "cpu")
+        except RuntimeError:  # a backend is already up (an interactive session): leave it
+            pass
     from skyjax.config import ConfigError
     from skyjax.parallel.aot import DoesNotFitError, compile_config
     from skyjax.parallel.rules import ShardingError
@@ -120,17 +127,22 @@ def _cmd_aot(args) -> int:
                                 hbm_bytes=hbm)
     except DoesNotFitError as e:
         print(e.report.table())
+        _write_json(args.json, e.report)
         print(f"skyjax aot: error: {e}", file=sys.stderr)
         return 1
     except (TopologyError, ShardingError, ConfigError) as e:
         print(f"skyjax aot: error: {e}", file=sys.stderr)
         return 2
     print(report.table())
-    if args.json:
+    _write_json(args.json, report)
+    return 0
+
+
+def _write_json(path: Path | None, report) -> None:
+    if path is not None:
         import json
 
-        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-    return 0
+        Path(path).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -141,15 +153,16 @@ def add_parser(sub) -> argparse.ArgumentParser:
                     "needed), print memory per device against the chip's HBM, FLOPs per step and compile time, and "
                     "exit 1 if it does not fit (2 if the mesh or config is invalid).\n\n"
                     "topologies: v5e:AxB, v6e:AxB, v4:AxBxC, v5p:AxBxC, tpu7x:AxBxC (chips; v5litepod-16 is v5e:4x4)"
-                    "\n\nexample:\n  skyjax aot launch/lm_step_7b.yaml --topology v5e:4x4 --num-slices 2 "
-                    "batch_size=64 mesh.shape=[1,-1,1]")
+                    "\n\nexample (overrides go before the options):\n  skyjax aot launch/lm_step_7b.yaml "
+                    "batch_size=64 mesh.shape=[1,-1,1] --topology v5e:4x4 --num-slices 2")
     p.add_argument("config", type=Path, help="run config YAML (its `kind` picks the step; `mesh` the mesh)")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the config")
     p.add_argument("--topology", required=True, help="TPU topology per slice, e.g. v5e:4x4, v5p:2x2x2")
     p.add_argument("--num-slices", type=int, default=None, help="slices joined over DCN (default: the config's "
                                                                   "mesh.num_slices, else 1)")
     p.add_argument("--hbm-gib", type=float, default=None, help="HBM per device to check against (default: the chip's)")
-    p.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
+    p.add_argument("--json", type=Path, default=None, help="also write the report as JSON here (also when it "
+                                                             "does not fit)")
     p.set_defaults(func=_cmd_aot)
     return p
 

@@ -133,12 +133,15 @@ def initialize_from_environment(
         return spec
     import jax
 
-    if initialize is None:
+    real = initialize is None
+    if real:
         if jax.distributed.is_initialized():
             return spec
         initialize = jax.distributed.initialize
     if spec.source == "tpu-metadata":
         initialize()  # JAX reads worker endpoints, worker number and MEGASCALE_* from the TPU metadata server
+        if real:  # only now is this process's place known
+            spec = dataclasses.replace(spec, num_processes=jax.process_count(), process_id=jax.process_index())
     else:
         initialize(coordinator_address=spec.coordinator_address, num_processes=spec.num_processes,
                    process_id=spec.process_id)
