@@ -29,7 +29,7 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "batch": ("slice", "data", "fsdp"),
     "seq": (),
     "kv_seq": (),
-    "patches": (),
+    "patches": ("data", "fsdp"),  # the packed patches of a batch: queries split over the data axes
     # parameters (and activation feature axes)
     "embed": ("fsdp",),
     "vocab": ("tensor",),
