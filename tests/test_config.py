@@ -96,3 +96,20 @@ def test_model_configs_load_and_have_the_published_size(name, billions):
     cfg = load_config(Qwen2Config, path)
     fn = Functional.create(lambda r: Qwen2ForCausalLM(cfg, rngs=r))
     assert fn.num_params() / 1e9 == pytest.approx(billions, abs=0.005)
+
+
+def test_every_shipped_run_config_loads():
+    from pathlib import Path
+
+    from skyjax.train.config import RunConfig
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    paths = sorted(root.glob("demo/*.yaml")) + sorted(root.glob("reward_model/*.yaml"))
+    assert len(paths) >= 5
+    for path in paths:
+        cfg = load_config(RunConfig, path)
+        assert cfg.kind == "reward_model", path
+    stage1 = load_config(RunConfig, root / "reward_model/stage1_7b.yaml")
+    stage2 = load_config(RunConfig, root / "reward_model/stage2_7b.yaml")
+    assert (stage1.optimizer.lr, stage2.optimizer.lr) == (1e-5, 1e-6)  # the paper's two stages
+    assert "vision" in stage1.trainer.freeze and len(stage2.data.train) == 2

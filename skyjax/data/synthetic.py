@@ -18,13 +18,17 @@ from PIL import Image, ImageDraw
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
 SHAPES = ("square", "circle", "triangle")
+# Short questions and a short system turn: the byte-level tokenizer makes every character a token, and a tiny model
+# learns the image-answer binding much faster when the answer is not diluted among a hundred tokens.
+SYSTEM = "Look."
 QUESTIONS = {
-    "colour": ("What colour is the shape?", [c.capitalize() + "." for c in COLOURS]),
-    "shape": ("Which shape is in the picture?", [f"A {s}." for s in SHAPES]),
-    "position": ("Is the shape on the left or on the right?", ["Left.", "Right."]),
-    "count": ("How many shapes are there?", ["One.", "Two.", "Three."]),
+    "colour": ("Colour?", [c.capitalize() + "." for c in COLOURS]),
+    "shape": ("Shape?", [s.capitalize() + "." for s in SHAPES]),
+    "position": ("Left or right?", ["Left.", "Right."]),
+    "count": ("How many?", ["One.", "Two.", "Three."]),
 }
 BACKGROUND = (235, 235, 235)
+TEXT_TASKS = ("arithmetic",)  # text-only pairs (stage 2 mixes them with the image pairs)
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], colour):
@@ -72,8 +76,8 @@ def make_records(folder: str | Path, name: str, n: int, *, seed: int, image_size
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     for task in tasks:
-        if task not in QUESTIONS:
-            raise ValueError(f"unknown synthetic task {task!r} (known: {', '.join(QUESTIONS)})")
+        if task not in QUESTIONS and task not in TEXT_TASKS:
+            raise ValueError(f"unknown synthetic task {task!r} (known: {', '.join([*QUESTIONS, *TEXT_TASKS])})")
     rng = np.random.RandomState(seed)
     blank_path = folder / "images" / "blank.png"
     if blank:
@@ -82,6 +86,13 @@ def make_records(folder: str | Path, name: str, n: int, *, seed: int, image_size
     with out.open("w") as f:
         for i in range(n):
             task = tasks[rng.randint(len(tasks))]
+            if task == "arithmetic":  # a text-only pair: no image, the right sum against an off-by-a-little one
+                a, b = rng.randint(1, 10, 2)
+                wrong_sum = a + b + rng.choice([-2, -1, 1, 2])
+                row = {"id": f"{name}-{i}", "prompt": f"What is {a} + {b}?", "chosen": f"{a + b}.",
+                       "rejected": f"{wrong_sum}.", "meta": {"task": task}}
+                f.write(json.dumps(row) + "\n")
+                continue
             question, answers = QUESTIONS[task]
             image, right = draw_scene(rng, task, image_size)
             wrong = rng.choice([j for j in range(len(answers)) if j != right])
@@ -91,7 +102,8 @@ def make_records(folder: str | Path, name: str, n: int, *, seed: int, image_size
             else:
                 image.save(folder / rel)
             row = {"id": f"{name}-{i}", "images": [rel],
-                   "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+                   "prompt": [{"role": "system", "content": SYSTEM},
+                              {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
                    "chosen": [{"role": "assistant", "content": answers[right]}],
                    "rejected": [{"role": "assistant", "content": answers[wrong]}],
                    "meta": {"task": task}}

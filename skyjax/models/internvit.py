@@ -284,7 +284,7 @@ class VisionEmbeddings(nnx.Module):
                                          axes=(None, None, "vision_embed"))
         self.position_embedding = nnx.Param(
             normal_init(std)(rngs.params(), (1, cfg.grid**2 + 1, cfg.hidden_size), pd),
-            axes=(None, "patches", "vision_embed"))
+            axes=(None, None, "vision_embed"))
         self.cfg = cfg
 
     def __call__(self, pixel_values: jax.Array) -> jax.Array:

@@ -153,7 +153,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                     "needed), print memory per device against the chip's HBM, FLOPs per step and compile time, and "
                     "exit 1 if it does not fit (2 if the mesh or config is invalid).\n\n"
                     "topologies: v5e:AxB, v6e:AxB, v4:AxBxC, v5p:AxBxC, tpu7x:AxBxC (chips; v5litepod-16 is v5e:4x4)"
-                    "\n\nexample (overrides go before the options):\n  skyjax aot launch/lm_step_7b.yaml "
+                    "\n\nexample:\n  skyjax aot launch/lm_step_7b.yaml "
                     "batch_size=64 mesh.shape=[1,-1,1] --topology v5e:4x4 --num-slices 2")
     p.add_argument("config", type=Path, help="run config YAML (its `kind` picks the step; `mesh` the mesh)")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the config")

@@ -5,7 +5,8 @@ A `DecodeAdapter` is the only model-specific part of generation:
     prepare(conversations, images, tokenizer) -> inputs      host: chat template, images, LEFT padding to a bucket
     check(inputs)                                           host: checks jit cannot do (image-token counts)
     prefill(params, inputs, max_len) -> (logits_last [B, V] fp32, cache, state)
-    step(params, token [R], cache, index, state, active [R]) -> (logits [R, V] fp32, cache)
+    decode_params(params) -> dparams                        once per call, outside the loop
+    step(dparams, token [R], cache, index, state, active [R]) -> (logits [R, V] fp32, cache)
 
 `inputs` is a dict of arrays with at least `input_ids` and `attention_mask` [B, S] (left-padded, so every row's
 last prompt token sits in column S - 1 and every row writes its n-th new token to cache slot S + n); `state` is a
@@ -13,10 +14,19 @@ pytree of per-row arrays (batch on axis 0) the step needs besides the cache, e.g
 The loop repeats cache and state along the batch for several samples per prompt, so `state` leaves must all be
 batch-major. `index` is the cache slot the token is written to (a scalar, the same for every row).
 
+`decode_params(params)` runs once per generate call, before the loop, and gives `step` its parameters.
+With `unstack_layers` (the default on CPU) it copies each layer's weights out of the stacked ([layers, ...]) arrays
+ONCE, the KV cache is kept as one array per layer, and the step runs the layers as an unrolled loop: XLA:CPU
+otherwise copies every layer's weights (and cache) out of the stacked arrays at every decode step, which doubles the
+memory traffic of a step. The price is one extra copy of the layer weights while generating; on TPU/GPU the scanned
+path slices for free and compiles in time independent of depth, so it stays the default there.
+
 Adapters are frozen dataclasses hashed by the model's `Functional` (identity), so they are static arguments of jit.
-A new family registers itself: `register_adapter("skywork_r1v", R1VAdapter.from_loaded)`. R1V (InternVL-style) needs
-only its own `prefill` (vision tower -> mlp1 -> features over <IMG_CONTEXT>, 1-D positions) and `prepare` (tiles);
-its `step` is the Qwen2 one (1-D positions counted from the cache's valid slots).
+A new family registers a factory under its architecture name: `register_adapter("internvl", make_r1v_adapter)` with
+`make_r1v_adapter(loaded, unstack_layers=None) -> DecodeAdapter`. R1V (InternVL-style) needs only its own `prefill`
+(vision tower -> mlp1 -> features over <IMG_CONTEXT>, then the Qwen2 decoder with 1-D positions) and `prepare`
+(tiles, <image> expansion); its `step` is the Qwen2 one (1-D positions counted from the cache's valid slots), given
+the decoder module (`decoder_step_unrolled` takes any Qwen2Model-like `decoder`).
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from skyjax.nn.attention import KVCache
 from skyjax.nn.functional import Functional
@@ -41,9 +52,57 @@ def _last_logits(model, hidden: jax.Array) -> jax.Array:
 
 
 def constrain_cache(cache: KVCache) -> KVCache:
-    """Batch-shard the cache (and heads over tensor) by the logical rules, whatever the model's last op left."""
+    """Batch-shard the cache (and heads over tensor) by the logical rules, whatever the model's last op left.
+    k / v are stacked [layers, B, T, K, D] arrays or (unstacked) tuples of [B, T, K, D] arrays."""
+    valid = constrain(cache.valid, ("batch", "kv_seq"))
+    if isinstance(cache.k, tuple):
+        axes = ("batch", "kv_seq", "kv_heads", "head_dim")
+        return KVCache(tuple(constrain(k, axes) for k in cache.k), tuple(constrain(v, axes) for v in cache.v), valid)
     axes = ("layers", "batch", "kv_seq", "kv_heads", "head_dim")
-    return KVCache(constrain(cache.k, axes), constrain(cache.v, axes), constrain(cache.valid, ("batch", "kv_seq")))
+    return KVCache(constrain(cache.k, axes), constrain(cache.v, axes), valid)
+
+
+def repeat_cache(cache: KVCache, g: int) -> KVCache:
+    """Each row of the cache g times in a row (several samples per prompt)."""
+    if isinstance(cache.k, tuple):
+        k, v = (tuple(jnp.repeat(a, g, axis=0) for a in x) for x in (cache.k, cache.v))
+    else:
+        k, v = jnp.repeat(cache.k, g, axis=1), jnp.repeat(cache.v, g, axis=1)
+    return KVCache(k, v, jnp.repeat(cache.valid, g, axis=0))
+
+
+def unstack_cache(cache: KVCache) -> KVCache:
+    """Stacked [layers, ...] k / v -> tuples of per-layer arrays."""
+    n = cache.k.shape[0]
+    return KVCache(tuple(cache.k[i] for i in range(n)), tuple(cache.v[i] for i in range(n)), cache.valid)
+
+
+def layer_states(layers: nnx.Module) -> list:
+    """Per-layer parameter states of a stacked layer module (copies, made once)."""
+    _, state = nnx.split(layers)
+    n = jax.tree.leaves(state)[0].shape[0]
+    return [jax.tree.map(lambda a, i=i: a[i], state) for i in range(n)]
+
+
+def decoder_step_unrolled(decoder, layer_states: list, x, cos, sin, active, cache: KVCache, index):
+    """`Qwen2Model.__call__` for one new token per row: x [R, 1, E] (embedded), cos / sin [R, 1, head_dim], with
+    per-layer weights and caches, layers unrolled. Returns (final-norm hidden [R, 1, E], cache)."""
+    from skyjax.models.qwen2 import attention_mask_for
+
+    valid = jax.lax.dynamic_update_slice(cache.valid, active[:, None], (0, index))
+    mask = attention_mask_for(jnp.arange(1) + index, jnp.arange(valid.shape[1]), valid, None)
+    graphdef = nnx.graphdef(decoder.layers)
+    ks, vs = [], []
+    for state, k, v in zip(layer_states, cache.k, cache.v):
+        x, (k, v) = nnx.merge(graphdef, state)(x, cos, sin, mask, (k, v), index)
+        ks.append(k)
+        vs.append(v)
+    return decoder.norm(x), KVCache(tuple(ks), tuple(vs), valid)
+
+
+def positions_before(valid: jax.Array, index) -> jax.Array:
+    """[R, 1]: real tokens in the cache before slot `index` (the 1-D position of the token written there)."""
+    return jnp.sum(valid & (jnp.arange(valid.shape[1]) < index)[None], axis=1, dtype=jnp.int32)[:, None]
 
 
 def left_pad_to_bucket(rows: Sequence[np.ndarray], pad_id: int, buckets: Sequence[int] | None) -> dict:
@@ -74,6 +133,7 @@ class DecodeAdapter:
     fn: Functional
     config: Any
     seq_buckets: tuple[int, ...] | None = DEFAULT_SEQ_BUCKETS
+    unstack_layers: bool = False  # see the module docstring; `adapter_for` turns it on for CPU
 
     name = "causal_lm"
     supports_images = False
@@ -115,19 +175,56 @@ class DecodeAdapter:
             raise ValueError(f"prompts must be LEFT-padded: rows {bad.tolist()} do not end in the last column")
 
     # --- inside jit ----------------------------------------------------------------------------------------------
+    def decoder(self, model):
+        """The Qwen2Model-like text decoder (embed_tokens, stacked layers, norm) of a bound model."""
+        return model.model
+
+    def last_logits(self, model, hidden: jax.Array) -> jax.Array:
+        """float32 logits [B, V] of the last column of final-norm hidden states [B, S, E]."""
+        return _last_logits(model, hidden)
+
+    def decode_params(self, params):
+        """What `step` takes as parameters; computed once per generate call, outside the loop."""
+        if not self.unstack_layers:
+            return params
+        return {"params": params, "layers": layer_states(self.decoder(self.fn.bind(params)).layers)}
+
+    def decode_cache(self, cache: KVCache) -> KVCache:
+        """The prefill's (stacked) cache in the form `step` takes."""
+        return unstack_cache(cache) if self.unstack_layers else cache
+
     def prefill(self, params, inputs: dict, max_len: int):
         model = self.fn.bind(params)
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         cache = model.init_cache(ids.shape[0], max_len)
-        hidden, cache = model.model(ids, attention_mask=mask, cache=cache, cache_index=0)
-        return _last_logits(model, hidden), cache, {}
+        hidden, cache = self.decoder(model)(ids, attention_mask=mask, cache=cache, cache_index=0)
+        return self.last_logits(model, hidden), self.decode_cache(cache), {}
 
     def step(self, params, token, cache, index, state, active):
+        if self.unstack_layers:
+            return self._unrolled_step(params, token, cache, index, self.rope(positions_before(cache.valid, index)),
+                                       active)
         model = self.fn.bind(params)
         # positions default to the count of valid cache slots before the token: real tokens only, so left
         # padding does not shift them (what HF computes from cumsum(attention_mask) - 1)
-        hidden, cache = model.model(token[:, None], attention_mask=active[:, None], cache=cache, cache_index=index)
-        return _last_logits(model, hidden), cache
+        hidden, cache = self.decoder(model)(token[:, None], attention_mask=active[:, None], cache=cache,
+                                            cache_index=index)
+        return self.last_logits(model, hidden), cache
+
+    def rope(self, positions):
+        from skyjax.nn.rotary import rope_cos_sin
+
+        cfg = self.text_config
+        return rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+
+    def _unrolled_step(self, params, token, cache, index, rope, active):
+        """The step on `decode_params(...)` with unstacked layers; `rope` = (cos, sin) [R, 1, head_dim]. The bound
+        model's decoder and head come from `decoder` / `last_logits`, which a family may override."""
+        model = self.fn.bind(params["params"])
+        decoder = self.decoder(model)
+        hidden, cache = decoder_step_unrolled(decoder, params["layers"], decoder.embed_tokens(token[:, None]), *rope,
+                                              active, cache, index)
+        return self.last_logits(model, hidden), cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,40 +280,57 @@ class Qwen2_5_VLAdapter(DecodeAdapter):
         hidden, cache = model.hidden_states(ids, attention_mask=mask, positions=positions, cache=cache,
                                             cache_index=0, **kw)
         num_pad = ids.shape[1] - jnp.sum(mask, axis=1, dtype=jnp.int32)
-        return _last_logits(model, hidden), cache, {"rope_deltas": deltas[:, 0], "num_pad": num_pad}
+        state = {"rope_deltas": deltas[:, 0], "num_pad": num_pad}
+        return self.last_logits(model, hidden), self.decode_cache(cache), state
 
     def step(self, params, token, cache, index, state, active):
-        from skyjax.nn.mrope import decode_positions
+        from skyjax.nn.mrope import decode_positions, mrope_cos_sin
 
-        model = self.fn.bind(params)
         positions = decode_positions(index, state["rope_deltas"], num_pad=state["num_pad"])  # [3, R, 1]
+        if self.unstack_layers:
+            cfg = self.config
+            rope = mrope_cos_sin(positions, cfg.text.head_dim, cfg.text.rope_theta, cfg.mrope_section)
+            return self._unrolled_step(params, token, cache, index, rope, active)
+        model = self.fn.bind(params)
         hidden, cache = model.hidden_states(token[:, None], attention_mask=active[:, None], positions=positions,
                                             cache=cache, cache_index=index)
-        return _last_logits(model, hidden), cache
+        return self.last_logits(model, hidden), cache
 
 
-def _qwen2(loaded) -> DecodeAdapter:
-    return Qwen2Adapter(fn=loaded.fn, config=loaded.config)
+MAX_UNSTACKED_LAYERS = 48  # deeper models keep the scanned step (compile time grows with unrolled depth)
 
 
-def _qwen2_5_vl(loaded) -> DecodeAdapter:
+def default_unstack(num_layers: int) -> bool:
+    """Unstack on CPU (see the module docstring), where the scanned step copies every layer's weights each step."""
+    return jax.default_backend() == "cpu" and num_layers <= MAX_UNSTACKED_LAYERS
+
+
+def _qwen2(loaded, unstack_layers: bool | None = None) -> DecodeAdapter:
+    unstack = default_unstack(loaded.config.num_hidden_layers) if unstack_layers is None else unstack_layers
+    return Qwen2Adapter(fn=loaded.fn, config=loaded.config, unstack_layers=unstack)
+
+
+def _qwen2_5_vl(loaded, unstack_layers: bool | None = None) -> DecodeAdapter:
     from skyjax.data.qwen_vl_image import QwenVLImageConfig
 
-    return Qwen2_5_VLAdapter(fn=loaded.fn, config=loaded.config,
+    unstack = default_unstack(loaded.config.text.num_hidden_layers) if unstack_layers is None else unstack_layers
+    return Qwen2_5_VLAdapter(fn=loaded.fn, config=loaded.config, unstack_layers=unstack,
                              image_cfg=QwenVLImageConfig.from_folder(loaded.folder))
 
 
-ADAPTERS: dict[str, Callable[[Any], DecodeAdapter]] = {"qwen2": _qwen2, "qwen2_5_vl": _qwen2_5_vl}
+ADAPTERS: dict[str, Callable[..., DecodeAdapter]] = {"qwen2": _qwen2, "qwen2_5_vl": _qwen2_5_vl}
 
 
-def register_adapter(arch_name: str, factory: Callable[[Any], DecodeAdapter]) -> None:
-    """`factory(loaded_model) -> DecodeAdapter` for the architecture `arch_name` (skyjax.convert.registry name)."""
+def register_adapter(arch_name: str, factory: Callable[..., DecodeAdapter]) -> None:
+    """`factory(loaded_model, unstack_layers=None) -> DecodeAdapter` for the architecture `arch_name` (its
+    skyjax.convert.registry name); unstack_layers None = `default_unstack`."""
     ADAPTERS[arch_name] = factory
 
 
-def adapter_for(loaded) -> DecodeAdapter:
-    """The adapter of a `LoadedModel` (from `skyjax.convert.checkpoint.load_model`), by its architecture name."""
+def adapter_for(loaded, unstack_layers: bool | None = None) -> DecodeAdapter:
+    """The adapter of a `LoadedModel` (from `skyjax.convert.checkpoint.load_model`), by its architecture name.
+    unstack_layers: None = automatic (CPU: yes), True / False to force the unrolled or the scanned decode step."""
     name = loaded.arch.name
     if name not in ADAPTERS:
         raise ValueError(f"generation is not supported for architecture {name!r} (supported: {', '.join(ADAPTERS)})")
-    return ADAPTERS[name](loaded)
+    return ADAPTERS[name](loaded, unstack_layers=unstack_layers)

@@ -195,6 +195,7 @@ def run(args) -> int:
     from skyjax.parallel import make_mesh, use_mesh
     from skyjax.sample.adapters import adapter_for
     from skyjax.sample.decode import Sampling, generate
+    from skyjax.sample.processors import ProcessorFlags
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -213,6 +214,11 @@ def run(args) -> int:
     _log(f"{model.arch.name} from {args.model} on mesh {dict(mesh.shape)} ({model.config.param_dtype} params), "
          f"stop ids {stop_ids}, loaded in {time.time() - t0:.1f}s")
 
+    # one program for every batch: the penalty is compiled in whatever a batch's rows ask for (meta overrides)
+    rows0 = base.rows(1)
+    flags = ProcessorFlags.from_rows(rows0["temperature"], rows0["top_k"], rows0["top_p"], rows0["min_p"],
+                                     rows0["repetition_penalty"], adapter.vocab_size)
+    flags = flags.union(ProcessorFlags(penalty=True))
     root = jax.random.key(args.seed)
     bad: list = []
     n_rows = n_tokens = 0
@@ -233,7 +239,7 @@ def run(args) -> int:
             sampling = dataclasses.replace(base, repetition_penalty=tuple(penalties))
             lines = [r.line for r in rows] + [0] * (args.batch_size - n)
             keys = jax.vmap(lambda i: jax.random.fold_in(root, i))(np.asarray(lines, np.int32))
-            out = generate(adapter, model.params, inputs, sampling, prompt_keys=keys, check=False)
+            out = generate(adapter, model.params, inputs, sampling, prompt_keys=keys, flags=flags, check=False)
             tokens, lengths, stopped = (np.asarray(x) for x in (out.tokens, out.lengths, out.stopped))
             logprobs = np.asarray(out.logprobs) if args.logprobs else None
             g = args.num_samples

@@ -34,9 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from skyjax.nn.attention import KVCache
 from skyjax.parallel.rules import constrain, current_mesh, logical_to_spec
-from skyjax.sample.adapters import DecodeAdapter, Qwen2Adapter, constrain_cache
+from skyjax.sample.adapters import DecodeAdapter, Qwen2Adapter, constrain_cache, default_unstack, repeat_cache
 from skyjax.sample.processors import ProcessorFlags, process_logits
 
 PAD = -1  # token slot after a row stopped
@@ -133,10 +132,6 @@ def _repeat_rows(tree, g: int):
     return jax.tree.map(lambda x: jnp.repeat(x, g, axis=0), tree)
 
 
-def _repeat_cache(cache: KVCache, g: int) -> KVCache:
-    return KVCache(jnp.repeat(cache.k, g, axis=1), jnp.repeat(cache.v, g, axis=1), jnp.repeat(cache.valid, g, axis=0))
-
-
 def _mark_seen(seen, token, active):
     rows = jnp.arange(token.shape[0])
     return seen.at[rows, token].max(active)
@@ -148,15 +143,15 @@ def _generate(adapter: DecodeAdapter, params, inputs: dict, rows: dict, stop_ids
     ids, mask = inputs["input_ids"], inputs["attention_mask"].astype(bool)
     b, s = ids.shape
     g, n = num_samples, max_new_tokens
-    # the n-th new token (n = 0..N-1) is written to slot S + n; the last one is never fed back
-    logits, cache, state = adapter.prefill(params, inputs, s + n - 1)
+    # new token n (0..N-1) is fed back at cache slot S + n (the last one needlessly, which keeps one sampling site)
+    logits, cache, state = adapter.prefill(params, inputs, s + n)
     vocab = logits.shape[-1]
     seen = None
     if flags.penalty:  # token ids in each prompt (real tokens only), for the repetition penalty
         seen = jnp.zeros((b, vocab), bool).at[jnp.arange(b)[:, None], jnp.clip(ids, 0, vocab - 1)].max(mask)
     if g > 1:  # several samples per prompt: repeat what the prefill produced instead of recomputing it
         logits, state, rows, seen = _repeat_rows((logits, state, rows, seen), g)
-        cache = _repeat_cache(cache, g)
+        cache = repeat_cache(cache, g)
     # sample g of prompt b draws with fold_in(prompt_keys[b], g), folded again with the step
     sample_keys = jax.vmap(lambda k: jax.vmap(lambda i: jax.random.fold_in(k, i))(jnp.arange(g)))(prompt_keys)
     sample_keys = sample_keys.reshape((b * g,) + sample_keys.shape[2:])
@@ -180,23 +175,15 @@ def _generate(adapter: DecodeAdapter, params, inputs: dict, rows: dict, stop_ids
             sample_lp = jnp.where(sampled, lp, 0.0)
         return token, jnp.take_along_axis(raw, token[:, None], axis=-1)[:, 0], sample_lp
 
-    token, lp, slp = choose(logits, seen, 0)
-    tokens = jnp.full((r, n), PAD, jnp.int32).at[:, 0].set(token)
-    logprobs = jnp.zeros((r, n), jnp.float32).at[:, 0].set(lp)
-    sample_logprobs = jnp.zeros((r, n), jnp.float32).at[:, 0].set(slp)
-    done = jnp.isin(token, stop_ids)
-    if seen is not None:
-        seen = _mark_seen(seen, token, jnp.ones((r,), bool))
-    lengths = jnp.ones((r,), jnp.int32)
+    dparams = adapter.decode_params(params)  # once, outside the loop
 
     def cond(carry):
         t, _, done = carry[:3]
         return (t < n) & ~jnp.all(done)
 
     def body(carry):
-        t, token, done, cache, seen, tokens, logprobs, sample_logprobs, lengths = carry
+        t, logits, done, cache, seen, tokens, logprobs, sample_logprobs, lengths = carry
         active = ~done
-        logits, cache = adapter.step(params, token, cache, s + t - 1, state, active)
         new, lp, slp = choose(logits, seen, t)
         tokens = tokens.at[:, t].set(jnp.where(active, new, PAD))
         logprobs = logprobs.at[:, t].set(jnp.where(active, lp, 0.0))
@@ -205,9 +192,11 @@ def _generate(adapter: DecodeAdapter, params, inputs: dict, rows: dict, stop_ids
         if seen is not None:
             seen = _mark_seen(seen, new, active)
         done = done | (active & jnp.isin(new, stop_ids))
-        return t + 1, new, done, cache, seen, tokens, logprobs, sample_logprobs, lengths
+        logits, cache = adapter.step(dparams, new, cache, s + t, state, active)
+        return t + 1, logits, done, cache, seen, tokens, logprobs, sample_logprobs, lengths
 
-    carry = (jnp.int32(1), token, done, cache, seen, tokens, logprobs, sample_logprobs, lengths)
+    carry = (jnp.int32(0), logits, jnp.zeros((r,), bool), cache, seen, jnp.full((r, n), PAD, jnp.int32),
+             jnp.zeros((r, n), jnp.float32), jnp.zeros((r, n), jnp.float32), jnp.zeros((r,), jnp.int32))
     _, _, done, _, _, tokens, logprobs, sample_logprobs, lengths = jax.lax.while_loop(cond, body, carry)
     per_row = [constrain(x, ("batch", None)) for x in (tokens, logprobs, sample_logprobs)]
     return GenerateOutput(*per_row, constrain(lengths, ("batch",)), constrain(done, ("batch",)))
@@ -232,18 +221,20 @@ def _prompt_keys(seed, prompt_keys, batch: int):
 
 
 def generate(adapter: DecodeAdapter, params, inputs: dict, sampling: Sampling = Sampling(), *, seed=0,
-             prompt_keys=None, check: bool = True) -> GenerateOutput:
+             prompt_keys=None, flags: ProcessorFlags | None = None, check: bool = True) -> GenerateOutput:
     """Generate for a LEFT-padded batch `inputs` (from `adapter.prepare`, or any dict with input_ids and
     attention_mask [B, S] plus the model's extra inputs). Runs on the mesh of the enclosing `use_mesh`, if any.
 
     seed: an int or a jax PRNG key; prompt_keys: [B] keys (one per prompt) instead of deriving them from `seed`.
+    flags: processors to compile in even if this batch does not need them (e.g. the repetition penalty when only
+    some batches of a file set it), so that every batch runs the same program.
     """
     if check:
         adapter.check(inputs)
     b = int(np.shape(inputs["input_ids"])[0])
     rows = sampling.rows(b)
     flags = ProcessorFlags.from_rows(rows["temperature"], rows["top_k"], rows["top_p"], rows["min_p"],
-                                     rows["repetition_penalty"], adapter.vocab_size)
+                                     rows["repetition_penalty"], adapter.vocab_size).union(flags)
     stop = list(sampling.stop_token_ids)
     stop_ids = jnp.asarray(stop + [-2] * (-len(stop) % 8 or (8 if not stop else 0)), jnp.int32)  # -2: never drawn
     ctx = current_mesh()
@@ -263,7 +254,8 @@ def greedy_generate(fn, params, input_ids, attention_mask, stop_ids, *, max_new_
     from flax import nnx
 
     model_cfg = nnx.merge(fn.graphdef, fn.abstract).cfg  # every skyjax model keeps its config as .cfg
-    adapter = Qwen2Adapter(fn=fn, config=model_cfg, seq_buckets=None)
+    adapter = Qwen2Adapter(fn=fn, config=model_cfg, seq_buckets=None,
+                           unstack_layers=default_unstack(model_cfg.num_hidden_layers))
     out = generate(adapter, params, {"input_ids": input_ids, "attention_mask": attention_mask},
                    Sampling(max_new_tokens=max_new_tokens, stop_token_ids=tuple(np.asarray(stop_ids).tolist())),
                    check=False)

@@ -62,6 +62,15 @@ class ProcessorFlags:
         )
 
 
+    def union(self, other: "ProcessorFlags | None") -> "ProcessorFlags":
+        """Every processor either needs (to keep one compiled program across batches with different settings)."""
+        if other is None:
+            return self
+        return ProcessorFlags(self.penalty or other.penalty, self.sample or other.sample,
+                              max(self.max_top_k, other.max_top_k), self.top_p or other.top_p,
+                              self.min_p or other.min_p)
+
+
 def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: jax.Array) -> jax.Array:
     """logits [B, V] float32, seen [B, V] bool (token ids already in the row), penalty [B]."""
     p = penalty.astype(logits.dtype)[:, None]

@@ -26,6 +26,8 @@ class ModelConfig:
     seed: int = 0  # initialisation of new parameters (the value head, or everything for "tiny")
     tiny_layers: int = 2  # tiny model: decoder layers
     tiny_vision_depth: int = 4  # tiny model: vision blocks
+    tiny_hidden: int = 64  # tiny model: decoder width (the vision tower's output width follows it)
+    tiny_init_std: float = 0.02  # tiny model: initializer_range of every weight
 
 
 @dataclasses.dataclass(frozen=True)

@@ -49,8 +49,10 @@ def tiny_reward_model(cfg: ModelConfig, mesh: Mesh, folder: Path) -> ModelBundle
                                  vision_start_token_id=ids["vision_start"], vision_end_token_id=ids["vision_end"],
                                  **runtime)
     text = dataclasses.replace(mcfg.text, num_hidden_layers=cfg.tiny_layers, eos_token_id=ids["eos"],
-                               pad_token_id=ids["pad"])
-    vision = dataclasses.replace(mcfg.vision, depth=cfg.tiny_vision_depth,
+                               pad_token_id=ids["pad"], hidden_size=cfg.tiny_hidden,
+                               intermediate_size=2 * cfg.tiny_hidden, initializer_range=cfg.tiny_init_std)
+    vision = dataclasses.replace(mcfg.vision, depth=cfg.tiny_vision_depth, out_hidden_size=cfg.tiny_hidden,
+                                 initializer_range=cfg.tiny_init_std,
                                  fullatt_block_indexes=tuple(i for i in mcfg.vision.fullatt_block_indexes
                                                              if i < cfg.tiny_vision_depth))
     mcfg = dataclasses.replace(mcfg, text=text, vision=vision)
@@ -117,7 +119,7 @@ class PairPipeline:
         self.bundle, self.data, self.micro = bundle, data, micro_batches
         self.image_cfg = image_config(bundle, data)
         self.blank = blank_images
-        self.skipped: collections.Counter = collections.Counter()
+        self.bad_rows: dict[str, str] = {}  # "file:line" -> reason (unique: read-ahead may featurize a row twice)
         self.buckets = PairBuckets(tuple(data.seq_buckets), tuple(data.patch_buckets), tuple(data.image_buckets))
         self.batch_size = batch_size or data.batch_size
         n_hosts, host = jax.process_count(), jax.process_index()
@@ -146,7 +148,8 @@ class PairPipeline:
     def _collate(self, items):
         good = [x for x in items if isinstance(x, PairExample)]
         for bad in (x for x in items if not isinstance(x, PairExample)):
-            self.skipped[str(bad).split(": ", 1)[-1].split(" (")[0][:80]] += 1
+            where, _, reason = str(bad).partition(": ")
+            self.bad_rows[where] = reason
         if not good:
             raise BadRowError(f"every row of a batch was bad, e.g. {items[0]}")
         size = max(len(items), self.per_host) if self.pad_last else len(items)
@@ -154,6 +157,11 @@ class PairPipeline:
         padded = good + [good[0]] * (size - len(good))
         return collate_pairs(padded, self.bundle.model.config.vision, self.buckets,
                              self.bundle.tokenizer.pad_token_id, micro_batches=self.micro, weights=weights)
+
+    @property
+    def skipped(self) -> collections.Counter:
+        """Skipped rows by reason."""
+        return collections.Counter(self.bad_rows.values())
 
     def __len__(self) -> int:
         return len(self.dataset)
