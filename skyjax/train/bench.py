@@ -83,7 +83,7 @@ def run_rm_bench(pairs: int = 4, steps: int = 5, dtype: str = "float32", torch_b
                            mrope_section=(8, 12, 12))
     image_cfg = QwenVLImageConfig(min_pixels=224 * 224, max_pixels=224 * 224)
     images, chosen, rejected = _inputs(pairs)
-    buckets = Buckets(seq=(256, 512), patches=(2048 * pairs,), images=(2 * pairs, 4 * pairs))
+    buckets = Buckets(seq=(256, 512), patches=(512 * pairs, 1024 * pairs), images=(2 * pairs, 4 * pairs))
     both = prepare_vl_batch(chosen + rejected, images + images, tok, image_cfg, vision, buckets=buckets)
     prompt_only = prepare_vl_batch(chosen, images, tok, image_cfg, vision, buckets=buckets)  # the pairs' images once
 
