@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding
 
 from skyjax.convert.keymap import KeyRule
 from skyjax.convert.safetensors_io import CheckpointError, SafetensorsReader, SafetensorsWriter
-from skyjax.parallel.rules import path_str
+from skyjax.nn.functional import flatten_params as _flat_paths, unflatten_params as _unflatten
 
 # Tensors some checkpoints carry that are recomputed, never loaded.
 IGNORED_HF_KEYS = (re.compile(r".*rotary_emb\.inv_freq$"),)
@@ -25,22 +25,6 @@ IGNORED_HF_KEYS = (re.compile(r".*rotary_emb\.inv_freq$"),)
 
 class CheckpointMismatchError(CheckpointError):
     """The checkpoint's tensors do not match the model: lists every problem at once."""
-
-
-def _flat_paths(tree: dict) -> dict[str, object]:
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {path_str(p): leaf for p, leaf in leaves}
-
-
-def _unflatten(flat: dict[str, object]) -> dict:
-    out: dict = {}
-    for path, value in flat.items():
-        node = out
-        parts = path.split("/")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    return out
 
 
 def _resolve(reader: SafetensorsReader, rule: KeyRule, layer: int | None) -> str | None:

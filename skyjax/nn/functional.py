@@ -14,11 +14,28 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh
 
-from skyjax.parallel.rules import DEFAULT_RULES, AxisRules, tree_shardings
+from skyjax.parallel.rules import DEFAULT_RULES, AxisRules, path_str, tree_shardings
 
 
 def _is_var(x) -> bool:
     return isinstance(x, nnx.Variable)
+
+
+def flatten_params(params: dict) -> dict[str, Any]:
+    """Nested params dict -> {'model/layers/mlp/gate_proj/kernel': array, ...}."""
+    return {path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def unflatten_params(flat: dict[str, Any]) -> dict:
+    """The inverse of flatten_params."""
+    out: dict = {}
+    for path, value in flat.items():
+        node = out
+        parts = path.split("/")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: usable as a static argument of jit

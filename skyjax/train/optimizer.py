@@ -13,7 +13,7 @@ from typing import Iterable
 import jax
 import optax
 
-from skyjax.parallel.rules import path_str
+from skyjax.nn.functional import flatten_params as flatten, unflatten_params as unflatten
 from skyjax.train.config import OptimizerConfig
 
 # Named parts of each architecture, as regexes over parameter paths.
@@ -43,21 +43,6 @@ def frozen_predicate(arch: str, freeze: Iterable[str]):
         else:
             patterns.append(re.compile(item))
     return lambda path: any(p.fullmatch(path) for p in patterns)
-
-
-def flatten(params: dict) -> dict[str, jax.Array]:
-    return {path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
-
-
-def unflatten(flat: dict[str, jax.Array]) -> dict:
-    out: dict = {}
-    for path, value in flat.items():
-        node = out
-        parts = path.split("/")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    return out
 
 
 def split_params(params: dict, is_frozen) -> tuple[dict, dict]:
