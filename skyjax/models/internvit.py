@@ -25,12 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from skyjax.nn.attention import ATTENTION_IMPLS, dot_product_attention
+from skyjax.nn.attention import dot_product_attention
 from skyjax.nn.layers import LayerNorm, Linear, RMSNorm, normal_init
-from skyjax.nn.scan import REMAT_POLICIES, scan_layers, stacked
+from skyjax.nn.runtime import PRECISIONS, check_runtime
+from skyjax.nn.scan import scan_layers, stacked
 from skyjax.parallel.rules import constrain
 
-PRECISIONS = {"default": None, "high": jax.lax.Precision.HIGH, "highest": jax.lax.Precision.HIGHEST}
 NORM_TYPES = ("rms_norm", "layer_norm")
 
 
@@ -75,12 +75,7 @@ class InternViTConfig:
             raise ValueError(f"vision image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.norm_type not in NORM_TYPES:
             raise ValueError(f"vision norm_type {self.norm_type!r} is not one of {NORM_TYPES}")
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat {self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
-        if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"attention_impl {self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
-        if self.matmul_precision not in PRECISIONS:
-            raise ValueError(f"matmul_precision {self.matmul_precision!r} is not one of {sorted(PRECISIONS)}")
+        check_runtime(self)
 
     @property
     def head_dim(self) -> int:

@@ -16,13 +16,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from skyjax.nn.attention import ATTENTION_IMPLS, KVCache, attention_mask, dot_product_attention
+from skyjax.nn.attention import KVCache, attention_mask, dot_product_attention
 from skyjax.nn.layers import Embed, Linear, RMSNorm, SwiGLU
 from skyjax.nn.rotary import apply_rotary, rope_cos_sin
-from skyjax.nn.scan import REMAT_POLICIES, scan_layers, stacked
+from skyjax.nn.runtime import PRECISIONS, check_runtime
+from skyjax.nn.scan import scan_layers, stacked
 from skyjax.parallel.rules import constrain
 
-PRECISIONS = {"default": None, "high": jax.lax.Precision.HIGH, "highest": jax.lax.Precision.HIGHEST}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,12 +61,7 @@ class Qwen2Config:
                 f"num_attention_heads {self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads {self.num_key_value_heads}"
             )
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat {self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
-        if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"attention_impl {self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
-        if self.matmul_precision not in PRECISIONS:
-            raise ValueError(f"matmul_precision {self.matmul_precision!r} is not one of {sorted(PRECISIONS)}")
+        check_runtime(self)
 
     @property
     def compute_dtype(self):

@@ -23,13 +23,13 @@ import numpy as np
 from flax import nnx
 
 from skyjax.convert.keymap import CONV_DENSE, KeyRule, linear, norm
-from skyjax.nn.attention import ATTENTION_IMPLS, attention_mask, dot_product_attention
+from skyjax.nn.attention import attention_mask, dot_product_attention
 from skyjax.nn.layers import Linear, RMSNorm, SwiGLU
 from skyjax.nn.rotary import apply_rotary, inverse_frequencies
-from skyjax.nn.scan import REMAT_POLICIES, scan_layers, stacked
+from skyjax.nn.runtime import PRECISIONS, check_runtime
+from skyjax.nn.scan import scan_layers, stacked
 from skyjax.parallel.rules import constrain
 
-PRECISIONS = {"default": None, "high": jax.lax.Precision.HIGH, "highest": jax.lax.Precision.HIGHEST}
 PAD_SEGMENT = -1  # attention segment id of padding patches
 
 # Keys of the dict `vision_inputs` returns and `Qwen2_5_VLVisionModel.__call__` reads.
@@ -77,12 +77,7 @@ class Qwen2_5_VLVisionConfig:
                 f"window_size {self.window_size} is smaller than one merge unit "
                 f"({self.spatial_merge_size} x patch {self.patch_size} pixels)"
             )
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat {self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
-        if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"attention_impl {self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
-        if self.matmul_precision not in PRECISIONS:
-            raise ValueError(f"matmul_precision {self.matmul_precision!r} is not one of {sorted(PRECISIONS)}")
+        check_runtime(self)
 
     @property
     def head_dim(self) -> int:
