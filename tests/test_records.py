@@ -182,4 +182,4 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="on_error"):
         read_jsonl_records(path, on_error="ignore")
     with pytest.raises(ValueError, match="kind"):
-        parse_record({"prompt": "Q"}, kind="sft")
+        parse_record({"prompt": "Q"}, kind="dpo")

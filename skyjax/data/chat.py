@@ -92,8 +92,10 @@ def _render(tokenizer, messages: Sequence[Mapping[str, Any]], **kwargs) -> str:
     return tokenizer.apply_chat_template(list(messages), tokenize=False, **kwargs)
 
 
-def _assistant_spans(tokenizer, messages: Sequence[Mapping[str, Any]], full: str) -> list[tuple[int, int]]:
-    """Character spans [start, end) of assistant content (+ the closing eos token) in `full`.
+def _assistant_spans(tokenizer, messages: Sequence[Mapping[str, Any]], full: str,
+                     only: Sequence[int] | None = None) -> list[tuple[int, int]]:
+    """Character spans [start, end) of assistant content (+ the closing eos token) in `full`; with `only`, of those
+    assistant messages (indices into `messages`) alone.
 
     For assistant message i we render messages[:i+1] twice, once as is and once with the content replaced by a
     sentinel; the sentinel's surroundings (header before, closing tokens after) locate the content exactly, whatever
@@ -103,7 +105,7 @@ def _assistant_spans(tokenizer, messages: Sequence[Mapping[str, Any]], full: str
     spans = []
     eos = tokenizer.eos_token
     for i, message in enumerate(messages):
-        if message.get("role") != "assistant":
+        if message.get("role") != "assistant" or (only is not None and i not in only):
             continue
         upto = _render(tokenizer, messages[: i + 1])
         probe = _render(tokenizer, [*messages[:i], {**message, "content": _SENTINEL}])
@@ -142,8 +144,12 @@ def format_conversation(
     image_token: str = "<|image_pad|>",
     add_generation_prompt: bool = False,
     max_length: int | None = None,
+    loss_messages: Sequence[int] | None = None,
 ) -> FormattedConversation:
     """Render `messages` with the tokenizer's chat template, expand images, and build the masks.
+
+    `loss_messages` restricts `assistant_mask` to those messages (indices into `messages`, each an assistant turn;
+    default every assistant turn): a prompt/completion SFT row trains its completion, not few-shot turns before it.
 
     `num_image_tokens[k]` is the number of LLM tokens of the k-th image in rendering order (Qwen2.5-VL:
     grid_t*grid_h*grid_w/4; InternVL: tokens_per_tile * tiles). `image_token` is a single added token that is
@@ -155,8 +161,12 @@ def format_conversation(
     if any(n < 1 for n in counts):
         raise ValueError(f"every image needs at least one token, got num_image_tokens={counts}")
     messages = list(messages)
+    if loss_messages is not None:
+        bad = [i for i in loss_messages if not (0 <= i < len(messages) and messages[i].get("role") == "assistant")]
+        if bad:
+            raise ValueError(f"loss_messages {bad} are not indices of assistant messages")
     text = _render(tokenizer, messages, add_generation_prompt=add_generation_prompt)
-    spans = _assistant_spans(tokenizer, messages, text)
+    spans = _assistant_spans(tokenizer, messages, text, loss_messages)
 
     vocab = tokenizer.get_vocab()
     if image_token == INTERNVL_IMAGE_MARKER:

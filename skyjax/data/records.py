@@ -21,8 +21,18 @@ Rules (all checked; a violation is a `RecordError` naming the file, the 1-based 
 - ``answer``: ground truth for generation/RL rows; a string or a number (stored as its string).
 - ``id`` (string or integer) and ``meta`` (object) are passed through untouched.
 
+SFT rows (TRL's two dataset styles) come in two forms:
+
+- conversational: ``{"images": [...], "messages": [{"role": ..., "content": ...}, ...]}``: the whole conversation;
+  every assistant turn is trained. Image parts may sit in system/user turns only; their number must equal
+  ``len(images)``. ``messages`` excludes ``prompt`` and every completion key.
+- prompt/completion: ``{"images": [...], "prompt": ..., "completion": ...}``: ``completion`` is a string (one
+  assistant turn) or a list of assistant messages; only the completion is trained (assistant turns inside the
+  prompt are context).
+
 Kinds: ``preference`` needs chosen+rejected; ``score`` needs response, or chosen+rejected (scored as a pair), not
-both; ``generate`` needs only prompt; ``any`` accepts every valid combination. Every kind needs ``prompt``.
+both; ``generate`` needs only prompt; ``sft`` needs ``messages`` with an assistant turn, or prompt+completion; ``any``
+accepts every valid combination. Every kind but ``sft`` needs ``prompt``.
 """
 
 from __future__ import annotations
@@ -44,9 +54,10 @@ __all__ = [
     "read_jsonl_records",
 ]
 
-ALLOWED_KEYS = ("images", "prompt", "chosen", "rejected", "response", "answer", "id", "meta")
+ALLOWED_KEYS = ("images", "prompt", "messages", "chosen", "rejected", "response", "completion", "answer", "id", "meta")
 ROLES = ("system", "user", "assistant")
-KINDS = ("preference", "score", "generate", "any")
+KINDS = ("preference", "score", "generate", "sft", "any")
+COMPLETION_KEYS = ("chosen", "rejected", "response", "completion")
 
 
 class RecordError(ValueError):
@@ -92,10 +103,12 @@ class Record:
     """One normalised row. Completions that a row lacks are None; `images` are resolved paths."""
 
     images: tuple[str, ...]
-    prompt: tuple[Message, ...]
+    prompt: tuple[Message, ...]  # empty for a conversational SFT row (its turns are in `messages`)
     chosen: tuple[Message, ...] | None = None
     rejected: tuple[Message, ...] | None = None
     response: tuple[Message, ...] | None = None
+    completion: tuple[Message, ...] | None = None
+    messages: tuple[Message, ...] | None = None
     answer: str | None = None
     id: str | int | None = None
     meta: dict[str, Any] | None = field(default=None, hash=False)
@@ -106,7 +119,21 @@ class Record:
     def is_pair(self) -> bool:
         return self.chosen is not None
 
-    def conversation(self, completion: Literal["chosen", "rejected", "response"] | None = None) -> list[dict]:
+    @property
+    def is_sft(self) -> bool:
+        return self.messages is not None or self.completion is not None
+
+    def sft_conversation(self) -> tuple[list[dict], tuple[int, ...] | None]:
+        """(chat-template messages, indices of the trained assistant messages; None = every assistant message)."""
+        if self.messages is not None:
+            return [m.to_dict() for m in self.messages], None
+        if self.completion is None:
+            raise ValueError(f"{self.source}:{self.line}: record is not an SFT row (no 'messages' or 'completion')")
+        n = len(self.prompt)
+        return self.conversation("completion"), tuple(range(n, n + len(self.completion)))
+
+    def conversation(self, completion: Literal["chosen", "rejected", "response", "completion"] | None = None
+                     ) -> list[dict]:
         """Prompt (+ the named completion) as a list of chat-template message dicts."""
         messages = list(self.prompt)
         if completion is not None:
@@ -213,8 +240,11 @@ def parse_record(
     base = None if base_dir is None else os.fspath(base_dir)
     resolved = tuple(_resolve_image(base, p) for p in images)
 
+    if "messages" in obj:
+        return _parse_conversation(ctx, obj, kind, resolved)
     if "prompt" not in obj:
-        raise ctx.error("prompt", "missing_key", f"missing required key 'prompt' (kind {kind!r})")
+        hint = " (or 'messages')" if kind in ("sft", "any") else ""
+        raise ctx.error("prompt", "missing_key", f"missing required key 'prompt'{hint} (kind {kind!r})")
     raw_prompt = obj["prompt"]
     if isinstance(raw_prompt, str):
         # Shorthand: one user turn, images first (so the placeholder count matches by construction).
@@ -231,7 +261,7 @@ def parse_record(
             )
 
     completions: dict[str, tuple[Message, ...] | None] = {}
-    for key in ("chosen", "rejected", "response"):
+    for key in COMPLETION_KEYS:
         if key not in obj:
             completions[key] = None
             continue
@@ -245,6 +275,14 @@ def parse_record(
         missing = "rejected" if has_chosen else "chosen"
         raise ctx.error(missing, "missing_key", f"'chosen' and 'rejected' come together; missing {missing!r}")
     has_response = completions["response"] is not None
+    if completions["completion"] is not None:
+        other = "response" if has_response else "chosen" if has_chosen else None
+        if other is not None:
+            raise ctx.error("completion", "conflict", f"an SFT row's 'completion' excludes {other!r}")
+        if kind not in ("sft", "any"):
+            raise ctx.error("completion", "conflict", f"kind {kind!r} does not take 'completion' (SFT rows only)")
+    elif kind == "sft":
+        raise ctx.error("completion", "missing_key", "kind 'sft' needs 'messages', or 'prompt' and 'completion'")
     if kind == "preference" and not has_chosen:
         raise ctx.error("chosen", "missing_key", "kind 'preference' needs 'chosen' and 'rejected'")
     if kind == "score":
@@ -253,6 +291,35 @@ def parse_record(
         if has_chosen and has_response:
             raise ctx.error("response", "conflict", "kind 'score' takes 'response' or a chosen/rejected pair, not both")
 
+    return Record(images=resolved, prompt=prompt, **_passthrough(ctx, obj), source=source, line=line, **completions)
+
+
+def _parse_conversation(ctx: _Ctx, obj: Mapping, kind: str, images: tuple[str, ...]) -> Record:
+    """A conversational SFT row: ``messages`` holds every turn (and is the only conversation key)."""
+    if kind not in ("sft", "any"):
+        raise ctx.error("messages", "conflict", f"kind {kind!r} does not take 'messages' (SFT rows only)")
+    others = [k for k in ("prompt", *COMPLETION_KEYS) if k in obj]
+    if others:
+        raise ctx.error("messages", "conflict", f"'messages' holds the whole conversation; drop {others}")
+    raw = obj["messages"]
+    if not isinstance(raw, list):
+        raise ctx.error("messages", "type", f"expected a list of messages, got {_type_name(raw)}")
+    messages = _parse_turns(ctx, "messages", raw, ROLES, "user")
+    if any(m.num_images for m in messages if m.role == "assistant"):
+        raise ctx.error("messages", "image_count", "images may only appear in system and user turns")
+    n_placeholders = sum(m.num_images for m in messages)
+    if n_placeholders != len(images):
+        raise ctx.error("messages", "image_count",
+                        f"the messages have {n_placeholders} {{'type': 'image'}} placeholder(s) but 'images' lists "
+                        f"{len(images)} path(s)")
+    if not any(m.role == "assistant" for m in messages):
+        raise ctx.error("messages", "missing_key", "an SFT conversation needs at least one assistant turn")
+    return Record(images=images, prompt=(), messages=messages, **_passthrough(ctx, obj), source=ctx.source,
+                  line=ctx.line)
+
+
+def _passthrough(ctx: _Ctx, obj: Mapping) -> dict[str, Any]:
+    """The checked ``answer``, ``id`` and ``meta`` fields."""
     answer = obj.get("answer")
     if answer is not None:
         if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
@@ -264,17 +331,7 @@ def parse_record(
     meta = obj.get("meta")
     if meta is not None and not isinstance(meta, Mapping):
         raise ctx.error("meta", "type", f"expected an object, got {_type_name(meta)}")
-
-    return Record(
-        images=resolved,
-        prompt=prompt,
-        answer=answer,
-        id=rid,
-        meta=None if meta is None else dict(meta),
-        source=source,
-        line=line,
-        **completions,
-    )
+    return {"answer": answer, "id": rid, "meta": None if meta is None else dict(meta)}
 
 
 class RecordReader:
@@ -327,7 +384,7 @@ class RecordReader:
 
 def read_jsonl_records(
     path: str | os.PathLike,
-    kind: Literal["preference", "score", "generate", "any"] = "any",
+    kind: Literal["preference", "score", "generate", "sft", "any"] = "any",
     on_error: Literal["raise", "skip"] = "raise",
 ) -> RecordReader:
     """Records of a JSONL file, lazily. Iterate the returned `RecordReader`; afterwards ``.skipped`` (a Counter by

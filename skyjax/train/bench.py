@@ -7,6 +7,11 @@ images; forward of chosen and rejected, the fp32 value head at the last real tok
 an AdamW update. The PyTorch side runs the reference layout ([chosen; rejected] in one batch, images encoded for both
 rows, as the reference training code does); skyjax encodes each pair's images once. It prints the speedup and the step's
 achieved FLOP/s as a fraction of this machine's matmul peak, measured in the same run.
+
+FLOPs per step are counted from the step's jaxpr (`skyjax.bench.count_flops`: every matmul and convolution, scanned
+layers multiplied by their trip count). XLA's `cost_analysis()` is recorded beside it as `xla_cost_analysis_flops`,
+but it counts a while loop's body once, so with scanned layers it undercounts by about the number of layers.
+`skyjax bench` runs this together with the other benchmarks.
 """
 
 from __future__ import annotations
@@ -56,11 +61,22 @@ def _inputs(pairs: int, seed: int = 0):
     return images, chosen, rejected
 
 
-def run_rm_bench(pairs: int = 4, steps: int = 5, dtype: str = "float32", torch_baseline: bool = True) -> dict:
+def mrope_section_for(head_dim: int) -> tuple[int, int, int]:
+    """Qwen2.5-VL's (t, h, w) split of the rotary half, scaled to head_dim ((16, 24, 24) at head_dim 128)."""
+    half = head_dim // 2
+    return (half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8)
+
+
+def run_rm_bench(pairs: int = 4, steps: int = 5, dtype: str = "float32", torch_baseline: bool = True,
+                 shapes: dict | None = None, peak: float | None = None, measure_peak: bool = True) -> dict:
+    """shapes: {'text': Qwen2Config fields, 'vision': vision config fields} (default BENCH_SHAPES). peak: this
+    machine's matmul FLOP/s if already measured; otherwise it is measured here unless measure_peak is False (then
+    the FLOP fraction is None)."""
     import jax
     import jax.numpy as jnp
     import optax
 
+    from skyjax.bench import count_flops
     from skyjax.data.qwen_vl_image import QwenVLImageConfig
     from skyjax.data.tokenizer import build_tiny_tokenizer, special_token_ids
     from skyjax.models.qwen2 import Qwen2Config
@@ -72,15 +88,16 @@ def run_rm_bench(pairs: int = 4, steps: int = 5, dtype: str = "float32", torch_b
     from skyjax.train.config import ObjectiveConfig
     from skyjax.train.objectives import reward_model_loss
 
+    shapes = shapes or BENCH_SHAPES
     tok = build_tiny_tokenizer("qwen2_5_vl")
     ids = special_token_ids(tok)
-    text = Qwen2Config(**BENCH_SHAPES["text"], dtype=dtype, param_dtype="float32", eos_token_id=ids["eos"],
+    text = Qwen2Config(**shapes["text"], dtype=dtype, param_dtype="float32", eos_token_id=ids["eos"],
                        pad_token_id=ids["pad"])
-    vision = Qwen2_5_VLVisionConfig(**BENCH_SHAPES["vision"], out_hidden_size=text.hidden_size, dtype=dtype,
+    vision = Qwen2_5_VLVisionConfig(**shapes["vision"], out_hidden_size=text.hidden_size, dtype=dtype,
                                     param_dtype="float32")
     cfg = Qwen2_5_VLConfig(text=text, vision=vision, image_token_id=ids["image_pad"], video_token_id=ids["video_pad"],
                            vision_start_token_id=ids["vision_start"], vision_end_token_id=ids["vision_end"],
-                           mrope_section=(8, 12, 12))
+                           mrope_section=mrope_section_for(text.head_dim))
     image_cfg = QwenVLImageConfig(min_pixels=224 * 224, max_pixels=224 * 224)
     images, chosen, rejected = _inputs(pairs)
     buckets = Buckets(seq=(256, 512), patches=(512 * pairs, 1024 * pairs), images=(2 * pairs, 4 * pairs))
@@ -90,7 +107,7 @@ def run_rm_bench(pairs: int = 4, steps: int = 5, dtype: str = "float32", torch_b
     fn = Functional.create(lambda r: Qwen2_5_VLRewardModel(cfg, rngs=r))
     params = fn.init(seed=0)
     opt = optax.adamw(1e-5)
-    opt_state = opt.init(params)
+    opt_state = jax.jit(opt.init)(params)  # one compile, not one per parameter shape
     slots = prompt_only.image_grid_thw
     batch = {"input_ids": jnp.asarray(both.input_ids), "attention_mask": jnp.asarray(both.attention_mask),
              "pixel_values": jnp.asarray(prompt_only.pixel_values),
@@ -107,7 +124,9 @@ def run_rm_bench(pairs: int = 4, steps: int = 5, dtype: str = "float32", torch_b
     t = time.perf_counter()
     compiled = jitted.lower(params, opt_state, batch).compile()
     compile_s = time.perf_counter() - t
-    flops = float(compiled.cost_analysis().get("flops", 0.0))
+    flops = count_flops(step, params, opt_state, batch)  # the jaxpr's matmuls, scan trip counts included
+    cost = compiled.cost_analysis()
+    cost = (cost[0] if cost else {}) if isinstance(cost, (list, tuple)) else (cost or {})
     params, opt_state, loss = compiled(params, opt_state, batch)
     loss.block_until_ready()
     times = []
@@ -117,12 +136,15 @@ def run_rm_bench(pairs: int = 4, steps: int = 5, dtype: str = "float32", torch_b
         loss.block_until_ready()
         times.append(time.perf_counter() - t)
     ours = float(np.median(times))
-    peak = matmul_peak(dtype)
-    result = {"config": {"pairs": pairs, "images_per_pair": 2, "image_size": 224, "dtype": dtype, **BENCH_SHAPES,
+    if peak is None and measure_peak:
+        peak = matmul_peak(dtype)
+    result = {"config": {"pairs": pairs, "steps": steps, "images_per_pair": 2, "image_size": 224, "dtype": dtype,
+                         **shapes, "mrope_section": list(cfg.mrope_section),
                          "seq_len": int(both.input_ids.shape[1]), "patches_per_step": int(both.real_grid_thw.prod(1)
                                                                                            .sum() // 2)},
-              "skyjax_s": ours, "compile_s": compile_s, "flops_per_step": flops,
-              "matmul_peak_flops_per_s": peak, "rm_train_step_flops_fraction": flops / ours / peak if flops else None}
+              "skyjax_s": ours, "compile_s": compile_s, "flops_per_step": flops, "flops_source": "jaxpr",
+              "xla_cost_analysis_flops": float(cost.get("flops", 0.0)), "matmul_peak_flops_per_s": peak,
+              "rm_train_step_flops_fraction": flops / ours / peak if flops and peak else None}
     if torch_baseline:
         ref = _torch_step_time(cfg, both, pairs, steps, dtype)
         result.update(reference_s=ref, speedup=ref / ours)

@@ -12,12 +12,13 @@ from pathlib import Path
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "train", help="train a model from a run config (reward model; SFT/MPO/GRPO plug into the same loop)",
+        "train", help="train a model from a run config (reward model, SFT; MPO/GRPO plug into the same loop)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train from a YAML run config with dotted overrides. The run directory receives checkpoints "
                     "(resumed automatically), metrics (TensorBoard + metrics.jsonl), the final skyjax checkpoint, "
                     "a Hugging Face export and summary.json.\n\nexample:\n"
                     "  skyjax train configs/demo/reward_model.yaml --run-dir runs/reward_demo\n"
+                    "  skyjax train configs/sft/r1v_tiny.yaml --run-dir runs/sft_tiny\n"
                     "  skyjax train configs/reward_model/stage1_7b.yaml optimizer.lr=5e-6 trainer.steps=1000")
     p.add_argument("config", type=Path, help="run config (YAML)")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. optimizer.lr=1e-5")
@@ -59,15 +60,11 @@ def train(cfg, run_dir: Path, *, resume: bool = True) -> dict:
     run_dir = Path(run_dir).resolve()
     trainer = Trainer(cfg, run_dir, resume=resume, log=lambda m: print(m, file=sys.stderr))
     print(f"{cfg.kind} run '{cfg.name}': {trainer.fn.num_params() / 1e6:.2f}M parameters on mesh "
-          f"{dict(trainer.mesh.shape)}, {trainer.total_steps} steps of {cfg.data.batch_size} pairs -> {run_dir}",
-          file=sys.stderr)
+          f"{dict(trainer.mesh.shape)}, {trainer.total_steps} steps of {cfg.data.batch_size} "
+          f"{trainer.task.row_unit} -> {run_dir}", file=sys.stderr)
     last = trainer.fit()
-    evals = trainer.evaluate()
-    summary = {"kind": cfg.kind, "name": cfg.name, "steps": int(trainer.state["step"]),
-               "train": last, "eval_accuracy": evals}
-    if cfg.data.synthetic is not None:  # the demo's two numbers: with the images, and with the images blanked
-        summary["heldout_accuracy"] = evals.get("heldout")
-        summary["blind_accuracy"] = trainer.evaluate(blank_images=True).get("heldout")
+    summary = {"kind": cfg.kind, "name": cfg.name, "steps": int(trainer.state["step"]), "train": last,
+               **trainer.task.summarize(trainer, trainer.evaluate())}
     skipped = sum(trainer.train_pipe.skipped.values()) + sum(trainer.read_skipped.values())
     summary["skipped_rows"] = int(skipped)
     paths = trainer.finish()

@@ -2,8 +2,9 @@
 
     skyjax train configs/reward_model/stage1_7b.yaml optimizer.lr=1e-5 trainer.steps=100
 
-`kind` picks the objective (reward_model today; sft, mpo and grpo plug into the same trainer). Values the papers do
-not state are marked UNCONFIRMED in the shipped YAML files and are ordinary options here.
+`kind` picks the task (skyjax.train.tasks): reward_model (Bradley-Terry on preference pairs) or sft (next-token
+cross-entropy on assistant tokens); mpo and grpo plug into the same trainer. Values the papers do not state are marked
+UNCONFIRMED in the shipped YAML files and are ordinary options here.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from skyjax.parallel.mesh import MeshConfig
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    # "tiny": the built-in tiny Qwen2.5-VL reward model; otherwise a Hugging Face folder or a skyjax checkpoint
+    # "tiny": the kind's built-in tiny model (reward_model: Qwen2.5-VL + value head; sft: Skywork R1V, i.e.
+    # InternViT + projector + Qwen2); otherwise a Hugging Face folder or a skyjax checkpoint
     source: str = "tiny"
     tokenizer: str | None = None  # folder with the tokenizer; default: `source` (tiny: a local byte-level one)
     dtype: str | None = None  # compute dtype (default: the checkpoint's)
@@ -32,7 +34,8 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticDataConfig:
-    """A locally generated visual preference task (see skyjax.data.synthetic)."""
+    """A locally generated visual task: preference pairs (skyjax.data.synthetic) or SFT conversations
+    (skyjax.data.synthetic_sft), as the run's kind needs."""
 
     train: int = 2000
     heldout: int = 256
@@ -43,13 +46,15 @@ class SyntheticDataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    train: tuple[str, ...] = ()  # JSONL preference files (DESIGN.md record format), concatenated and shuffled
-    eval: tuple[str, ...] = ()  # held-out JSONL files scored after training (and every trainer.eval_every steps)
+    train: tuple[str, ...] = ()  # JSONL files (DESIGN.md record formats; SFT rows for kind sft), concatenated, shuffled
+    eval: tuple[str, ...] = ()  # held-out JSONL files evaluated after training (and every trainer.eval_every steps)
     synthetic: SyntheticDataConfig | None = None  # generate the demo task instead of reading files
-    batch_size: int = 8  # pairs per optimizer step, over all hosts
+    batch_size: int = 8  # pairs (reward model) or conversations (SFT) per optimizer step, over all hosts
     seq_buckets: tuple[int, ...] = (128, 256, 512, 1024, 2048, 4096)
-    patch_buckets: tuple[int, ...] = (256, 1024, 4096, 16384)
-    image_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    patch_buckets: tuple[int, ...] = (256, 1024, 4096, 16384)  # Qwen2.5-VL: vision patches per micro-batch
+    image_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32)  # Qwen2.5-VL: images per micro-batch
+    tile_buckets: tuple[int, ...] = (1, 5, 9, 13, 26, 39, 52)  # R1V / InternVL: 448 px tiles per micro-batch
+    max_tiles: int | None = None  # R1V / InternVL: override the checkpoint's max_dynamic_patch (tiles per image)
     max_length: int | None = None  # longer rows are errors (or skipped, with on_error: skip)
     min_pixels: int | None = None  # override the checkpoint's preprocessor_config.json
     max_pixels: int | None = None
@@ -74,10 +79,17 @@ class OptimizerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
-    """Bradley-Terry by default exactly as the paper: -log sigmoid(r+ - r-), nothing else."""
+    """reward_model: Bradley-Terry exactly as the paper by default, -log sigmoid(r+ - r-), nothing else.
+    sft: next-token cross-entropy (fp32) on assistant tokens only."""
 
     margin: float = 0.0  # optional: -log sigmoid(r+ - r- - margin)
     center_coef: float = 0.0  # optional reward centering: + coef * mean((r+ + r-)^2)
+    # sft: "token" = mean over every assistant token of the batch (long answers weigh more); "sequence" = mean over
+    # conversations of their per-token means
+    sft_average: Literal["token", "sequence"] = "token"
+    # sft: the LM head and its cross-entropy run over sequence chunks of this many tokens (0: the whole sequence at
+    # once), so [batch, seq, vocab] fp32 logits never exist at once (152k vocab x 16k tokens is 10 GB a row)
+    logits_chunk: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +101,9 @@ class TrainerConfig:
     save_every: int = 0  # 0: only at the end (and on SIGTERM)
     keep_checkpoints: int = 2
     async_checkpointing: bool = True
-    freeze: tuple[str, ...] = ("vision",)  # presets (vision, projector, llm, lm_head, head) or path regexes
+    # presets of the architecture (skyjax.train.optimizer.FREEZE_PRESETS: vision, projector, llm, lm_head, head)
+    # or path regexes; R1V projector-only = [vision, llm], projector + LLM = [vision], everything = []
+    freeze: tuple[str, ...] = ("vision",)
     seed: int = 0
     export: bool = True  # write a Hugging Face folder at the end
     eval_batch_size: int = 16
@@ -98,7 +112,7 @@ class TrainerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    kind: Literal["reward_model"] = "reward_model"
+    kind: Literal["reward_model", "sft"] = "reward_model"
     name: str = "run"
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -113,3 +127,5 @@ class RunConfig:
                              f"{self.optimizer.grad_accum}")
         if not self.data.train and self.data.synthetic is None:
             raise ValueError("data.train lists no files and data.synthetic is not set: nothing to train on")
+        if self.objective.logits_chunk < 0:
+            raise ValueError(f"objective.logits_chunk {self.objective.logits_chunk} must be >= 0")

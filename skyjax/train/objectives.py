@@ -1,10 +1,16 @@
 """Training objectives: small functions the one trainer plugs in by the run's `kind`.
 
 An objective maps (model, micro-batch, config) to (loss, sums): the loss is what gets differentiated; `sums` are
-weighted sums of metrics plus their total weight under the key "weight", so micro-batches and hosts combine exactly.
+additive fp32 scalars (weighted sums of metrics) plus the loss's denominator under the key "weight", so that
+micro-batches and hosts combine exactly: the train step scales each micro-batch's gradient by its weight, adds the
+sums, and divides by the total weight. Which keys `sums` has is the objective's business (the step zero-initialises
+its accumulator from the objective's own output); `Objective.report` turns summed sums into the logged metrics.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -12,13 +18,28 @@ import jax.numpy as jnp
 from skyjax.train.config import ObjectiveConfig
 
 
+def finalize(sums: dict) -> dict:
+    """Weighted sums -> means (every key divided by "weight")."""
+    w = max(float(sums["weight"]), 1e-9)
+    return {k: float(v) / w for k, v in sums.items() if k != "weight"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    name: str
+    loss: Callable  # (model, micro_batch, ObjectiveConfig) -> (loss, sums)
+    report: Callable[[dict], dict] = finalize  # host side: summed sums (floats) -> metrics
+
+
+# --- reward model: Bradley-Terry on preference pairs ------------------------------------------------------------------
+
+
 def pair_scores(model, batch: dict) -> tuple[jax.Array, jax.Array]:
     """Rewards of the chosen rows and the rejected rows [b] each, encoding the pairs' images once."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
     b = ids.shape[0] // 2
     feats = model.visual(batch["pixel_values"], batch["vision_meta"])  # [U, E]: the b prompts' images
-    embeds = jnp.concatenate([model.embed(ids[:b], image_features=feats),
-                              model.embed(ids[b:], image_features=feats)])  # [2b, S, E]
+    embeds = model.embed(ids, image_features=feats, image_groups=2)  # [2b, S, E]: both halves read feats
     scores = model.score(ids, attention_mask=mask, image_grid_thw=batch["image_grid_thw"], inputs_embeds=embeds)
     return scores[:b], scores[b:]
 
@@ -48,10 +69,89 @@ def reward_model_loss(model, batch: dict, cfg: ObjectiveConfig):
     return bradley_terry(chosen, rejected, batch["pair_weight"], cfg)
 
 
-OBJECTIVES = {"reward_model": reward_model_loss}
+# --- SFT: next-token cross-entropy on assistant tokens ----------------------------------------------------------------
 
 
-def finalize(sums: dict) -> dict:
-    """Weighted sums -> means."""
-    w = max(float(sums["weight"]), 1e-9)
-    return {k: float(v) / w for k, v in sums.items() if k != "weight"}
+def next_token_targets(input_ids: jax.Array, assistant_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(targets, mask) [b, S]: position t predicts token t+1, and counts when token t+1 is an assistant token (its
+    content or the end-of-turn token that closes it; see skyjax.data.chat). The last position predicts nothing."""
+    targets = jnp.concatenate([input_ids[:, 1:], jnp.zeros_like(input_ids[:, :1])], axis=1)
+    mask = jnp.concatenate([assistant_mask[:, 1:], jnp.zeros_like(assistant_mask[:, :1])], axis=1)
+    return targets, mask.astype(bool)
+
+
+def token_nll(hidden: jax.Array, logits_fn, targets: jax.Array, chunk: int = 0) -> tuple[jax.Array, jax.Array]:
+    """Per-token -log p(target) and argmax == target, both [b, S], from hidden states [b, S, E] in fp32.
+
+    With `chunk` the head runs over [b, chunk] slices in a rematerialised loop, so only one chunk's [b, chunk, V]
+    logits are live (forward and backward); S must be a multiple of `chunk`.
+    """
+
+    def piece(h, t):  # h [b, c, E], t [b, c]
+        logits = logits_fn(h).astype(jnp.float32)  # [b, c, V]
+        picked = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
+        return jax.nn.logsumexp(logits, axis=-1) - picked, jnp.argmax(logits, axis=-1) == t
+
+    b, s, e = hidden.shape
+    if not chunk or chunk >= s:
+        return piece(hidden, targets)
+    if s % chunk:
+        raise ValueError(f"objective.logits_chunk {chunk} does not divide the sequence bucket {s} (data.seq_buckets)")
+    n = s // chunk
+    h = hidden.reshape(b, n, chunk, e).swapaxes(0, 1)  # [n, b, c, E]
+    t = targets.reshape(b, n, chunk).swapaxes(0, 1)
+    nll, correct = jax.lax.map(lambda x: jax.checkpoint(piece)(*x), (h, t))  # [n, b, c]
+    return nll.swapaxes(0, 1).reshape(b, s), correct.swapaxes(0, 1).reshape(b, s)
+
+
+def masked_cross_entropy(nll: jax.Array, correct: jax.Array, mask: jax.Array, row_weight: jax.Array,
+                         average: str = "token"):
+    """(loss, sums) from per-token nll / correct [b, S], the trained positions `mask` [b, S] and `row_weight` [b]
+    (0 for padding rows).
+
+    average "token": sum of every trained token's nll / their number (weight = tokens).
+    average "sequence": mean over rows (with at least one trained token) of the row's per-token mean
+    (weight = such rows). Either way the micro-batch's loss is sums["loss"] / sums["weight"].
+    """
+    mask = mask.astype(jnp.float32)
+    w = row_weight.astype(jnp.float32)
+    nll, correct = nll.astype(jnp.float32), correct.astype(jnp.float32)
+    row_tokens = jnp.sum(mask, axis=1)  # [b]
+    row_nll = jnp.sum(nll * mask, axis=1)
+    has_tokens = (row_tokens > 0).astype(jnp.float32) * w
+    tokens = jnp.sum(row_tokens * w)
+    if average == "token":
+        loss_sum, weight = jnp.sum(row_nll * w), tokens
+    elif average == "sequence":
+        loss_sum, weight = jnp.sum(row_nll / jnp.maximum(row_tokens, 1.0) * has_tokens), jnp.sum(has_tokens)
+    else:
+        raise ValueError(f"objective.sft_average {average!r} is not 'token' or 'sequence'")
+    sums = {"loss": loss_sum, "weight": weight, "correct": jnp.sum(jnp.sum(correct * mask, axis=1) * w),
+            "tokens": tokens, "sequences": jnp.sum(has_tokens)}
+    return loss_sum / jnp.maximum(weight, 1.0), sums
+
+
+def sft_loss(model, batch: dict, cfg: ObjectiveConfig):
+    """Next-token cross-entropy on the assistant tokens of a micro-batch.
+
+    batch: input_ids / attention_mask / assistant_mask [b, S], row_weight [b], and `vision`: the model's image
+    inputs as keyword arguments of `model.hidden_states` (R1V: pixel_values [N_tiles, 3, s, s]).
+    """
+    ids = batch["input_ids"]
+    hidden, _ = model.hidden_states(ids, attention_mask=batch["attention_mask"], **batch.get("vision", {}))
+    targets, mask = next_token_targets(ids, batch["assistant_mask"])
+    nll, correct = token_nll(hidden, model.logits, targets, cfg.logits_chunk)
+    return masked_cross_entropy(nll, correct, mask, batch["row_weight"], cfg.sft_average)
+
+
+def sft_report(sums: dict) -> dict:
+    """Mean loss (as averaged), token accuracy, and the number of trained tokens and conversations."""
+    return {"loss": float(sums["loss"]) / max(float(sums["weight"]), 1e-9),
+            "accuracy": float(sums["correct"]) / max(float(sums["tokens"]), 1e-9),
+            "tokens": float(sums["tokens"]), "sequences": float(sums["sequences"])}
+
+
+OBJECTIVES = {
+    "reward_model": Objective("reward_model", reward_model_loss),
+    "sft": Objective("sft", sft_loss, sft_report),
+}

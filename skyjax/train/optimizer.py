@@ -26,8 +26,18 @@ FREEZE_PRESETS: dict[str, dict[str, str]] = {
         "head": r"v_head/.*",
     },
     "qwen2": {"llm": r"model/.*", "lm_head": r"lm_head/.*"},
+    # Skywork R1V / InternVL (both checkpoint layouts load into one parameter tree): InternViT, the MLP projector
+    # (`mlp1` in the remote layout) and the Qwen2 LLM with its head. The paper's transfer stages train the
+    # projector alone: freeze [vision, llm].
+    "r1v": {
+        "vision": r"vision_tower/.*",
+        "projector": r"projector/.*",
+        "llm": r"(model|lm_head)/.*",
+        "lm_head": r"lm_head/.*",
+    },
 }
 FREEZE_PRESETS["qwen2_5_vl_reward"] = FREEZE_PRESETS["qwen2_5_vl"]
+FREEZE_PRESETS["internvl"] = FREEZE_PRESETS["internvl_chat"] = FREEZE_PRESETS["r1v"]  # the registry's arch names
 
 
 def frozen_predicate(arch: str, freeze: Iterable[str]):

@@ -34,14 +34,14 @@ class PairExample:
     grids: np.ndarray  # [n_images, 3]
 
 
-def _where(record: Record) -> str:
+def row_location(record: Record) -> str:
     return f"{record.source}:{record.line}" if record.source else f"row {record.line}"
 
 
 def featurize_pair(record: Record, tokenizer, image_cfg: QwenVLImageConfig, *, max_length: int | None = None,
                    blank_images: bool = False, response_keys=("chosen", "rejected")) -> PairExample:
     """Load and preprocess the images, render both conversations; errors name the file and line."""
-    where = _where(record)
+    where = row_location(record)
     patches, grids, counts = [], [], []
     for path in record.images:
         try:
@@ -80,7 +80,7 @@ class PairBuckets:
     images: tuple[int, ...]
 
 
-def _fit(n: int, buckets: Sequence[int], what: str, where: str) -> int:
+def fit_bucket(n: int, buckets: Sequence[int], what: str, where: str) -> int:
     try:
         return bucket_size(n, buckets)
     except ValueError:
@@ -97,11 +97,11 @@ def collate_pairs(examples: Sequence[PairExample], vision_cfg: Qwen2_5_VLVisionC
     groups = [examples[i * per:(i + 1) * per] for i in range(micro_batches)]
     where = ", ".join(e.where for e in examples[:3]) + (" ..." if len(examples) > 3 else "")
     longest = max(max(e.chosen.length, e.rejected.length) for e in examples)
-    seq = _fit(longest, buckets.seq, "seq", where)
+    seq = fit_bucket(longest, buckets.seq, "seq", where)
     n_patches = max(sum(e.patches.shape[0] for e in g) for g in groups)
     n_images = max(sum(e.grids.shape[0] for e in g) for g in groups)
-    patches = _fit(max(n_patches, vision_cfg.merge_unit), buckets.patches, "patch", where)
-    slots = _fit(max(n_images, 1), buckets.images, "image", where)
+    patches = fit_bucket(max(n_patches, vision_cfg.merge_unit), buckets.patches, "patch", where)
+    slots = fit_bucket(max(n_images, 1), buckets.images, "image", where)
     out = []
     for i, group in enumerate(groups):
         rows = [e.chosen for e in group] + [e.rejected for e in group]

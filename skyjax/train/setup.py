@@ -1,5 +1,9 @@
-"""What a reward-model run needs before its first step: the model on the mesh, its tokenizer and image settings, and
-the preference data as a deterministic, checkpointable grain pipeline."""
+"""What a run needs before its first step: the model on the mesh with its tokenizer and image settings (a
+`ModelBundle`), and the data as a deterministic, checkpointable grain pipeline (`RecordPipeline`: shuffled, repeated,
+host-sliced records -> featurized examples -> static-shape batches, bad rows raised or skipped and counted).
+
+The reward model's pieces live here (`PairPipeline`, `load_reward_bundle`); SFT's in skyjax.train.sft; the task
+registry (skyjax.train.tasks) picks them by the run's kind."""
 
 from __future__ import annotations
 
@@ -28,10 +32,11 @@ from skyjax.train.pairs import BadRowError, PairBuckets, PairExample, collate_pa
 class ModelBundle:
     model: LoadedModel
     tokenizer: Any
-    image_cfg: QwenVLImageConfig
+    image_cfg: Any  # QwenVLImageConfig (Qwen2.5-VL) or InternVLImageConfig (R1V)
 
 
-def _runtime(cfg: ModelConfig) -> dict:
+def runtime_overrides(cfg: ModelConfig) -> dict:
+    """The model config fields a run may override (remat, attention_impl), when set."""
     out = {}
     for key in ("remat", "attention_impl"):
         if getattr(cfg, key) is not None:
@@ -44,7 +49,7 @@ def tiny_reward_model(cfg: ModelConfig, mesh: Mesh, folder: Path) -> ModelBundle
     tok = build_tiny_tokenizer("qwen2_5_vl", out_dir=folder)
     ids = special_token_ids(tok)
     runtime = {"dtype": cfg.dtype or "float32", "param_dtype": cfg.param_dtype or cfg.dtype or "float32",
-               **_runtime(cfg)}
+               **runtime_overrides(cfg)}
     mcfg = Qwen2_5_VLConfig.tiny(image_token_id=ids["image_pad"], video_token_id=ids["video_pad"],
                                  vision_start_token_id=ids["vision_start"], vision_end_token_id=ids["vision_end"],
                                  **runtime)
@@ -81,10 +86,11 @@ def reward_model_from(loaded: LoadedModel, mesh: Mesh, seed: int) -> LoadedModel
     return LoadedModel(arch, loaded.config, fn, {**loaded.params, **head}, loaded.folder, loaded.hf_config)
 
 
-def load_bundle(cfg: ModelConfig, mesh: Mesh, run_dir: Path) -> ModelBundle:
+def load_reward_bundle(cfg: ModelConfig, mesh: Mesh, run_dir: Path) -> ModelBundle:
+    """The reward model of a run: the tiny one, or a Qwen2.5-VL (+ value head) folder or checkpoint."""
     if cfg.source == "tiny":
         return tiny_reward_model(cfg, mesh, run_dir / "tokenizer")
-    loaded = load_model(cfg.source, mesh=mesh, dtype=cfg.dtype, param_dtype=cfg.param_dtype, **_runtime(cfg))
+    loaded = load_model(cfg.source, mesh=mesh, dtype=cfg.dtype, param_dtype=cfg.param_dtype, **runtime_overrides(cfg))
     loaded = reward_model_from(loaded, mesh, cfg.seed)
     tok = load_tokenizer(cfg.tokenizer or loaded.folder)
     return ModelBundle(loaded, tok, QwenVLImageConfig.from_folder(loaded.folder))
@@ -95,32 +101,35 @@ def image_config(bundle: ModelBundle, data: DataConfig) -> QwenVLImageConfig:
     return dataclasses.replace(bundle.image_cfg, **changes) if changes else bundle.image_cfg
 
 
-def read_records(paths, on_error: str = "raise") -> tuple[list[Record], collections.Counter]:
+def read_records(paths, on_error: str = "raise", kind: str = "preference") -> tuple[list[Record], collections.Counter]:
+    """Every record of the JSONL files, checked as `kind` (skyjax.data.records); skipped rows counted by reason."""
     records, skipped = [], collections.Counter()
     for path in paths:
-        reader = read_jsonl_records(path, kind="preference", on_error=on_error)
+        reader = read_jsonl_records(path, kind=kind, on_error=on_error)
         records.extend(reader)
         skipped.update(reader.skipped)
     return records, skipped
 
 
-class PairPipeline:
-    """Shuffled (by seed), repeated, host-sliced pairs -> featurized -> collated batches (grain MapDataset).
+class RecordPipeline:
+    """Shuffled (by seed), repeated, host-sliced records -> featurized -> collated batches (grain MapDataset).
 
-    Bad rows raise `BadRowError` (naming file and line), or with on_error='skip' are counted in `skipped` and
-    replaced in their batch by a zero-weight copy of a good pair, so the batch shape never changes.
+    Subclasses say how one record becomes an example (`featurize`, raising `BadRowError`) and how examples become
+    a batch (`collate(examples, weights)`, with a leading micro-batch axis). Bad rows raise `BadRowError` (naming
+    file and line), or with on_error='skip' are counted in `skipped` and replaced in their batch by a zero-weight
+    copy of a good example, so the batch shape never changes.
     """
+
+    example_type: type = object
 
     def __init__(self, records: list[Record], bundle: ModelBundle, data: DataConfig, *, micro_batches: int = 1,
                  epochs: int | None = None, shuffle: bool = True, blank_images: bool = False,
                  batch_size: int | None = None, drop_remainder: bool = True, pad_last: bool = False):
         if not records:
-            raise ValueError("no preference records to read")
+            raise ValueError("no records to read")
         self.bundle, self.data, self.micro = bundle, data, micro_batches
-        self.image_cfg = image_config(bundle, data)
         self.blank = blank_images
         self.bad_rows: dict[str, str] = {}  # "file:line" -> reason (unique: read-ahead may featurize a row twice)
-        self.buckets = PairBuckets(tuple(data.seq_buckets), tuple(data.patch_buckets), tuple(data.image_buckets))
         self.batch_size = batch_size or data.batch_size
         n_hosts, host = jax.process_count(), jax.process_index()
         if self.batch_size % n_hosts:
@@ -132,31 +141,34 @@ class PairPipeline:
         ds = ds[host::n_hosts]  # each host reads only its share
         ds = ds.map(self._featurize)
         self.per_host = self.batch_size // n_hosts
-        self.pad_last = pad_last  # a short last batch is filled with zero-weight pairs (one shape for jit)
+        self.pad_last = pad_last  # a short last batch is filled with zero-weight examples (one shape for jit)
         self.dataset = ds.batch(self.per_host, drop_remainder=drop_remainder, batch_fn=self._collate)
         self.num_records = len(records)
 
+    def featurize(self, record: Record):
+        raise NotImplementedError
+
+    def collate(self, examples: list, weights: list[float]) -> dict:
+        raise NotImplementedError
+
     def _featurize(self, record: Record):
         try:
-            return featurize_pair(record, self.bundle.tokenizer, self.image_cfg, max_length=self.data.max_length,
-                                  blank_images=self.blank)
+            return self.featurize(record)
         except BadRowError as e:
             if self.data.on_error == "raise":
                 raise
             return e
 
     def _collate(self, items):
-        good = [x for x in items if isinstance(x, PairExample)]
-        for bad in (x for x in items if not isinstance(x, PairExample)):
+        good = [x for x in items if isinstance(x, self.example_type)]
+        for bad in (x for x in items if not isinstance(x, self.example_type)):
             where, _, reason = str(bad).partition(": ")
             self.bad_rows[where] = reason
         if not good:
             raise BadRowError(f"every row of a batch was bad, e.g. {items[0]}")
         size = max(len(items), self.per_host) if self.pad_last else len(items)
         weights = [1.0] * len(good) + [0.0] * (size - len(good))
-        padded = good + [good[0]] * (size - len(good))
-        return collate_pairs(padded, self.bundle.model.config.vision, self.buckets,
-                             self.bundle.tokenizer.pad_token_id, micro_batches=self.micro, weights=weights)
+        return self.collate(good + [good[0]] * (size - len(good)), weights)
 
     @property
     def skipped(self) -> collections.Counter:
@@ -167,20 +179,54 @@ class PairPipeline:
         return len(self.dataset)
 
 
+class PairPipeline(RecordPipeline):
+    """Preference pairs for the reward model (Qwen2.5-VL): see skyjax.train.pairs."""
+
+    example_type = PairExample
+
+    def __init__(self, records: list[Record], bundle: ModelBundle, data: DataConfig, **kw):
+        self.image_cfg = image_config(bundle, data)
+        self.buckets = PairBuckets(tuple(data.seq_buckets), tuple(data.patch_buckets), tuple(data.image_buckets))
+        super().__init__(records, bundle, data, **kw)
+
+    def featurize(self, record: Record) -> PairExample:
+        return featurize_pair(record, self.bundle.tokenizer, self.image_cfg, max_length=self.data.max_length,
+                              blank_images=self.blank)
+
+    def collate(self, examples, weights) -> dict:
+        return collate_pairs(examples, self.bundle.model.config.vision, self.buckets,
+                             self.bundle.tokenizer.pad_token_id, micro_batches=self.micro, weights=weights)
+
+
 def total_pairs_skipped(pipelines) -> int:
     return int(sum(sum(p.skipped.values()) for p in pipelines))
 
 
-def to_device(batch: dict, mesh: Mesh) -> dict:
-    """Place a collated batch on the mesh: rows over the batch axes, the packed vision input replicated."""
+ROW_KEYS = ("input_ids", "attention_mask", "assistant_mask")  # [A, B, S] arrays: rows split over the batch axes
+
+
+def batch_shardings(batch: dict, mesh: Mesh) -> dict:
+    """NamedShardings of a collated batch (arrays or ShapeDtypeStructs): token rows over the batch axes (when they
+    divide), everything else (the packed vision input, weights) replicated."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from skyjax.parallel.rules import logical_to_spec
 
     row_spec = logical_to_spec((None, "batch", "seq"), mesh, shape=batch["input_ids"].shape, strict=False)
 
-    def put(key, x):
-        spec = row_spec if key in ("input_ids", "attention_mask") else P()
-        return jax.device_put(np.asarray(x), NamedSharding(mesh, spec))
+    def spec(key, x):
+        return NamedSharding(mesh, row_spec if key in ROW_KEYS else P())
 
-    return {k: (jax.tree.map(lambda x: put(k, x), v) if isinstance(v, dict) else put(k, v)) for k, v in batch.items()}
+    return {k: (jax.tree.map(lambda x: spec(k, x), v) if isinstance(v, dict) else spec(k, v))
+            for k, v in batch.items()}
+
+
+def to_device(batch: dict, mesh: Mesh) -> dict:
+    """Place a collated batch on the mesh with `batch_shardings`."""
+    return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), batch, batch_shardings(batch, mesh))
+
+
+def abstract(batch: dict, mesh: Mesh) -> dict:
+    """ShapeDtypeStructs (with `batch_shardings`) of a batch given as arrays or shape structs: for AOT compiles."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), batch,
+                        batch_shardings(batch, mesh))

@@ -1,0 +1,56 @@
+"""A synthetic visual SFT task, generated locally: questions about drawn images with short assistant answers.
+
+The scenes and questions are those of `skyjax.data.synthetic` (colour, shape, side, count of PIL-drawn shapes; an
+optional text-only arithmetic task). Rows use both SFT record styles, so a run reads them through the same pipeline
+as real data:
+
+- conversational: ``{"images": [...], "messages": [system, user(image + question), assistant(answer)]}``, every
+  fourth row with a second exchange (``"Sure?"`` -> ``"Yes."``), whose assistant turn is trained too;
+- prompt/completion: ``{"images": [...], "prompt": "question", "completion": "answer"}`` (the string prompt is a user
+  turn with the image before the text).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from skyjax.data.synthetic import QUESTIONS, SYSTEM, TEXT_TASKS, draw_scene
+
+
+def make_sft_records(folder: str | Path, name: str, n: int, *, seed: int, image_size: int = 56,
+                     tasks=("colour", "shape", "position")) -> Path:
+    """Write `name`.jsonl (+ PNGs under images/) with n SFT rows; returns the JSONL path."""
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    for task in tasks:
+        if task not in QUESTIONS and task not in TEXT_TASKS:
+            raise ValueError(f"unknown synthetic task {task!r} (known: {', '.join([*QUESTIONS, *TEXT_TASKS])})")
+    rng = np.random.RandomState(seed)
+    out = folder / f"{name}.jsonl"
+    with out.open("w") as f:
+        for i in range(n):
+            task = tasks[rng.randint(len(tasks))]
+            row = {"id": f"{name}-{i}", "meta": {"task": task}}
+            if task == "arithmetic":  # text only
+                a, b = rng.randint(1, 10, 2)
+                question, answer, images = f"What is {a} + {b}?", f"{a + b}.", []
+            else:
+                question, answers = QUESTIONS[task]
+                image, right = draw_scene(rng, task, image_size)
+                rel = f"images/{name}_{i:06d}.png"
+                image.save(folder / rel)
+                answer, images = answers[right], [rel]
+            row["images"] = images
+            if i % 2:  # prompt/completion
+                row.update(prompt=question, completion=answer)
+            else:  # conversational
+                user = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
+                row["messages"] = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user},
+                                   {"role": "assistant", "content": answer}]
+                if i % 4 == 2:
+                    row["messages"] += [{"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "Yes."}]
+            f.write(json.dumps(row) + "\n")
+    return out

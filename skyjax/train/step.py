@@ -1,0 +1,97 @@
+"""The train step as a pure function of (state, batch), shared by the Trainer and ahead-of-time compiles.
+
+    step = build_train_step(fn, objective, optimizer, schedule, cfg.objective)
+    shardings = state_shardings(fn, optimizer, is_frozen, mesh)
+    jitted = jax.jit(step, donate_argnums=0, out_shardings=(shardings, NamedSharding(mesh, P())))
+    jitted.lower(abstract_state(fn, optimizer, is_frozen, mesh), abstract_batch)   # AOT: nothing allocated
+
+The state is a dict:
+    step       int32 []
+    trainable  nested params dict (what the optimizer updates)
+    frozen     nested params dict (never differentiated: no gradient memory, no optimizer moments)
+    opt        the optax state of `trainable`
+A batch has a leading micro-batch axis [A, ...] on every array; the step scans over it (gradient accumulation).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from skyjax.nn.functional import Functional
+from skyjax.train.objectives import Objective
+from skyjax.train.optimizer import merge_params, split_params
+
+STEP_KEYS = ("grad_norm", "lr")  # what the step adds to the objective's sums (not weighted)
+
+
+def build_train_step(fn: Functional, objective: Objective, optimizer: optax.GradientTransformation,
+                     schedule: optax.Schedule, objective_cfg):
+    """`train_step(state, batch) -> (new_state, stats)`: one optimizer step over the batch's A micro-batches.
+
+    The objective's loss on each micro-batch is a weighted mean with weight `sums["weight"]`; gradients are
+    accumulated as weighted sums and divided by the total weight, so A micro-batches equal one batch of A times the
+    size (up to fp32 summation order). `stats` = the objective's summed `sums` + `grad_norm` + `lr` (scalars).
+    """
+
+    def train_step(state: dict, batch: dict):
+        frozen = state["frozen"]
+
+        def loss_fn(trainable, mb):
+            return objective.loss(fn.bind(merge_params(trainable, frozen)), mb, objective_cfg)
+
+        def micro(carry, mb):
+            grads_acc, sums_acc = carry
+            (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["trainable"], mb)
+            # loss_fn is a weighted mean over this micro-batch: scale back to a weighted sum before accumulating
+            grads_acc = jax.tree.map(lambda a, g: a + g * sums["weight"], grads_acc, grads)
+            return (grads_acc, jax.tree.map(jnp.add, sums_acc, sums)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state["trainable"])
+        # the accumulator has exactly the objective's keys (shapes from tracing it on the first micro-batch)
+        sums_shape = jax.eval_shape(loss_fn, state["trainable"], jax.tree.map(lambda x: x[0], batch))[1]
+        sums0 = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), sums_shape)
+        (grads, sums), _ = jax.lax.scan(micro, (zeros, sums0), batch)
+        grads = jax.tree.map(lambda g: g / jnp.maximum(sums["weight"], 1.0), grads)
+        updates, opt = optimizer.update(grads, state["opt"], state["trainable"])
+        trainable = optax.apply_updates(state["trainable"], updates)
+        stats = dict(sums, grad_norm=optax.global_norm(grads), lr=jnp.asarray(schedule(state["step"]), jnp.float32))
+        new = {"step": state["step"] + 1, "trainable": trainable, "frozen": frozen, "opt": opt}
+        return new, stats
+
+    return train_step
+
+
+def report(objective: Objective, stats: dict) -> dict:
+    """Host-side metrics of one step's `stats` (floats): the objective's report + grad_norm and lr."""
+    sums = {k: v for k, v in stats.items() if k not in STEP_KEYS}
+    return {**objective.report(sums), **{k: float(stats[k]) for k in STEP_KEYS}}
+
+
+def state_shardings(fn: Functional, optimizer: optax.GradientTransformation, is_frozen, mesh: Mesh) -> dict:
+    """NamedShardings of the state: parameters as the model's axis rules say, optimizer moments like their
+    parameters, scalars (step, counts) replicated."""
+    param_sh = fn.shardings(mesh)
+    trainable_sh, frozen_sh = split_params(param_sh, is_frozen)
+    trainable_shapes, _ = split_params(fn.shapes, is_frozen)
+    replicated = NamedSharding(mesh, P())
+    opt_sh = optax.tree_map_params(optimizer, lambda _, s: s, jax.eval_shape(optimizer.init, trainable_shapes),
+                                   trainable_sh, transform_non_params=lambda _: replicated)
+    return {"step": replicated, "trainable": trainable_sh, "frozen": frozen_sh, "opt": opt_sh}
+
+
+def abstract_state(fn: Functional, optimizer: optax.GradientTransformation, is_frozen, mesh: Mesh) -> dict:
+    """The state as ShapeDtypeStructs with their shardings (nothing allocated): for `jit(...).lower`."""
+    trainable, frozen = split_params(fn.shapes, is_frozen)
+    shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "trainable": trainable, "frozen": frozen,
+              "opt": jax.eval_shape(optimizer.init, trainable)}
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                        state_shardings(fn, optimizer, is_frozen, mesh))
+
+
+def jit_train_step(step, shardings: dict, mesh: Mesh):
+    """The step under jit: the state is donated and comes back with exactly its input shardings (so the first and
+    every later step share one compiled program); the stats are replicated scalars."""
+    return jax.jit(step, donate_argnums=0, out_shardings=(shardings, NamedSharding(mesh, P())))

@@ -1,0 +1,175 @@
+"""What differs between kinds of run, in one registry: `TASKS[cfg.kind]`.
+
+A `Task` bundles the objective, how its model is loaded, how its records are read and batched, its synthetic data,
+its held-out evaluation and what it adds to summary.json. The Trainer owns everything else (mesh, state, step,
+checkpoints, metrics, signals) and never asks which kind it runs.
+
+    reward_model  Bradley-Terry on preference pairs; Qwen2.5-VL + value head; eval = pair accuracy
+    sft           next-token cross-entropy on assistant tokens; Skywork R1V (or Qwen2.5-VL); eval = held-out loss
+                  and token accuracy
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from skyjax.parallel.rules import use_mesh
+from skyjax.train.config import DataConfig
+from skyjax.train.objectives import OBJECTIVES, Objective, pair_scores
+from skyjax.train.optimizer import merge_params
+from skyjax.train.pairs import host_batch
+from skyjax.train.setup import ModelBundle, PairPipeline, RecordPipeline, abstract, load_reward_bundle, read_records
+from skyjax.train.sft import SFTPipeline, abstract_sft_batch, load_sft_bundle
+
+if TYPE_CHECKING:
+    from skyjax.train.trainer import Trainer
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    kind: str
+    objective: Objective
+    record_kind: str  # how skyjax.data.records checks each row
+    load_bundle: Callable  # (ModelConfig, Mesh, run_dir) -> ModelBundle
+    pipeline: type[RecordPipeline]  # (records, bundle, DataConfig, **options) -> batches
+    make_synthetic: Callable  # (folder, name, n, *, seed, image_size, tasks) -> JSONL path
+    evaluate: Callable  # (trainer, JSONL path, **options) -> the file's held-out result
+    summarize: Callable  # (trainer, {file stem: result}) -> entries for summary.json
+    abstract_batch: Callable  # (bundle, DataConfig, micro_batches, mesh) -> ShapeDtypeStructs of the largest batch
+    row_unit: str = "rows"  # what one row of a batch is, for logs and throughput ("pairs_per_s")
+
+
+# --- shared evaluation helpers ----------------------------------------------------------------------------------------
+
+
+def eval_pipeline(trainer: "Trainer", files, **options) -> RecordPipeline:
+    """One ordered pass over `files` in eval-sized batches (a short last batch is padded with zero-weight rows)."""
+    task, cfg = trainer.task, trainer.cfg
+    records, _ = read_records(files, cfg.data.on_error, kind=task.record_kind)
+    return task.pipeline(records, trainer.bundle, cfg.data, epochs=1, shuffle=False,
+                         batch_size=cfg.trainer.eval_batch_size, drop_remainder=False, pad_last=True, **options)
+
+
+def eval_batches(trainer: "Trainer", pipe: RecordPipeline):
+    """(host batch, row ids, device batch) for every batch of `pipe`, placed on the trainer's mesh."""
+    from skyjax.train.setup import to_device
+
+    with use_mesh(trainer.mesh):
+        for batch in pipe.dataset:
+            batch, row_ids = host_batch(batch)
+            yield batch, row_ids, to_device(batch, trainer.mesh)
+
+
+def _bound(trainer: "Trainer", f):
+    """f(model, micro_batch) as a function of (trainable, frozen, batch with one micro-batch)."""
+    fn = trainer.fn
+
+    def run(trainable, frozen, batch):
+        return f(fn.bind(merge_params(trainable, frozen)), jax.tree.map(lambda x: x[0], batch))
+
+    return run
+
+
+# --- reward model -----------------------------------------------------------------------------------------------------
+
+
+def score_pairs(trainer: "Trainer", files, *, blank_images: bool = False) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Scores of every (chosen, rejected) pair in the JSONL files with the trainer's current parameters."""
+    run = trainer.compiled("pair_scores", lambda: _bound(trainer, pair_scores))
+    chosen, rejected, ids = [], [], []
+    for batch, row_ids, device in eval_batches(trainer, eval_pipeline(trainer, files, blank_images=blank_images)):
+        c, r = run(trainer.state["trainable"], trainer.state["frozen"], device)
+        keep = np.asarray(batch["pair_weight"][0]) > 0
+        chosen.append(np.asarray(c)[keep])
+        rejected.append(np.asarray(r)[keep])
+        ids.extend(i for i, k in zip(row_ids, keep) if k)
+    return np.concatenate(chosen), np.concatenate(rejected), ids
+
+
+def pair_accuracy(trainer: "Trainer", path, *, blank_images: bool = False) -> float:
+    c, r, _ = score_pairs(trainer, [path], blank_images=blank_images)
+    return float(np.mean(c > r))  # ties count as wrong
+
+
+def reward_summary(trainer: "Trainer", evals: dict) -> dict:
+    out: dict[str, Any] = {"eval_accuracy": evals}
+    if trainer.cfg.data.synthetic is not None:  # the demo's two numbers: with the images, and with them blanked
+        out["heldout_accuracy"] = evals.get("heldout")
+        out["blind_accuracy"] = trainer.evaluate(blank_images=True).get("heldout")
+    return out
+
+
+def abstract_pair_batch(bundle: ModelBundle, data: DataConfig, micro_batches: int, mesh: Mesh) -> dict:
+    """ShapeDtypeStructs (with `to_device`'s shardings) of the largest-bucket preference batch."""
+    from skyjax.models.qwen2_5_vl_vision import vision_inputs
+
+    a, b = micro_batches, data.batch_size // micro_batches
+    s, patches, slots = max(data.seq_buckets), max(data.patch_buckets), max(data.image_buckets)
+    vcfg = bundle.model.config.vision
+    dim = vcfg.in_channels * vcfg.temporal_patch_size * vcfg.patch_size**2
+    meta = vision_inputs(np.zeros((0, 3), np.int32), vcfg, pad_to=patches)
+    batch = {"input_ids": ((2 * b, s), np.int32), "attention_mask": ((2 * b, s), np.bool_),
+             "pixel_values": ((patches, dim), np.float32),
+             "vision_meta": {k: (v.shape, v.dtype) for k, v in meta.items()},
+             "image_grid_thw": ((2 * slots, 3), np.int32), "pair_weight": ((b,), np.float32)}
+    is_leaf = lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], tuple)  # noqa: E731
+    return abstract(jax.tree.map(lambda x: jax.ShapeDtypeStruct((a, *x[0]), x[1]), batch, is_leaf=is_leaf), mesh)
+
+
+# --- SFT --------------------------------------------------------------------------------------------------------------
+
+
+def objective_eval(trainer: "Trainer", path, *, blank_images: bool = False) -> dict[str, float]:
+    """The objective's own metrics over a held-out file (SFT: mean loss as averaged in training, token accuracy,
+    trained tokens), from its summed sums: exact however the file is batched."""
+    objective, ocfg = trainer.objective, trainer.cfg.objective
+    run = trainer.compiled("objective_sums", lambda: _bound(trainer, lambda m, mb: objective.loss(m, mb, ocfg)[1]))
+    total: dict[str, float] = {}
+    for _, _, device in eval_batches(trainer, eval_pipeline(trainer, [path], blank_images=blank_images)):
+        sums = jax.device_get(run(trainer.state["trainable"], trainer.state["frozen"], device))
+        for k, v in sums.items():
+            total[k] = total.get(k, 0.0) + float(v)
+    return objective.report(total)
+
+
+def sft_summary(trainer: "Trainer", evals: dict) -> dict:
+    out: dict[str, Any] = {"eval": evals}
+    if "heldout" in evals:
+        out["heldout_loss"] = evals["heldout"]["loss"]
+        out["heldout_accuracy"] = evals["heldout"]["accuracy"]
+    return out
+
+
+def _synthetic_pairs(folder, name, n, **kw) -> Path:
+    from skyjax.data.synthetic import make_records
+
+    return make_records(folder, name, n, **kw)
+
+
+def _synthetic_sft(folder, name, n, **kw) -> Path:
+    from skyjax.data.synthetic_sft import make_sft_records
+
+    return make_sft_records(folder, name, n, **kw)
+
+
+TASKS: dict[str, Task] = {
+    "reward_model": Task("reward_model", OBJECTIVES["reward_model"], "preference", load_reward_bundle, PairPipeline,
+                         _synthetic_pairs, pair_accuracy, reward_summary, abstract_pair_batch, row_unit="pairs"),
+    "sft": Task("sft", OBJECTIVES["sft"], "sft", load_sft_bundle, SFTPipeline, _synthetic_sft, objective_eval,
+                sft_summary, abstract_sft_batch),
+}
+
+
+def abstract_batch(cfg, bundle: ModelBundle, mesh: Mesh) -> dict:
+    """The largest-bucket batch of run config `cfg` as ShapeDtypeStructs with shardings (for `skyjax aot`).
+
+    Only the bundle's model architecture and config and its image settings are read (params may be None and the
+    tokenizer absent), so an AOT builder can pass an abstract model: with `skyjax.train.step.abstract_state` and
+    `build_train_step` this lowers the run's step without allocating anything."""
+    return TASKS[cfg.kind].abstract_batch(bundle, cfg.data, cfg.optimizer.grad_accum, mesh)
