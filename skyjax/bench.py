@@ -1,0 +1,438 @@
+"""`skyjax bench`: every benchmark of the project in one run, written as one JSON file plus a short table.
+
+    skyjax bench --out bench.json                          # the settings the issues name (tens of minutes on CPU)
+    skyjax bench --quick --out bench_quick.json            # smaller settings, ~2-3 minutes on a 2-core machine
+    skyjax bench --only compile,matmul --out c.json        # a subset
+    skyjax bench --quick --out t.json compile.hidden=256 generate.batch=2   # dotted overrides of any setting
+
+Benchmarks are not tests (DESIGN.md): each one measures skyjax against a reference measured in the same run on the
+same machine, and the numbers that matter are the ratios.
+
+rm_train_step   The reward-model train step (skyjax.train.bench.run_rm_bench): Qwen2.5-VL reward model, text hidden
+                512 x 4 layers, vision hidden 256 x 4 blocks, 4 preference pairs with two 224x224 images each;
+                forward, Bradley-Terry loss, backward, AdamW. Reference: transformers + PyTorch doing the same step.
+                `speedup` = reference_s / skyjax_s (above 1: skyjax is faster).
+generate        Decode throughput (skyjax.sample.bench.run_generate_bench): a random Qwen2 (hidden 512, 8 layers),
+                batch 8, 128 new greedy tokens, against transformers `generate` on the same weights.
+                `speedup` = skyjax_tokens_per_s / reference_tokens_per_s.
+compile         Wall time of jit lower + compile (no execution) of a Qwen2 train step (forward, mean next-token
+                cross entropy on the logits, backward, AdamW) at hidden 512, 8 heads, 2 KV heads, seq 256, batch 2,
+                with 2 and with 28 layers. Layers are stacked and run with `lax.scan` (skyjax.nn.scan), so the
+                28-layer step should compile within 1.5x of the 2-layer one: `ratio` = layers_28_s / layers_2_s,
+                `pass` = ratio <= 1.5. The persistent compilation cache is off while it is measured and every compile
+                is of a freshly traced function, so nothing is reused; an untimed 1-layer compile first absorbs the
+                one-time costs. The lowered program's size (`hlo_lines`) is recorded to show whether it grows with
+                depth (something unrolled per layer would).
+matmul          This machine's matmul peak (skyjax.train.bench.matmul_peak: a square fp32 matmul through JAX, best
+                of several). `rm_train_step_flops_fraction` = the RM step's FLOPs / its time / this peak. The FLOPs
+                are counted from the step's jaxpr (count_flops: matmuls and convolutions, scanned layers times their
+                trip count), not from XLA's cost_analysis, which counts a scanned body once.
+
+The JSON has one entry per benchmark (each with its `config`), `matmul_peak_flops_per_s`,
+`rm_train_step_flops_fraction`, `machine` (platform, backend, device kind and count, CPU count, load average,
+jax / torch / transformers versions, XLA_FLAGS), `date`, and `settings` (every setting used, after --quick and
+overrides). `run_benchmarks(only, settings)` is the same thing as a function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+BENCHMARKS = ("rm_train_step", "generate", "compile", "matmul")
+COMPILE_RATIO_LIMIT = 1.5
+
+# The settings the issues name. Every key is a keyword argument of the benchmark's function.
+DEFAULT_SETTINGS: dict[str, dict[str, Any]] = {
+    "matmul": dict(n=2048, repeats=10, dtype="float32"),
+    "rm_train_step": dict(pairs=4, steps=5, dtype="float32", torch_baseline=True, shapes=None),  # None: BENCH_SHAPES
+    "generate": dict(hidden=512, layers=8, heads=8, kv_heads=2, intermediate=1408, vocab=32000, batch=8,
+                     new_tokens=128, repeats=5),
+    "compile": dict(hidden=512, heads=8, kv_heads=2, intermediate=1408, vocab=32000, seq=256, batch=2,
+                    layers=[2, 28], repeats=2, dtype="float32", remat="none", warmup=True),
+}
+
+# --quick: the same benchmarks, small enough that the whole command takes ~2-3 minutes on 2 CPU cores. The compile
+# benchmark keeps the named width (it is about depth, and its cost hardly depends on width); it only repeats less.
+QUICK_SETTINGS: dict[str, dict[str, Any]] = {
+    "matmul": dict(n=1024, repeats=5, dtype="float32"),
+    "rm_train_step": dict(pairs=1, steps=2, dtype="float32", torch_baseline=True, shapes=dict(
+        text=dict(hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=32000),
+        vision=dict(depth=2, hidden_size=128, num_heads=2, intermediate_size=352, fullatt_block_indexes=[1],
+                    window_size=112))),
+    "generate": dict(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=704, vocab=32000, batch=4,
+                     new_tokens=32, repeats=2),
+    "compile": dict(hidden=512, heads=8, kv_heads=2, intermediate=1408, vocab=32000, seq=256, batch=2,
+                    layers=[2, 28], repeats=1, dtype="float32", remat="none", warmup=True),
+}
+
+
+# --- FLOPs of a traced function ------------------------------------------------------------------------------------
+
+
+def count_flops(fn: Callable, *args, **kwargs) -> float:
+    """FLOPs of `fn(*args, **kwargs)` from its jaxpr: 2*M*N*K for every dot_general and the equivalent for every
+    convolution, inside every nested jaxpr (jit, remat, custom derivatives), scan bodies times their length, the
+    largest branch of a cond, a while loop's body once (its trip count is not static). Element-wise work is not
+    counted, so this is the matmul work the step does, the figure to compare with a matmul peak. Only traced, never
+    run: arguments may be arrays or jax.ShapeDtypeStructs."""
+    import jax
+
+    return _jaxpr_flops(jax.make_jaxpr(fn)(*args, **kwargs).jaxpr)
+
+
+def _subjaxprs(value):
+    from jax.extend import core
+
+    if isinstance(value, core.ClosedJaxpr):
+        yield value.jaxpr
+    elif isinstance(value, core.Jaxpr):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _subjaxprs(v)
+
+
+def _jaxpr_flops(jaxpr) -> float:
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in lhs_contract)
+        elif name == "conv_general_dilated":
+            rhs = eqn.invars[1].aval.shape
+            spec = eqn.params["dimension_numbers"].rhs_spec  # (out features, in features per group, spatial...)
+            per_output = math.prod(rhs[d] for d in spec[1:])
+            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * per_output
+        elif name == "cond":
+            total += max((_jaxpr_flops(j) for j in _subjaxprs(eqn.params["branches"])), default=0.0)
+        else:
+            times = eqn.params.get("length", 1) if name == "scan" else 1
+            for value in eqn.params.values():
+                for sub in _subjaxprs(value):
+                    total += times * _jaxpr_flops(sub)
+    return total
+
+
+# --- the compile benchmark ------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def no_persistent_compilation_cache():
+    """Compiles inside neither read nor write the persistent compilation cache (JAX memoises whether the cache is in
+    use, so the flag alone is not enough once something has compiled: the cache state is reset on entry and exit)."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    old = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    cc.reset_cache()
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", old)
+        cc.reset_cache()
+
+
+def _lm_train_step(cfg):
+    """A fresh jitted Qwen2 train step (new closures, so no jit cache can match) and its abstract arguments."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from skyjax.models.qwen2 import Qwen2ForCausalLM
+    from skyjax.nn.functional import Functional
+
+    fn = Functional.create(lambda r: Qwen2ForCausalLM(cfg, rngs=r))
+    opt = optax.adamw(1e-5)
+
+    def train_step(params, opt_state, batch):
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+
+        def loss_fn(p):
+            logits, _ = fn.bind(p)(ids, attention_mask=mask)  # [B, S, V]
+            logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
+            nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+            return jnp.mean(nll)
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return jax.jit(train_step, donate_argnums=(0, 1)), fn, opt
+
+
+def _time_compile(cfg, batch: int, seq: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    step, fn, opt = _lm_train_step(cfg)
+    params = fn.shapes
+    opt_state = jax.eval_shape(opt.init, params)
+    data = {"input_ids": jax.ShapeDtypeStruct((batch, seq), jnp.int32),
+            "attention_mask": jax.ShapeDtypeStruct((batch, seq), jnp.bool_)}
+    t0 = time.perf_counter()
+    lowered = step.lower(params, opt_state, data)
+    t1 = time.perf_counter()
+    lowered.compile()
+    t2 = time.perf_counter()
+    return {"lower_s": t1 - t0, "compile_s": t2 - t1, "total_s": t2 - t0,
+            "hlo_lines": lowered.as_text().count("\n"), "parameters": fn.num_params()}
+
+
+def run_compile_bench(hidden: int = 512, heads: int = 8, kv_heads: int = 2, intermediate: int = 1408,
+                      vocab: int = 32000, seq: int = 256, batch: int = 2, layers=(2, 28), repeats: int = 2,
+                      dtype: str = "float32", remat: str = "none", warmup: bool = True, log=print) -> dict:
+    """Lower + compile time of the Qwen2 train step at each depth in `layers` (best of `repeats`, each a fresh
+    trace and a fresh compile); ratio = deepest / shallowest. warmup: first an untimed 1-layer compile at other
+    shapes, so that one-time costs do not land on the first measurement."""
+    import jax
+
+    from skyjax.models.qwen2 import Qwen2Config
+
+    def config(n):
+        return Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=n,
+                           num_attention_heads=heads, num_key_value_heads=kv_heads, dtype=dtype, remat=remat)
+
+    layers = sorted(int(n) for n in layers)
+    per_depth = {}
+    with no_persistent_compilation_cache():
+        t = time.perf_counter()
+        if warmup:
+            _time_compile(config(1), batch, max(seq // 2, 2))  # untimed: first-compile costs, other shapes
+        warmup_s = time.perf_counter() - t if warmup else None
+        for _ in range(max(repeats, 1)):
+            for n in layers:  # interleaved, so that both depths see the same machine load
+                r = _time_compile(config(n), batch, seq)
+                if n not in per_depth or r["total_s"] < per_depth[n]["total_s"]:
+                    per_depth[n] = r
+                log(f"compile: {n} layers, lower {r['lower_s']:.2f}s + compile {r['compile_s']:.2f}s, "
+                    f"{r['hlo_lines']} HLO lines")
+    lo, hi = layers[0], layers[-1]
+    ratio = per_depth[hi]["total_s"] / per_depth[lo]["total_s"]
+    result = {f"layers_{n}_s": per_depth[n]["total_s"] for n in layers}
+    result.update(
+        ratio=ratio, limit=COMPILE_RATIO_LIMIT, **{"pass": ratio <= COMPILE_RATIO_LIMIT},
+        detail={f"layers_{n}": per_depth[n] for n in layers}, warmup_s=warmup_s,
+        config=dict(model="Qwen2ForCausalLM", step="forward + mean next-token CE + backward + AdamW",
+                    hidden=hidden, heads=heads, kv_heads=kv_heads, intermediate=intermediate, vocab=vocab, seq=seq,
+                    batch=batch, layers=layers, dtype=dtype, remat=remat, scan="skyjax.nn.scan.scan_layers (unroll 1)",
+                    repeats=repeats, timed="jit lower + compile, best of repeats", persistent_cache="disabled",
+                    backend=jax.default_backend()))
+    return result
+
+
+# --- the harness ------------------------------------------------------------------------------------------------------
+
+
+def machine_info() -> dict:
+    import importlib.metadata as md
+
+    import jax
+
+    def version(pkg):
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return None
+
+    devices = jax.devices()
+    return {"platform": platform.platform(), "python": platform.python_version(), "backend": jax.default_backend(),
+            "device_kind": devices[0].device_kind, "device_count": len(devices), "cpu_count": os.cpu_count(),
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+            "jax": jax.__version__, "jaxlib": version("jaxlib"), "flax": version("flax"), "torch": version("torch"),
+            "transformers": version("transformers"), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+
+
+def _first(d: dict, *paths, default=None):
+    """The first of several possible key paths ('a.b') present in d: the generate benchmark's dict is read
+    defensively, since its layout belongs to skyjax.sample.bench."""
+    for path in paths:
+        node = d
+        for key in path.split("."):
+            if not isinstance(node, dict) or key not in node:
+                break
+            node = node[key]
+        else:
+            return node
+    return default
+
+
+def _generate_entry(raw: dict) -> dict:
+    ours = _first(raw, "skyjax.tokens_per_s", "skyjax_tokens_per_s", "ours.tokens_per_s")
+    ref = _first(raw, "transformers.tokens_per_s", "reference.tokens_per_s", "reference_tokens_per_s")
+    if ours is None or ref is None:
+        raise KeyError(f"run_generate_bench returned no tokens/s figures (keys: {sorted(raw)})")
+    entry = {"skyjax_tokens_per_s": float(ours), "reference_tokens_per_s": float(ref),
+             "speedup": float(ours) / float(ref), "config": _first(raw, "config", default={})}
+    for key in ("rows_identical", "first_differing_step"):
+        if key in raw:
+            entry[key] = raw[key]
+    entry["raw"] = {k: v for k, v in raw.items() if k not in ("config", "machine")}
+    return entry
+
+
+def run_benchmarks(only=BENCHMARKS, settings: dict | None = None, log=print) -> dict:
+    """Run the benchmarks named in `only` with `settings` (default DEFAULT_SETTINGS; a benchmark missing there
+    takes its defaults) and return the result dict described in the module docstring."""
+    unknown = sorted(set(only) - set(BENCHMARKS))
+    if unknown:
+        raise ValueError(f"unknown benchmark(s) {unknown}; known: {', '.join(BENCHMARKS)}")
+    settings = copy.deepcopy(DEFAULT_SETTINGS if settings is None else settings)
+    settings = {name: {**DEFAULT_SETTINGS[name], **settings.get(name, {})} for name in BENCHMARKS}
+    out: dict[str, Any] = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                           "machine": machine_info(), "benchmarks": [b for b in BENCHMARKS if b in only],
+                           "settings": {b: settings[b] for b in BENCHMARKS if b in only}}
+    t_all = time.perf_counter()
+    peak = None
+    if "matmul" in only:
+        from skyjax.train.bench import matmul_peak
+
+        log("matmul: measuring this machine's matmul peak")
+        peak = matmul_peak(**settings["matmul"])
+        out["matmul_peak_flops_per_s"] = peak
+        out["matmul"] = {"flops_per_s": peak, "config": settings["matmul"]}
+    if "rm_train_step" in only:
+        from skyjax.train.bench import run_rm_bench
+
+        log("rm_train_step: skyjax vs transformers + PyTorch")
+        t = time.perf_counter()
+        raw = run_rm_bench(**settings["rm_train_step"], peak=peak, measure_peak=False)
+        entry = {"skyjax_s": raw["skyjax_s"], "reference_s": raw.get("reference_s"), "speedup": raw.get("speedup"),
+                 "config": raw["config"]}
+        entry.update({k: raw[k] for k in ("compile_s", "flops_per_step", "flops_source", "xla_cost_analysis_flops")
+                      if k in raw})
+        entry["flops_per_s"] = raw["flops_per_step"] / raw["skyjax_s"] if raw.get("flops_per_step") else None
+        entry["wall_s"] = time.perf_counter() - t
+        out["rm_train_step"] = entry
+        if peak:
+            out["rm_train_step_flops_fraction"] = entry["flops_per_s"] / peak if entry["flops_per_s"] else None
+    if "generate" in only:
+        from skyjax.sample.bench import run_generate_bench
+
+        log("generate: skyjax vs transformers generate")
+        t = time.perf_counter()
+        entry = _generate_entry(run_generate_bench(**settings["generate"], log=log))
+        entry["wall_s"] = time.perf_counter() - t
+        out["generate"] = entry
+    if "compile" in only:
+        log("compile: lower + compile of a Qwen2 train step, 2 vs 28 layers")
+        t = time.perf_counter()
+        entry = run_compile_bench(**settings["compile"], log=log)
+        entry["wall_s"] = time.perf_counter() - t
+        out["compile"] = entry
+    out["wall_s"] = time.perf_counter() - t_all
+    return out
+
+
+def table(result: dict) -> str:
+    """The short aligned summary: name, skyjax, reference, ratio."""
+    rows = [("benchmark", "skyjax", "reference", "ratio")]
+    if "rm_train_step" in result:
+        r = result["rm_train_step"]
+        ref = r.get("reference_s")
+        rows.append(("rm_train_step (s/step)", f"{r['skyjax_s']:.4g}", "-" if ref is None else f"{ref:.4g}",
+                     "-" if r.get("speedup") is None else f"{r['speedup']:.2f}x faster"))
+    if "generate" in result:
+        r = result["generate"]
+        rows.append(("generate (tokens/s)", f"{r['skyjax_tokens_per_s']:.4g}", f"{r['reference_tokens_per_s']:.4g}",
+                     f"{r['speedup']:.2f}x faster"))
+    if "compile" in result:
+        r = result["compile"]
+        lo, hi = r["config"]["layers"][0], r["config"]["layers"][-1]
+        verdict = "PASS" if r["pass"] else "FAIL"
+        rows.append((f"compile {hi} vs {lo} layers (s)", f"{r[f'layers_{hi}_s']:.3g}", f"{r[f'layers_{lo}_s']:.3g}",
+                     f"{r['ratio']:.2f} {verdict} (<= {r['limit']})"))
+    if "matmul_peak_flops_per_s" in result:
+        frac = result.get("rm_train_step_flops_fraction")
+        rows.append(("matmul peak (GFLOP/s)", f"{result['matmul_peak_flops_per_s'] / 1e9:.4g}", "-",
+                     "-" if frac is None else f"rm step at {100 * frac:.1f}%"))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _parse_only(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [n for n in names if n not in BENCHMARKS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"--only {text!r}: choose from {','.join(BENCHMARKS)}")
+    return names
+
+
+def settings_for(quick: bool, overrides=()) -> dict:
+    """DEFAULT_SETTINGS or QUICK_SETTINGS with `bench.key=value` overrides (values parsed as YAML)."""
+    from skyjax.config import ConfigError, apply_overrides
+
+    base = copy.deepcopy(QUICK_SETTINGS if quick else DEFAULT_SETTINGS)
+    if base["rm_train_step"].get("shapes") is None and any(o.startswith("rm_train_step.shapes.") for o in overrides):
+        from skyjax.train.bench import BENCH_SHAPES
+
+        base["rm_train_step"]["shapes"] = copy.deepcopy(BENCH_SHAPES)
+    for item in overrides:
+        parts = item.split("=", 1)[0].strip().split(".")
+        if len(parts) < 2 or parts[0] not in base or parts[1] not in base[parts[0]]:
+            known = ", ".join(f"{b}.{k}" for b in BENCHMARKS for k in base[b])
+            raise ConfigError(f"override {item!r}: not a setting (settings: {known})")
+    return apply_overrides(base, overrides)
+
+
+def _cmd_bench(args) -> int:
+    settings = settings_for(args.quick, args.overrides)
+    only = args.only or list(BENCHMARKS)
+    result = run_benchmarks(only, settings, log=lambda msg: print(msg, flush=True))
+    result["quick"] = bool(args.quick)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print()
+    print(table(result))
+    if "compile" in result:
+        c = result["compile"]
+        print(f"compile ratio {c['ratio']:.2f} ({'PASS' if c['pass'] else 'FAIL'} against {c['limit']})")
+    print(f"wrote {args.out} ({result['wall_s']:.0f}s)")
+    return 0
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "bench", help="run every benchmark (RM train step, generate, compile time, matmul peak) -> JSON + table",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run the project's benchmarks against references measured in the same run (transformers + "
+                    "PyTorch, the machine's matmul peak), write one JSON file and print a table of the ratios.\n\n"
+                    f"benchmarks: {', '.join(BENCHMARKS)}\n\n"
+                    "example:\n  skyjax bench --quick --out bench_quick.json\n"
+                    "  skyjax bench --out bench.json --only rm_train_step,matmul rm_train_step.pairs=2")
+    p.add_argument("--out", type=Path, required=True, help="JSON file to write")
+    p.add_argument("--only", type=_parse_only, default=None,
+                   help=f"comma-separated subset of {','.join(BENCHMARKS)} (default: all)")
+    p.add_argument("--quick", action="store_true", help="smaller settings: the whole run takes a few minutes on CPU")
+    p.add_argument("overrides", nargs="*", help="bench.setting=value overrides, e.g. generate.batch=2 "
+                                                "compile.layers=[2,28] (values parsed as YAML)")
+    p.set_defaults(func=_cmd_bench)
+    return p
+
+
+def main(argv=None) -> int:
+    """`python -m skyjax.bench ...` (the same as `skyjax bench ...`)."""
+    from skyjax.cli import main as cli_main
+
+    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

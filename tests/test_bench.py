@@ -1,0 +1,117 @@
+"""`skyjax bench`: the harness at tiny sizes (every benchmark, its references included), the JSON it writes, --only,
+and the FLOP count it divides by the matmul peak. Timings are never asserted (benchmarks are not tests): only the
+arithmetic between the recorded numbers and the shape of the result."""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from skyjax.bench import BENCHMARKS, count_flops, run_benchmarks, settings_for, table
+from skyjax.cli import main as cli_main
+from skyjax.config import ConfigError
+
+TINY_RM_SHAPES = dict(
+    text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=320),
+    vision=dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=64, fullatt_block_indexes=[0],
+                window_size=112))
+TINY_COMPILE = dict(hidden=64, heads=4, kv_heads=2, intermediate=128, vocab=320, seq=16, batch=1, layers=[2, 28],
+                    repeats=1, warmup=False)
+TINY = {
+    "matmul": dict(n=128, repeats=2),
+    "rm_train_step": dict(pairs=1, steps=1, shapes=TINY_RM_SHAPES),
+    "generate": dict(hidden=64, layers=1, heads=4, kv_heads=2, intermediate=128, vocab=320, batch=2, new_tokens=4,
+                     repeats=1),
+    "compile": TINY_COMPILE,
+}
+
+
+def _number(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+@pytest.fixture(scope="module")
+def result():
+    out = run_benchmarks(BENCHMARKS, TINY, log=lambda _: None)
+    return json.loads(json.dumps(out))  # what the JSON file holds
+
+
+def test_every_benchmark_and_its_reference(result):
+    rm, gen, comp = result["rm_train_step"], result["generate"], result["compile"]
+    for value in (rm["skyjax_s"], rm["reference_s"], gen["skyjax_tokens_per_s"], gen["reference_tokens_per_s"],
+                  comp["layers_2_s"], comp["layers_28_s"], result["matmul_peak_flops_per_s"],
+                  result["rm_train_step_flops_fraction"], rm["flops_per_step"]):
+        assert _number(value), value
+    assert rm["speedup"] == pytest.approx(rm["reference_s"] / rm["skyjax_s"], rel=1e-9)
+    assert gen["speedup"] == pytest.approx(gen["skyjax_tokens_per_s"] / gen["reference_tokens_per_s"], rel=1e-9)
+    assert comp["ratio"] == pytest.approx(comp["layers_28_s"] / comp["layers_2_s"], rel=1e-9)
+    assert comp["pass"] is (comp["ratio"] <= 1.5) and comp["limit"] == 1.5
+    assert rm["flops_source"] == "jaxpr"  # counted from the step's jaxpr, scanned layers included
+    assert result["rm_train_step_flops_fraction"] == pytest.approx(
+        rm["flops_per_step"] / rm["skyjax_s"] / result["matmul_peak_flops_per_s"], rel=1e-9)
+    # each entry records the settings it ran with
+    assert rm["config"]["text"]["hidden_size"] == 64 and rm["config"]["pairs"] == 1
+    assert gen["config"]["batch"] == 2 and gen["config"]["new_tokens"] == 4
+    assert comp["config"]["layers"] == [2, 28] and comp["config"]["hidden"] == 64
+    assert comp["config"]["persistent_cache"] == "disabled"
+    m = result["machine"]
+    assert m["backend"] == "cpu" and m["device_count"] >= 1 and m["cpu_count"] >= 1
+    assert m["jax"] == jax.__version__ and m["torch"] and m["transformers"] and m["device_kind"]
+    assert result["date"][:2] == "20" and result["benchmarks"] == list(BENCHMARKS)
+    lines = table(result).splitlines()
+    assert [line.split()[0] for line in lines[2:]] == ["rm_train_step", "generate", "compile", "matmul"]
+    assert len({len(line) for line in lines[:2]}) == 1  # aligned columns
+
+
+def test_compile_step_is_scanned(result):
+    """The lowered program is the same size at 2 and 28 layers: nothing is unrolled per layer."""
+    detail = result["compile"]["detail"]
+    assert detail["layers_2"]["hlo_lines"] == detail["layers_28"]["hlo_lines"]
+    assert detail["layers_28"]["parameters"] > 5 * detail["layers_2"]["parameters"]
+
+
+def test_count_flops_multiplies_scans_and_sees_through_jit_and_grad():
+    def f(w, x):
+        return jax.lax.scan(lambda c, wi: (jnp.tanh(c @ wi), None), x, w)[0]
+
+    layer = 2 * 8 * 16 * 16
+    for n in (1, 5):
+        w, x = jax.ShapeDtypeStruct((n, 16, 16), jnp.float32), jax.ShapeDtypeStruct((8, 16), jnp.float32)
+        assert count_flops(f, w, x) == n * layer
+        assert count_flops(jax.jit(f), w, x) == n * layer
+        # forward, then per layer d(weights) and d(inputs): three matmuls per layer
+        assert count_flops(jax.grad(lambda w, x: f(w, x).sum(), argnums=(0, 1)), w, x) == 3 * n * layer
+    conv = lambda x, k: jax.lax.conv(x, k, (1, 1), "VALID")  # noqa: E731
+    # [N=1, C=3, 8x8] * [O=4, I=3, 3x3] -> [1, 4, 6, 6]: 2*27 FLOPs per output
+    assert count_flops(conv, jnp.ones((1, 3, 8, 8)), jnp.ones((4, 3, 3, 3))) == 2 * 27 * 4 * 36
+
+
+def test_cli_only_selects_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    assert cli_main(["bench", "--quick", "--only", "matmul", "--out", str(out), "matmul.n=64", "matmul.repeats=1"]) == 0
+    data = json.loads(out.read_text())
+    assert data["benchmarks"] == ["matmul"] and data["settings"] == {"matmul": {"n": 64, "repeats": 1,
+                                                                                "dtype": "float32"}}
+    assert data["quick"] is True and _number(data["matmul_peak_flops_per_s"])
+    assert not {"rm_train_step", "generate", "compile", "rm_train_step_flops_fraction"} & set(data)
+    printed = capsys.readouterr().out
+    assert "matmul peak (GFLOP/s)" in printed and "rm_train_step" not in printed
+
+
+def test_settings_and_bad_arguments(capsys):
+    quick = settings_for(True, ["generate.batch=3", "rm_train_step.shapes.text.num_hidden_layers=1"])
+    assert quick["generate"]["batch"] == 3 and quick["rm_train_step"]["shapes"]["text"]["num_hidden_layers"] == 1
+    full = settings_for(False, ["rm_train_step.shapes.vision.depth=2"])  # filled from BENCH_SHAPES first
+    assert full["rm_train_step"]["shapes"]["vision"]["depth"] == 2
+    assert full["rm_train_step"]["shapes"]["text"]["hidden_size"] == 512
+    assert full["generate"]["batch"] == 8 and full["generate"]["new_tokens"] == 128
+    with pytest.raises(ConfigError, match="not a setting"):
+        settings_for(True, ["generate.batchsize=3"])
+    with pytest.raises(SystemExit):
+        cli_main(["bench", "--only", "compile,nope", "--out", "x.json"])
+    assert "choose from rm_train_step,generate,compile,matmul" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown benchmark"):
+        run_benchmarks(["nope"])
