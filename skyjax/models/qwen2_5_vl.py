@@ -162,21 +162,26 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
             t.hidden_size, t.vocab_size, axes=("embed", "vocab"), dtype=t.compute_dtype,
             param_dtype=jnp.dtype(t.param_dtype), precision=t.precision, init_std=t.initializer_range, rngs=rngs)
 
-    def embed(self, input_ids, pixel_values=None, vision_meta=None, image_features=None) -> jax.Array:
+    def embed(self, input_ids, pixel_values=None, vision_meta=None, image_features=None,
+              image_groups: int = 1) -> jax.Array:
         """Token embeddings with the image features written over the <|image_pad|> slots, in order.
 
         `image_features` [U, E] (the vision tower's output) may be passed instead of pixels, e.g. to encode the
-        images of a preference pair once for both of its rows.
+        images of a preference pair once for both of its rows. With `image_groups=g` the rows form g equal groups
+        (e.g. chosen rows, then rejected rows) that each read the features from the first row on.
         """
         x = self.model.embed_tokens(input_ids)  # [B, S, E]
         if image_features is None and pixel_values is None:
             return x
         if image_features is None:
             image_features = self.visual(pixel_values, vision_meta)  # [U, E], real rows first
-        feats = image_features.astype(x.dtype)
+        # replicated features (they are few): the row-major lookup below is then local to each batch shard
+        feats = constrain(image_features.astype(x.dtype), (None, None))
         is_image = input_ids == self.cfg.image_token_id  # [B, S]
         # the k-th image token (row-major over the batch) takes feature row k
-        index = jnp.cumsum(is_image.reshape(-1)) - 1
+        if is_image.shape[0] % image_groups:
+            raise ValueError(f"{is_image.shape[0]} rows do not form {image_groups} equal image groups")
+        index = jnp.cumsum(is_image.reshape(image_groups, -1), axis=1) - 1
         index = jnp.clip(index, 0, feats.shape[0] - 1).reshape(is_image.shape)
         return jnp.where(is_image[..., None], jnp.take(feats, index, axis=0), x)
 

@@ -384,8 +384,10 @@ class Qwen2_5_VLVisionModel(nnx.Module):
         if meta["window_segment"].shape != (n,) or meta["window_index"].shape != (n // unit,):
             raise ValueError(f"vision meta is for {meta['window_segment'].shape[0]} patches but pixel_values has "
                              f"{n} rows: build both with the same pad_to")
-        x = self.patch_embed(pixel_values)  # [N, E], original order
-        x = jnp.take(x.reshape(n // unit, unit, -1), meta["window_index"], axis=0).reshape(1, n, -1)  # window order
+        # Window order is a permutation of merge units. Applied to the (replicated) input rows, it costs one small
+        # gather and never moves sharded activations (the patch embedding is per row, so the order commutes with it).
+        pixels = jnp.take(pixel_values.reshape(n // unit, unit, features), meta["window_index"], axis=0)
+        x = self.patch_embed(pixels.reshape(1, n, features))  # [1, N, E], window order
         x = constrain(x, ("batch", "patches", "vision_embed"))
         cos, sin = vision_rope_cos_sin(meta["rope_ids"][None], cfg.head_dim, cfg.rope_theta)  # [1, N, head_dim]
         slots = jnp.arange(n)
@@ -399,6 +401,7 @@ class Qwen2_5_VLVisionModel(nnx.Module):
         is_full = jnp.asarray(cfg.is_full_attention, dtype=bool)  # [depth], scanned with the blocks
         x, _ = scan_layers(self.blocks, body, x, is_full, remat=cfg.remat, unroll=cfg.scan_unroll)
         merged = self.merger(x[0])  # [U, out], window order
+        merged = constrain(merged, (None, "embed"))  # gather the rows first: the inverse permutation is then local
         merged = jnp.take(merged, meta["reverse_index"], axis=0)  # original order
         return jnp.where(meta["valid_merged"][:, None], merged, jnp.zeros((), merged.dtype))
 

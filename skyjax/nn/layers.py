@@ -62,7 +62,11 @@ class Embed(nnx.Module):
         self.precision = precision
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+        # Gather the table's `embed` shards first (as FSDP does for every weight before use): the lookup output is
+        # then replicated over the feature axis and slicing it to the batch layout is local. Looking up in the
+        # feature-sharded table instead forces XLA into a full rematerialization to reach the batch layout.
+        table = constrain(self.embedding[...], ("vocab", None))
+        return jnp.take(table, ids, axis=0).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
         return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T, precision=self.precision)
