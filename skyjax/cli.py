@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import glob
+import importlib.util
+import os
 import sys
 import time
 from pathlib import Path
@@ -116,7 +119,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def skip_absent_tpu() -> bool:
+    """On a host with no TPU chips, keep jax from initialising libtpu (the `tpu` and `test` extras install it): it
+    would only print errors about missing TPU metadata before falling back to the CPU. Compiling for a TPU topology
+    (`skyjax aot`) does not need the TPU backend. Nothing changes when JAX_PLATFORMS is set, on TPU VMs (/dev/accel*,
+    /dev/vfio) or on GPU hosts. Returns whether it set JAX_PLATFORMS=cpu."""
+    if "JAX_PLATFORMS" in os.environ or importlib.util.find_spec("libtpu") is None:
+        return False
+    if any(glob.glob(p) for p in ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*")):
+        return False
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
+    skip_absent_tpu()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # dotted overrides may come after options (`train cfg.yaml --run-dir d a.b=1`): give them to the command

@@ -48,8 +48,29 @@ def run(args) -> int:
         print(f"--run-dir not given: writing to {run_dir}", file=sys.stderr)
     _cpu_devices_for(cfg.mesh.shape)
     summary = train(cfg, run_dir, resume=not args.no_resume)
-    print(json.dumps(summary, indent=2))
+    print(format_summary(summary))
     return 0
+
+
+def format_summary(summary: dict) -> str:
+    """A few lines for the terminal; summary.json holds everything."""
+    lines = [f"{summary['name']} ({summary['kind']}): {summary['steps']} steps in {summary['seconds']:.0f} s"]
+    notes = {"heldout_accuracy": "held-out pairs, with the images",
+             "blind_accuracy": "the same pairs with the images blanked (chance is 0.5)"}
+    for key, value in summary.items():
+        if isinstance(value, float) and key != "seconds":
+            lines.append(f"  {key:<20} {value:.3f}" + (f"   {notes[key]}" if key in notes else ""))
+    train_last = {k: v for k, v in summary.get("train", {}).items() if k in ("loss", "accuracy", "token_accuracy")}
+    if train_last:
+        lines.append("  last train window    " + ", ".join(f"{k} {v:.3f}" for k, v in train_last.items()))
+    if summary.get("skipped_rows"):
+        lines.append(f"  skipped rows         {summary['skipped_rows']}")
+    paths = summary["paths"]
+    lines.append(f"wrote {paths['summary']} (every number and path)")
+    for key in ("checkpoint", "hf_export", "metrics", "tensorboard"):
+        if key in paths:
+            lines.append(f"      {paths[key]}")
+    return "\n".join(lines)
 
 
 def train(cfg, run_dir: Path, *, resume: bool = True) -> dict:
