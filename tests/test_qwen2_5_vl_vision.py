@@ -157,6 +157,49 @@ def test_mesh_matches_single_device(tower):
     assert rel_error(many, one) <= 1e-6
 
 
+def test_blocked_window_attention_matches_transformers_and_the_dense_mask(tower):
+    """With 512 patches (8 blocks of one 64-patch window) the window blocks attend by blocks of neighbours: still
+    exact against transformers, equal to the dense block-diagonal mask, on one device and on the (2, 2, 2) mesh."""
+    from skyjax.models.qwen2_5_vl_vision import blocked_segment_attention
+    from skyjax.nn.attention import attention_mask, dot_product_attention
+
+    cfg, fn = tower["cfg"], tower["fn"]
+    assert cfg.window_patches == 64 and 512 % 64 == 0 and 512 > 3 * 64  # the blocked path is taken
+    for grid, seed in ((ONE, 0), (MANY, 1), ([[1, 20, 16], [1, 6, 30]], 2)):
+        pv = pixels(grid, seed=seed)
+        ref = hf_features(tower["hf"], pv, grid)
+        got, _ = run(tower, pv, grid, pad_to=512)
+        assert rel_error(got[: len(ref)], ref) <= 1e-5, grid
+    pv = pad_pixel_values(pixels(MANY, seed=1), 512)
+    meta = vision_inputs(np.asarray(MANY), cfg, pad_to=512)
+    one = np.asarray(tower["fwd"](tower["params"], pv, meta))
+    mesh = make_mesh((2, 2, 2))
+    with use_mesh(mesh):
+        many = np.asarray(jax.jit(lambda p, x, m: fn.bind(p)(x, m))(jax.device_put(tower["params"], fn.shardings(mesh)),
+                                                                      pv, meta))
+    assert rel_error(many, one) <= 1e-6
+
+    # the function itself: random contiguous segments of at most `block`, padding (-1) longer than a block
+    rng = np.random.RandomState(0)
+    lengths = []
+    while sum(lengths) < 200:
+        lengths.append(rng.randint(1, 17))
+    seg = np.concatenate([np.full(n, i) for i, n in enumerate(lengths)])[:200]
+    seg = np.concatenate([seg, np.full(56, -1)])[None].astype(np.int32)  # [1, 256]
+    q, k, v = (rng.randn(1, 256, 4, 8).astype(np.float32) for _ in range(3))
+    blocked = blocked_segment_attention(q, k, v, seg, 16)
+    slots = np.arange(256)
+    dense = dot_product_attention(q, k, v, attention_mask(slots, slots, None, causal=False, q_segments=seg,
+                                                          kv_segments=seg))
+    assert rel_error(np.asarray(blocked)[:, :200], np.asarray(dense)[:, :200]) <= 1e-6
+    # a segment longer than the block breaks the assumption: the result differs (the test can fail)
+    wide = np.where(seg >= 0, seg // 4, -1).astype(np.int32)
+    assert rel_error(np.asarray(blocked_segment_attention(q, k, v, wide, 16))[:, :200],
+                     np.asarray(dot_product_attention(q, k, v, attention_mask(slots, slots, None, causal=False,
+                                                                              q_segments=wide,
+                                                                              kv_segments=wide)))[:, :200]) > 1e-3
+
+
 def test_video_and_bad_inputs_raise(tower):
     cfg = tower["cfg"]
     with pytest.raises(NotImplementedError, match="video"):
