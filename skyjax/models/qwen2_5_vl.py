@@ -22,7 +22,7 @@ from flax import nnx
 from skyjax.models.qwen2 import Qwen2Config, Qwen2Model
 from skyjax.models.qwen2_5_vl_vision import Qwen2_5_VLVisionConfig, Qwen2_5_VLVisionModel
 from skyjax.nn.attention import KVCache
-from skyjax.nn.layers import Linear
+from skyjax.nn.layers import Linear, merge_image_features
 from skyjax.nn.mrope import mm_token_types, mrope_cos_sin, mrope_positions
 from skyjax.parallel.rules import constrain
 
@@ -175,15 +175,7 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
             return x
         if image_features is None:
             image_features = self.visual(pixel_values, vision_meta)  # [U, E], real rows first
-        # replicated features (they are few): the row-major lookup below is then local to each batch shard
-        feats = constrain(image_features.astype(x.dtype), (None, None))
-        is_image = input_ids == self.cfg.image_token_id  # [B, S]
-        # the k-th image token (row-major over the batch) takes feature row k
-        if is_image.shape[0] % image_groups:
-            raise ValueError(f"{is_image.shape[0]} rows do not form {image_groups} equal image groups")
-        index = jnp.cumsum(is_image.reshape(image_groups, -1), axis=1) - 1
-        index = jnp.clip(index, 0, feats.shape[0] - 1).reshape(is_image.shape)
-        return jnp.where(is_image[..., None], jnp.take(feats, index, axis=0), x)
+        return merge_image_features(x, input_ids, image_features, self.cfg.image_token_id, groups=image_groups)
 
     def hidden_states(
         self,

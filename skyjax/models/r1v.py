@@ -24,7 +24,7 @@ from flax import nnx
 from skyjax.models.internvit import InternViT, InternViTConfig
 from skyjax.models.qwen2 import Qwen2Config, Qwen2Model
 from skyjax.nn.attention import KVCache
-from skyjax.nn.layers import LayerNorm, Linear
+from skyjax.nn.layers import LayerNorm, Linear, merge_image_features
 from skyjax.parallel.rules import constrain
 
 PS_VERSIONS = ("v1", "v2")
@@ -327,11 +327,8 @@ class R1VForConditionalGeneration(nnx.Module):
             raise ValueError("image_token_id is unknown (the remote-code config.json does not carry it and the "
                              "checkpoint folder had no tokenizer with <IMG_CONTEXT>); set R1VConfig.image_token_id")
         feats = self.image_features(pixel_values)
-        feats = feats.reshape(-1, feats.shape[-1]).astype(x.dtype)  # [N * T, E], real tiles first
-        is_image = input_ids == self.cfg.image_token_id
-        index = jnp.cumsum(is_image.reshape(-1)) - 1  # the k-th image token (row-major) takes feature row k
-        index = jnp.clip(index, 0, feats.shape[0] - 1).reshape(is_image.shape)
-        return jnp.where(is_image[..., None], jnp.take(feats, index, axis=0), x)
+        # [N * T, E], real tiles first: the k-th image token (row-major) takes feature row k
+        return merge_image_features(x, input_ids, feats.reshape(-1, feats.shape[-1]), self.cfg.image_token_id)
 
     def hidden_states(
         self,

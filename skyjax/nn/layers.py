@@ -125,3 +125,22 @@ class SwiGLU(nnx.Module):
         h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)  # [..., hidden]
         h = constrain(h, ("batch", "seq", self.mlp_axis)) if h.ndim == 3 else h
         return self.down_proj(h)
+
+
+def merge_image_features(embeds: jax.Array, input_ids: jax.Array, features: jax.Array, image_token_id: int,
+                         groups: int = 1) -> jax.Array:
+    """Write image features over the image-placeholder tokens: the k-th placeholder (row-major over the batch)
+    takes feature row k. embeds [B, S, E], input_ids [B, S], features [U, E] (real rows first) -> [B, S, E].
+
+    With `groups=g` the rows form g equal groups (e.g. a preference batch's chosen rows, then its rejected rows)
+    that each read the features from row 0. The features are replicated first (they are few): the lookup is then
+    local to every batch shard, with no resharding of the activations.
+    """
+    feats = constrain(features.astype(embeds.dtype), (None, None))
+    is_image = input_ids == image_token_id  # [B, S]
+    if is_image.shape[0] % groups:
+        raise ValueError(f"{is_image.shape[0]} rows do not form {groups} equal image groups")
+    index = jnp.cumsum(is_image.reshape(groups, -1), axis=1) - 1
+    index = jnp.clip(index, 0, feats.shape[0] - 1).reshape(is_image.shape)
+    return jnp.where(is_image[..., None], jnp.take(feats, index, axis=0), embeds)
+
