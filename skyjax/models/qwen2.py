@@ -169,7 +169,7 @@ class Qwen2Attention(nnx.Module):
         self.cfg = cfg
 
     def __call__(self, x, cos, sin, mask, kv=None, cache_index=None):
-        """x [B, S, E]; kv: this layer's cache (k, v) [B, T, K, D] or None. Returns (out [B, S, E], new kv)."""
+        """x [B, S, E]; kv: this layer's cache (k, v) [B, K, T, D] or None. Returns (out [B, S, E], new kv)."""
         cfg = self.cfg
         b, s, _ = x.shape
         q = self.q_proj(x).reshape(b, s, cfg.num_attention_heads, cfg.head_dim)  # [B, S, H, D]
@@ -178,13 +178,15 @@ class Qwen2Attention(nnx.Module):
         q = constrain(apply_rotary(q, cos, sin), ("batch", "seq", "heads", "head_dim"))
         k = constrain(apply_rotary(k, cos, sin), ("batch", "seq", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
-        if kv is not None:  # write this chunk into the cache and attend over all of it
+        if kv is not None:  # write this chunk into the cache ([B, K, T, D]: heads first) and attend over all of it
             k_cache, v_cache = kv
-            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache_index, 0, 0))
-            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache_index, 0, 0))
+            k = jax.lax.dynamic_update_slice(k_cache, jnp.swapaxes(k, 1, 2).astype(k_cache.dtype),
+                                             (0, 0, cache_index, 0))
+            v = jax.lax.dynamic_update_slice(v_cache, jnp.swapaxes(v, 1, 2).astype(v_cache.dtype),
+                                             (0, 0, cache_index, 0))
             kv = (k, v)
         out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, impl=cfg.attention_impl,
-                                    precision=cfg.precision)
+                                    precision=cfg.precision, kv_heads_first=kv is not None)
         out = self.o_proj(out.reshape(b, s, cfg.num_attention_heads * cfg.head_dim))
         return out, kv
 

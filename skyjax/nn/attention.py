@@ -15,10 +15,12 @@ ATTENTION_IMPLS = ("xla", "jax", "cudnn")
 
 
 class KVCache(NamedTuple):
-    """Per-layer keys and values, stacked over layers: [layers, batch, max_len, kv_heads, head_dim].
+    """Per-layer keys and values, stacked over layers: [layers, batch, kv_heads, max_len, head_dim].
 
-    Slots are written in order; `valid` [batch, max_len] marks slots holding a real token (not padding, not yet
-    written), so left-padded prompts of different lengths share one cache.
+    Heads come before slots: that is the layout the attention dot products read ((batch, kv_heads) as batch
+    dimensions, head_dim contracted), so a decode step reads the cache in place instead of transposing all of it
+    in every layer. Slots are written in order; `valid` [batch, max_len] marks slots holding a real token (not
+    padding, not yet written), so left-padded prompts of different lengths share one cache.
     """
 
     k: jax.Array
@@ -27,12 +29,12 @@ class KVCache(NamedTuple):
 
     @classmethod
     def init(cls, num_layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype) -> "KVCache":
-        shape = (num_layers, batch, max_len, kv_heads, head_dim)
+        shape = (num_layers, batch, kv_heads, max_len, head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, max_len), bool))
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.valid.shape[1]
 
 
 def attention_mask(
@@ -68,17 +70,21 @@ def dot_product_attention(
     scale: float | None = None,
     impl: str = "xla",
     precision=None,
+    kv_heads_first: bool = False,
 ) -> jax.Array:
     """Grouped-query attention. q [B, S, H, D], k/v [B, T, K, D] with H a multiple of K, mask [B, S, T] -> [B, S, H, D].
+    kv_heads_first: k/v are [B, K, T, D] instead (the KVCache layout).
 
     The logits are computed in the activation dtype and the softmax in fp32, as the reference does.
     A fully masked query row (a padding position) gets a uniform distribution instead of NaN.
     """
     b, s, h, d = q.shape
-    kv_heads = k.shape[2]
+    kv_heads = k.shape[1 if kv_heads_first else 2]
     if h % kv_heads:
         raise ValueError(f"attention: {h} query heads are not a multiple of {kv_heads} kv heads")
     scale = d**-0.5 if scale is None else scale
+    if impl in ("jax", "cudnn") and kv_heads_first:
+        k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
     if impl in ("jax", "cudnn"):
         return jax.nn.dot_product_attention(
             q, k, v, mask=None if mask is None else mask[:, None], scale=scale,
@@ -88,10 +94,11 @@ def dot_product_attention(
         raise ValueError(f"attention_impl {impl!r} is not one of {ATTENTION_IMPLS}")
     g = h // kv_heads
     qg = q.reshape(b, s, kv_heads, g, d)
-    logits = jnp.einsum("bskgd,btkd->bkgst", qg, k, precision=precision) * jnp.asarray(scale, q.dtype)
+    kv = "bktd" if kv_heads_first else "btkd"
+    logits = jnp.einsum(f"bskgd,{kv}->bkgst", qg, k, precision=precision) * jnp.asarray(scale, q.dtype)
     logits = logits.astype(jnp.float32)
     if mask is not None:
         logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgst,btkd->bskgd", probs, v, precision=precision)
+    out = jnp.einsum(f"bkgst,{kv}->bskgd", probs, v, precision=precision)
     return out.reshape(b, s, h, d)

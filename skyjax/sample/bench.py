@@ -7,7 +7,9 @@ and loaded by skyjax from that folder, so both run the same weights. Both decode
 different lengths greedily in float32 for exactly `new_tokens` tokens (no stop token). Reported: new tokens per
 second (batch * new_tokens / wall time of a whole generate call, prefill included; best of `repeats` runs after a
 warm-up, ours and the reference interleaved so both see the same machine load; compile time reported separately),
-the ratio ours / transformers, and how many rows agree token for token.
+the ratio ours / transformers, and how many rows agree token for token. On a busy machine the wall times are noisy:
+the process CPU time of each call is recorded too (`ratio_cpu_time`, best of each; meaningful with --threads 1,
+since idle worker threads that spin count as CPU time).
 `run_generate_bench(...)` returns the same dict, for a later `skyjax bench`.
 """
 
@@ -75,6 +77,13 @@ def run_generate_bench(hidden: int = 512, layers: int = 8, heads: int = 8, kv_he
         out = generate(adapter, lm.params, inputs, sampling)
         return np.asarray(jax.block_until_ready(out.tokens))
 
+    def timed(fn, walls, cpus):
+        t, c = time.perf_counter(), time.process_time()
+        result = fn()
+        walls.append(time.perf_counter() - t)
+        cpus.append(time.process_time() - c)
+        return result
+
     t_ids = torch.as_tensor(ids, dtype=torch.long)
     t_mask = torch.as_tensor(mask.astype(np.int64))
 
@@ -88,15 +97,12 @@ def run_generate_bench(hidden: int = 512, layers: int = 8, heads: int = 8, kv_he
     ours_tokens = ours()
     first_call = time.perf_counter() - t
     hf_tokens = reference()  # warm-up
-    ours_times, hf_times = [], []
+    ours_times, hf_times, ours_cpu, hf_cpu = [], [], [], []
     for _ in range(repeats):  # interleaved, so that both see the same machine load
-        t = time.perf_counter()
-        ours()
-        ours_times.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        hf_tokens = reference()
-        hf_times.append(time.perf_counter() - t)
-        log(f"skyjax {ours_times[-1]:.3f}s, transformers {hf_times[-1]:.3f}s for {batch} x {new_tokens} tokens")
+        timed(ours, ours_times, ours_cpu)
+        hf_tokens = timed(reference, hf_times, hf_cpu)
+        log(f"skyjax {ours_times[-1]:.3f}s (cpu {ours_cpu[-1]:.3f}s), transformers {hf_times[-1]:.3f}s "
+            f"(cpu {hf_cpu[-1]:.3f}s) for {batch} x {new_tokens} tokens")
     log(f"skyjax first call (compile + run) {first_call:.2f}s")
     if hf_tokens.shape != (batch, new_tokens) or ours_tokens.shape != (batch, new_tokens):
         raise RuntimeError(f"token counts differ: ours {ours_tokens.shape}, transformers {hf_tokens.shape}")
@@ -115,10 +121,13 @@ def run_generate_bench(hidden: int = 512, layers: int = 8, heads: int = 8, kv_he
                         torch_threads=torch.get_num_threads(), xla_flags=os.environ.get("XLA_FLAGS", ""),
                         load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None),
         "skyjax": dict(tokens_per_s=round(ours_tps, 2), seconds=[round(x, 4) for x in ours_times],
+                       cpu_seconds=[round(x, 4) for x in ours_cpu],
                        first_call_seconds=round(first_call, 3), decode_step=adapter.__class__.__name__ +
                        (" (unstacked layers)" if adapter.unstack_layers else " (scanned layers)")),
-        "transformers": dict(tokens_per_s=round(hf_tps, 2), seconds=[round(x, 4) for x in hf_times]),
+        "transformers": dict(tokens_per_s=round(hf_tps, 2), seconds=[round(x, 4) for x in hf_times],
+                             cpu_seconds=[round(x, 4) for x in hf_cpu]),
         "ratio": round(ours_tps / hf_tps, 3),
+        "ratio_cpu_time": round(min(hf_cpu) / min(ours_cpu), 3),
         "rows_identical": f"{agree_rows}/{batch}",
         "first_differing_step": first_diff,
     }
@@ -142,7 +151,8 @@ def main(argv=None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"skyjax {result['skyjax']['tokens_per_s']} tokens/s, transformers {result['transformers']['tokens_per_s']} "
-          f"tokens/s: ratio {result['ratio']}x (rows identical {result['rows_identical']}); wrote {args.out}")
+          f"tokens/s: ratio {result['ratio']}x, CPU-time ratio {result['ratio_cpu_time']}x (rows identical "
+          f"{result['rows_identical']}); wrote {args.out}")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""`skyjax generate`: complete the prompts of a JSONL file with a Qwen2 or Qwen2.5-VL model (HF folder or checkpoint).
+"""`skyjax generate`: complete the prompts of a JSONL file with a Qwen2, Qwen2.5-VL or Skywork R1V / InternVL model
+(Hugging Face folder or skyjax checkpoint).
 
 Input rows are DESIGN.md records (`prompt` string or messages, optional `images` relative to the JSONL's folder,
 optional `answer`, `id`, `meta`). Each output row is the input object plus

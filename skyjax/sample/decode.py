@@ -4,8 +4,8 @@
     out.tokens [B*G, N]   out.logprobs [B*G, N]   out.lengths [B*G]   out.stopped [B*G]
 
 - Prompts are LEFT-padded into one batch ([B, S]); every row writes its n-th new token to cache slot S + n and the
-  cache's `valid` mask keeps padding out of attention, so prompts of different lengths (and, for Qwen2.5-VL,
-  different images) decode together. Shapes are static: S is a bucket, N = max_new_tokens.
+  cache's `valid` mask keeps padding out of attention, so prompts of different lengths (and, for Qwen2.5-VL and
+  R1V, different images) decode together. Shapes are static: S is a bucket, N = max_new_tokens.
 - The model-specific part is a `DecodeAdapter` (skyjax.sample.adapters): prefill and one step.
 - Several samples per prompt (G = num_samples, e.g. GRPO's 8): the prompt is prefilled ONCE, then the cache, the
   adapter state and the last logits are repeated G times along the batch. Output row b*G + g is sample g of
@@ -137,8 +137,15 @@ def _mark_seen(seen, token, active):
     return seen.at[rows, token].max(active)
 
 
+@partial(jax.jit, static_argnames=("adapter",))
+def _decode_weights(adapter: DecodeAdapter, params):
+    """The unrolled step's weights, made by a program of their own so that they enter the decode program in the
+    layout they were made in (see skyjax.sample.adapters)."""
+    return adapter.decode_weights(params)
+
+
 @partial(jax.jit, static_argnames=("adapter", "max_new_tokens", "num_samples", "flags"))
-def _generate(adapter: DecodeAdapter, params, inputs: dict, rows: dict, stop_ids, prompt_keys, *,
+def _generate(adapter: DecodeAdapter, params, weights, inputs: dict, rows: dict, stop_ids, prompt_keys, *,
               max_new_tokens: int, num_samples: int, flags: ProcessorFlags) -> GenerateOutput:
     ids, mask = inputs["input_ids"], inputs["attention_mask"].astype(bool)
     b, s = ids.shape
@@ -175,8 +182,6 @@ def _generate(adapter: DecodeAdapter, params, inputs: dict, rows: dict, stop_ids
             sample_lp = jnp.where(sampled, lp, 0.0)
         return token, jnp.take_along_axis(raw, token[:, None], axis=-1)[:, 0], sample_lp
 
-    dparams = adapter.decode_params(params)  # once, outside the loop
-
     def cond(carry):
         t, _, done = carry[:3]
         return (t < n) & ~jnp.all(done)
@@ -192,7 +197,7 @@ def _generate(adapter: DecodeAdapter, params, inputs: dict, rows: dict, stop_ids
         if seen is not None:
             seen = _mark_seen(seen, new, active)
         done = done | (active & jnp.isin(new, stop_ids))
-        logits, cache = adapter.step(dparams, new, cache, s + t, state, active)
+        logits, cache = adapter.step(params, weights, new, cache, s + t, state, active)
         return t + 1, logits, done, cache, seen, tokens, logprobs, sample_logprobs, lengths
 
     carry = (jnp.int32(0), logits, jnp.zeros((r,), bool), cache, seen, jnp.full((r, n), PAD, jnp.int32),
@@ -231,6 +236,7 @@ def generate(adapter: DecodeAdapter, params, inputs: dict, sampling: Sampling = 
     """
     if check:
         adapter.check(inputs)
+    inputs = adapter.device_inputs(inputs)
     b = int(np.shape(inputs["input_ids"])[0])
     rows = sampling.rows(b)
     flags = ProcessorFlags.from_rows(rows["temperature"], rows["top_k"], rows["top_p"], rows["min_p"],
@@ -244,7 +250,8 @@ def generate(adapter: DecodeAdapter, params, inputs: dict, sampling: Sampling = 
         for name in ("input_ids", "attention_mask"):
             inputs[name] = _place(np.asarray(inputs[name]), ("batch", "seq"), mesh, rules)
         rows = {k: _place(v, ("batch",), mesh, rules) for k, v in rows.items()}
-    return _generate(adapter, params, inputs, rows, stop_ids, _prompt_keys(seed, prompt_keys, b),
+    weights = _decode_weights(adapter, params) if adapter.unstack_layers else None
+    return _generate(adapter, params, weights, inputs, rows, stop_ids, _prompt_keys(seed, prompt_keys, b),
                      max_new_tokens=int(sampling.max_new_tokens), num_samples=int(sampling.num_samples), flags=flags)
 
 
