@@ -217,3 +217,181 @@ def test_builder_api_directly():
     assert r.output_shardings.spec == P("fsdp", None)
     # a quarter of the (256 x 256) output, each a 512-long multiply-add: the work splits evenly over 4 devices
     assert r.flops == pytest.approx(2 * 256 * 256 * 512 / 4, rel=0.05)
+
+
+def test_scanned_layers_flops_count_every_layer(tiny_report, tiny_yaml):
+    """XLA's cost analysis counts a while-loop body once; the report counts the traced program's matmuls with every
+    scan body times its length, which must agree with XLA's own count of the same step with the layer scan unrolled."""
+    unrolled = compile_config(tiny_yaml, ["model.scan_unroll=2"], topology="v5e:2x2")
+    assert unrolled.loop_flops_factor == pytest.approx(1.0)
+    assert tiny_report.loop_flops_factor > 1.3  # two layers, most of the work
+    assert tiny_report.xla_flops < 0.8 * unrolled.xla_flops
+    assert tiny_report.program_flops == unrolled.program_flops  # unrolling changes the loop, not the work
+    assert tiny_report.flops == pytest.approx(unrolled.xla_flops, rel=0.03)
+    # the matmuls split over 4 chips: XLA's count adds the elementwise work, a few percent of this tiny model's
+    assert 0.85 * unrolled.xla_flops < tiny_report.program_flops / 4 <= unrolled.xla_flops
+
+
+# --- the trainer's kinds: reward_model and sft ------------------------------------------------------------------------
+
+DEMO_RM = "configs/demo/reward_model.yaml"
+TINY_SFT = "configs/sft/r1v_tiny.yaml"
+
+
+def _spec_of(tree):
+    return jax.tree.map(lambda s: s.spec, tree, is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
+def _adam(opt_state):
+    """The ScaleByAdamState inside the trainer's optax chain (clip -> adamw)."""
+    import optax
+
+    found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+             if isinstance(s, optax.ScaleByAdamState)]
+    assert len(found) == 1
+    return found[0]
+
+
+def _expected_state_specs(config, overrides, mesh):
+    """What the rules table says for the run's parameters, cut by its freeze masks like the trainer does."""
+    from skyjax.config import load_config
+    from skyjax.train.aot import abstract_bundle
+    from skyjax.train.config import RunConfig
+    from skyjax.train.optimizer import frozen_predicate, split_params
+
+    cfg = load_config(RunConfig, config, overrides)
+    bundle = abstract_bundle(cfg)
+    fn = bundle.model.fn
+    trainable, frozen = split_params(fn.shardings(mesh), frozen_predicate(bundle.model.arch.name, cfg.trainer.freeze))
+    return _spec_of(trainable), _spec_of(frozen)
+
+
+def test_reward_model_step_on_two_slices_has_the_rules_shardings():
+    """The real reward-model train step (the demo config) on 2 x v5e:2x2: parameters and Adam moments as the rules
+    table gives them within a slice (replicated across slices), frozen parameters without moments, the state
+    returned exactly as it came in, and the pairs' rows split over the slice and fsdp axes."""
+    overrides = ["mesh.shape=[1,2,2]"]
+    r = compile_config(DEMO_RM, overrides, topology="v5e:2x2", num_slices=2)
+    assert r.fits and r.mesh == {"slice": 2, "data": 1, "fsdp": 2, "tensor": 2} and r.num_devices == 8
+    assert r.description.startswith("reward_model 'reward_demo': qwen2_5_vl_reward")
+    (state_in, batch_in), (state_out, stats_out) = r.input_shardings, r.output_shardings
+    mesh = jax.tree.leaves(state_in)[0].mesh
+    trainable, frozen = _expected_state_specs(DEMO_RM, overrides + ["mesh.num_slices=2"], mesh)
+    assert _spec_of(state_in["trainable"]) == trainable and _spec_of(state_in["frozen"]) == frozen
+    layers = state_in["trainable"]["model"]["layers"]
+    assert layers["mlp"]["gate_proj"]["kernel"].spec == P(None, "fsdp", "tensor")  # (layers, embed, mlp)
+    assert layers["self_attn"]["o_proj"]["kernel"].spec == P(None, "tensor", "fsdp")  # (layers, heads, embed)
+    assert state_in["frozen"]["lm_head"]["kernel"].spec == P("fsdp", "tensor")  # freeze [lm_head]: no moments
+    assert "lm_head" not in state_in["trainable"] and "v_head" in state_in["trainable"]
+    adam = _adam(state_in["opt"])
+    assert _spec_of(adam.mu) == trainable and _spec_of(adam.nu) == trainable
+    assert _spec_of(state_out) == _spec_of(state_in)  # donated and returned as is: one program for every step
+    assert state_in["step"].spec == P() and adam.count.spec == P()
+    rows = P(None, ("slice", "fsdp"), None)  # [micro-batches, 2 x pairs, seq]
+    assert batch_in["input_ids"].spec == rows and batch_in["attention_mask"].spec == rows
+    assert batch_in["pixel_values"].spec == P() and batch_in["pair_weight"].spec == P()
+    assert all(s.spec == P() for s in jax.tree.leaves(stats_out))
+    assert r.loop_flops_factor > 1 and r.flops > r.xla_flops > 0
+    assert r.alias_bytes > 0  # the state is donated: updated in place
+
+
+def test_projector_only_sft_step_and_a_too_small_hbm(monkeypatch, tmp_path, capsys):
+    """`skyjax aot configs/sft/r1v_tiny.yaml trainer.freeze=[vision,llm] --hbm-gib 0.001`: the R1V SFT step is
+    compiled (projector trained: only it has moments), and the command exits 1 naming the overflow."""
+    compiled = []
+
+    def spy(*args, **kwargs):
+        try:
+            return real(*args, **kwargs)
+        except DoesNotFitError as e:
+            compiled.append(e.report)
+            raise
+
+    real = aot_module.compile_config
+    monkeypatch.setattr(aot_module, "compile_config", spy)
+    overrides = ["mesh.shape=[1,2,2]", "trainer.freeze=[vision,llm]"]
+    out_json = tmp_path / "sft.json"
+    assert aot_main([TINY_SFT, *overrides, "--topology", "v5e:2x2", "--hbm-gib", "0.001", "--json", str(out_json)]) == 1
+    out = capsys.readouterr()
+    assert "sft 'sft_r1v_tiny': internvl" in out.out and "DOES NOT FIT (over by" in out.out
+    assert "does not fit on v5e:2x2: it needs" in out.err and "has 1.02 MiB of HBM" in out.err
+    report = json.loads(out_json.read_text())
+    assert not report["fits"] and report["required_bytes"] > report["hbm_bytes"] == int(0.001 * GiB)
+    (r,) = compiled
+    (state_in, batch_in), (state_out, _) = r.input_shardings, r.output_shardings
+    mesh = jax.tree.leaves(state_in)[0].mesh
+    trainable, frozen = _expected_state_specs(TINY_SFT, overrides, mesh)
+    assert set(state_in["trainable"]) == {"projector"} and {"vision_tower", "model", "lm_head"} <= set(frozen)
+    assert _spec_of(state_in["trainable"]) == trainable and _spec_of(state_in["frozen"]) == frozen
+    assert state_in["frozen"]["model"]["layers"]["mlp"]["down_proj"]["kernel"].spec == P(None, "tensor", "fsdp")
+    assert state_in["frozen"]["model"]["embed_tokens"]["embedding"].spec == P("tensor", "fsdp")  # (vocab, embed)
+    adam = _adam(state_in["opt"])
+    assert _spec_of(adam.mu) == trainable and _spec_of(adam.nu) == trainable
+    assert _spec_of(state_out) == _spec_of(state_in)
+    rows = P(None, "fsdp", None)  # [micro-batches, rows, seq] over the batch axes (data=1, fsdp=2)
+    for key in ("input_ids", "attention_mask", "assistant_mask"):
+        assert batch_in[key].spec == rows, key
+    assert batch_in["vision"]["pixel_values"].spec == P() and batch_in["row_weight"].spec == P()
+
+
+def test_run_config_errors_are_named(capsys, tmp_path):
+    """Exit 2 with the reason: a parameter that does not divide its mesh axis (named), a mesh that does not lay out,
+    a model folder that is not there (with the shape: hint); shape-only sources are refused by training."""
+    # Qwen2.5-VL-7B's vision MLP is 3420 wide: it does not split over 8 tensor-parallel chips (checked before compiling)
+    assert aot_main(["configs/reward_model/stage1_7b.yaml", "model.source=shape:qwen2_5_vl_7b", "mesh.shape=[1,1,8]",
+                     "--topology", "v5e:2x4"]) == 2
+    err = capsys.readouterr().err
+    assert "visual/blocks/mlp/down_proj/kernel: dimension 1 ('vision_mlp') of shape (32, 3420, 1280)" in err
+    assert "is 3420, which does not divide mesh axes ('tensor',) of size 8" in err
+    assert aot_main([TINY_SFT, "--topology", "v5e:2x2"]) == 2  # the config's (2, 2, 2) mesh needs 8 chips
+    assert "needs 8 devices per slice but 4 are available" in capsys.readouterr().err
+    assert aot_main([DEMO_RM, "model.source=/no/such/model", "mesh.shape=[1,2,2]", "--topology", "v5e:2x2"]) == 2
+    assert "model.source=shape:qwen2_5_vl_7b" in capsys.readouterr().err
+    assert aot_main([DEMO_RM, "model.source=shape:nonsense", "mesh.shape=[1,2,2]", "--topology", "v5e:2x2"]) == 2
+    assert "'shape:nonsense' is not a known shape (known: qwen2_5_vl_7b, r1v_38b" in capsys.readouterr().err
+
+    from skyjax.train.config import ModelConfig
+    from skyjax.train.setup import load_reward_bundle
+
+    with pytest.raises(ValueError, match="model shape without weights, for `skyjax aot` only"):
+        load_reward_bundle(ModelConfig(source="shape:qwen2_5_vl_7b"), None, tmp_path)
+
+
+def test_model_sources_read_only_shapes(tmp_path):
+    """Named shapes, model-shape YAMLs and Hugging Face folders (config.json only, no weights) give the model the
+    trainer would build, with the run's runtime fields applied."""
+    from skyjax.config import load_config
+    from skyjax.models.qwen2_5_vl import Qwen2_5_VLConfig
+    from skyjax.models.r1v import R1VConfig
+    from skyjax.train.aot import abstract_bundle
+    from skyjax.train.config import RunConfig
+
+    def bundle(config, *overrides):
+        return abstract_bundle(load_config(RunConfig, config, list(overrides)))
+
+    rm = bundle("configs/reward_model/stage1_7b.yaml", "model.source=shape:qwen2_5_vl_7b")
+    assert rm.model.arch.name == "qwen2_5_vl_reward" and rm.model.params is None
+    assert rm.model.config == Qwen2_5_VLConfig.qwen2_5_vl_7b(dtype="bfloat16", param_dtype="float32",
+                                                            remat="dots_no_batch")
+    assert rm.model.fn.num_params() / 1e9 == pytest.approx(8.292, abs=0.005)  # + the value head
+    rm_yaml = bundle("configs/reward_model/stage1_7b.yaml", "model.source=shape:configs/models/qwen2_5_vl_7b.yaml",
+                     "model.remat=full")
+    assert rm_yaml.model.config.text.remat == rm_yaml.model.config.vision.remat == "full"
+    assert rm_yaml.model.config == Qwen2_5_VLConfig.qwen2_5_vl_7b(dtype="bfloat16", param_dtype="float32",
+                                                                 remat="full")
+    r1v = bundle("configs/sft/r1v_38b_projector.yaml", "model.source=shape:configs/models/r1v_38b.yaml")
+    assert r1v.model.arch.name == "internvl" and isinstance(r1v.model.config, R1VConfig)
+    assert r1v.model.config == bundle("configs/sft/r1v_38b_projector.yaml", "model.source=shape:r1v_38b").model.config
+    assert r1v.model.fn.num_params() / 1e9 == pytest.approx(38.39, abs=0.01)
+    assert r1v.image_cfg.image_size == 448 and r1v.image_cfg.max_tiles == 12
+
+    folder = tmp_path / "hf"  # a Hugging Face folder with its config.json and no weights at all
+    folder.mkdir()
+    tiny = Qwen2_5_VLConfig.tiny()
+    (folder / "config.json").write_text(json.dumps(tiny.to_hf()))
+    from_folder = bundle(DEMO_RM, f"model.source={folder}", "model.dtype=bfloat16")
+    assert from_folder.model.arch.name == "qwen2_5_vl_reward"
+    assert from_folder.model.config.text.dtype == "bfloat16" and from_folder.model.config.text.param_dtype == "bfloat16"
+    assert from_folder.model.config.vision.depth == tiny.vision.depth
+    with pytest.raises(ConfigError, match="a reward model needs a Qwen2.5-VL backbone, got architecture 'internvl'"):
+        bundle(DEMO_RM, "model.source=shape:r1v_38b")

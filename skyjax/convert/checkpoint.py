@@ -94,11 +94,7 @@ def load_hf(
 ) -> LoadedModel:
     """Read a Hugging Face folder straight onto `mesh` (each host reads only its own shards)."""
     folder = Path(folder)
-    hf_config = read_hf_config(folder)
-    arch = detect(hf_config, str(folder / "config.json"), folder)
-    cfg = arch.config_from_hf(hf_config, **_runtime(dtype, param_dtype, _hf_dtype(hf_config)), **runtime)
-    if hasattr(arch, "complete_config"):  # facts kept beside config.json (InternVL: the tokenizer's image token id)
-        cfg = arch.complete_config(cfg, folder)
+    arch, cfg, hf_config = _hf_model_config(folder, dtype, param_dtype, **runtime)
     fn = Functional.create(lambda r: arch.build(cfg, r))
     reader = SafetensorsReader(folder, extra_files=arch.extra_weight_files)
     try:
@@ -152,6 +148,32 @@ def load_checkpoint(
 ) -> LoadedModel:
     """Restore a skyjax checkpoint onto `mesh` (any mesh shape: orbax reshards on read)."""
     folder = Path(folder).resolve()
+    arch, cfg, hf_config = _checkpoint_model_config(folder, dtype, param_dtype, **runtime)
+    fn = Functional.create(lambda r: arch.build(cfg, r))
+    params = restore_params(folder / "params", fn, mesh, rules)
+    return LoadedModel(arch, cfg, fn, params, folder, hf_config)
+
+
+def read_model_config(folder: str | Path, dtype: str | None = None, param_dtype: str | None = None,
+                      **runtime) -> tuple[Architecture, Any, dict]:
+    """(architecture, model config, Hugging Face config dict) of a skyjax checkpoint or a Hugging Face folder, with
+    the runtime fields applied, as `load_model` would build them; reads skyjax.json / config.json (and an InternVL
+    folder's tokenizer files), never a weight."""
+    folder = Path(folder)
+    return (_checkpoint_model_config if is_checkpoint(folder) else _hf_model_config)(folder, dtype, param_dtype,
+                                                                                      **runtime)
+
+
+def _hf_model_config(folder: Path, dtype: str | None, param_dtype: str | None, **runtime):
+    hf_config = read_hf_config(folder)
+    arch = detect(hf_config, str(folder / "config.json"), folder)
+    cfg = arch.config_from_hf(hf_config, **_runtime(dtype, param_dtype, _hf_dtype(hf_config)), **runtime)
+    if hasattr(arch, "complete_config"):  # facts kept beside config.json (InternVL: the tokenizer's image token id)
+        cfg = arch.complete_config(cfg, folder)
+    return arch, cfg, hf_config
+
+
+def _checkpoint_model_config(folder: Path, dtype: str | None, param_dtype: str | None, **runtime):
     meta = json.loads((folder / META_NAME).read_text())
     if meta.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{folder / META_NAME}: unsupported format {meta.get('format')}")
@@ -163,9 +185,7 @@ def load_checkpoint(
     if param_dtype is not None or dtype is not None:
         runtime["param_dtype"] = param_dtype or dtype
     cfg = from_dict(arch.config_cls, _set_runtime(meta["model"], runtime))
-    fn = Functional.create(lambda r: arch.build(cfg, r))
-    params = restore_params(folder / "params", fn, mesh, rules)
-    return LoadedModel(arch, cfg, fn, params, folder, meta.get("hf_config", {}))
+    return arch, cfg, meta.get("hf_config", {})
 
 
 def restore_params(path: Path, fn: Functional, mesh: Mesh | None, rules: AxisRules = DEFAULT_RULES) -> dict:

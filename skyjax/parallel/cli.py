@@ -2,7 +2,8 @@
 `lm_forward_backward` kind: one Qwen2 causal-LM training step (next-token cross entropy, gradients, AdamW update).
 
 The lm step lives here rather than in aot.py because it needs a model, and `skyjax.parallel` must not import
-`skyjax.models` (DESIGN: dependencies point one way). The trainer registers its own kinds the same way.
+`skyjax.models` (DESIGN: dependencies point one way). The trainer registers its own kinds (reward_model, sft) the same
+way, in skyjax/train/aot.py.
 
     kind: lm_forward_backward
     model: {vocab_size: 152064, hidden_size: 3584, ..., dtype: bfloat16, remat: full}   # Qwen2Config fields
@@ -130,7 +131,8 @@ def _cmd_aot(args) -> int:
         _write_json(args.json, e.report)
         print(f"skyjax aot: error: {e}", file=sys.stderr)
         return 1
-    except (TopologyError, ShardingError, ConfigError) as e:
+    except (TopologyError, ShardingError, ConfigError, ValueError, FileNotFoundError) as e:
+        # a mesh that cannot be laid out, a dimension that does not divide it, a bad config or model source
         print(f"skyjax aot: error: {e}", file=sys.stderr)
         return 2
     print(report.table())
@@ -153,8 +155,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
                     "needed), print memory per device against the chip's HBM, FLOPs per step and compile time, and "
                     "exit 1 if it does not fit (2 if the mesh or config is invalid).\n\n"
                     "topologies: v5e:AxB, v6e:AxB, v4:AxBxC, v5p:AxBxC, tpu7x:AxBxC (chips; v5litepod-16 is v5e:4x4)"
-                    "\n\nexample:\n  skyjax aot launch/lm_step_7b.yaml "
-                    "batch_size=64 mesh.shape=[1,-1,1] --topology v5e:4x4 --num-slices 2")
+                    "\n\nkinds: reward_model and sft (the trainer's real step; model.source may be a shape without "
+                    "weights: shape:qwen2_5_vl_7b, shape:r1v_38b, shape:configs/models/NAME.yaml), lm_forward_backward"
+                    "\n\nexample:\n  skyjax aot configs/reward_model/stage1_7b.yaml model.source=shape:qwen2_5_vl_7b "
+                    "data.batch_size=4 mesh.shape=[1,8,1] --topology v5p:2x2x2\n"
+                    "  skyjax aot launch/lm_step_7b.yaml batch_size=64 mesh.shape=[1,-1,1] --topology v5e:4x4 "
+                    "--num-slices 2\n\nlaunch/fit_table.py searches the largest batch that fits; see docs/fit.md")
     p.add_argument("config", type=Path, help="run config YAML (its `kind` picks the step; `mesh` the mesh)")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the config")
     p.add_argument("--topology", required=True, help="TPU topology per slice, e.g. v5e:4x4, v5p:2x2x2")

@@ -18,7 +18,9 @@ from skyjax.parallel.mesh import MeshConfig
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     # "tiny": the kind's built-in tiny model (reward_model: Qwen2.5-VL + value head; sft: Skywork R1V, i.e.
-    # InternViT + projector + Qwen2); otherwise a Hugging Face folder or a skyjax checkpoint
+    # InternViT + projector + Qwen2); otherwise a Hugging Face folder or a skyjax checkpoint. `skyjax aot` also takes
+    # a shape without weights: "shape:qwen2_5_vl_7b", "shape:r1v_38b" or "shape:configs/models/NAME.yaml"
+    # (skyjax.train.aot); training refuses those
     source: str = "tiny"
     tokenizer: str | None = None  # folder with the tokenizer; default: `source` (tiny: a local byte-level one)
     dtype: str | None = None  # compute dtype (default: the checkpoint's)

@@ -44,10 +44,8 @@ def runtime_overrides(cfg: ModelConfig) -> dict:
     return out
 
 
-def tiny_reward_model(cfg: ModelConfig, mesh: Mesh, folder: Path) -> ModelBundle:
-    """The built-in tiny Qwen2.5-VL reward model with a local byte-level tokenizer (saved under `folder`)."""
-    tok = build_tiny_tokenizer("qwen2_5_vl", out_dir=folder)
-    ids = special_token_ids(tok)
+def tiny_reward_config(cfg: ModelConfig, ids: dict) -> Qwen2_5_VLConfig:
+    """The built-in tiny Qwen2.5-VL's config (shaped by cfg.tiny_*), given the tiny tokenizer's special-token ids."""
     runtime = {"dtype": cfg.dtype or "float32", "param_dtype": cfg.param_dtype or cfg.dtype or "float32",
                **runtime_overrides(cfg)}
     mcfg = Qwen2_5_VLConfig.tiny(image_token_id=ids["image_pad"], video_token_id=ids["video_pad"],
@@ -60,11 +58,20 @@ def tiny_reward_model(cfg: ModelConfig, mesh: Mesh, folder: Path) -> ModelBundle
                                  initializer_range=cfg.tiny_init_std,
                                  fullatt_block_indexes=tuple(i for i in mcfg.vision.fullatt_block_indexes
                                                              if i < cfg.tiny_vision_depth))
-    mcfg = dataclasses.replace(mcfg, text=text, vision=vision)
+    return dataclasses.replace(mcfg, text=text, vision=vision)
+
+
+TINY_IMAGE_CFG = QwenVLImageConfig(min_pixels=56 * 56, max_pixels=112 * 112)  # the tiny reward model's images
+
+
+def tiny_reward_model(cfg: ModelConfig, mesh: Mesh, folder: Path) -> ModelBundle:
+    """The built-in tiny Qwen2.5-VL reward model with a local byte-level tokenizer (saved under `folder`)."""
+    tok = build_tiny_tokenizer("qwen2_5_vl", out_dir=folder)
+    mcfg = tiny_reward_config(cfg, special_token_ids(tok))
     arch = ARCHITECTURES["qwen2_5_vl_reward"]
     fn = Functional.create(lambda r: arch.build(mcfg, r))
     params = fn.init(seed=cfg.seed, mesh=mesh)
-    image_cfg = QwenVLImageConfig(min_pixels=56 * 56, max_pixels=112 * 112)
+    image_cfg = TINY_IMAGE_CFG
     image_cfg.save(folder)
     return ModelBundle(LoadedModel(arch, mcfg, fn, params, folder, {}), tok, image_cfg)
 
@@ -90,10 +97,21 @@ def load_reward_bundle(cfg: ModelConfig, mesh: Mesh, run_dir: Path) -> ModelBund
     """The reward model of a run: the tiny one, or a Qwen2.5-VL (+ value head) folder or checkpoint."""
     if cfg.source == "tiny":
         return tiny_reward_model(cfg, mesh, run_dir / "tokenizer")
+    require_weights(cfg)
     loaded = load_model(cfg.source, mesh=mesh, dtype=cfg.dtype, param_dtype=cfg.param_dtype, **runtime_overrides(cfg))
     loaded = reward_model_from(loaded, mesh, cfg.seed)
     tok = load_tokenizer(cfg.tokenizer or loaded.folder)
     return ModelBundle(loaded, tok, QwenVLImageConfig.from_folder(loaded.folder))
+
+
+SHAPE_PREFIX = "shape:"  # model.source "shape:NAME" / "shape:FILE.yaml": a model shape, no weights (skyjax aot)
+
+
+def require_weights(cfg: ModelConfig) -> None:
+    """Training needs weights: a shape-only model.source (for `skyjax aot`) is an error naming the field."""
+    if cfg.source.startswith(SHAPE_PREFIX):
+        raise ValueError(f"model.source {cfg.source!r} is a model shape without weights, for `skyjax aot` only; "
+                         f"training needs a Hugging Face folder, a skyjax checkpoint or 'tiny'")
 
 
 def image_config(bundle: ModelBundle, data: DataConfig) -> QwenVLImageConfig:
@@ -223,6 +241,13 @@ def batch_shardings(batch: dict, mesh: Mesh) -> dict:
 
 def to_device(batch: dict, mesh: Mesh) -> dict:
     """Place a collated batch on the mesh with `batch_shardings`."""
+    if jax.process_count() > 1:
+        # Each host collates only its share of the rows, and its own packed vision input: placing that as if it were
+        # the global batch would silently train on the wrong rows. Assembling the global batch (host-major rows,
+        # chosen/rejected halves per host, the hosts' packed patches side by side) is not implemented yet.
+        raise NotImplementedError(
+            f"training on {jax.process_count()} hosts: assembling the per-host batches into one global batch is "
+            "not implemented yet; run on one host (any number of local devices), or compile with `skyjax aot`")
     return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), batch, batch_shardings(batch, mesh))
 
 

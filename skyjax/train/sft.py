@@ -38,7 +38,8 @@ from skyjax.models.r1v import R1VConfig, check_image_tokens as check_r1v_tokens
 from skyjax.nn.functional import Functional
 from skyjax.train.config import DataConfig, ModelConfig
 from skyjax.train.pairs import BadRowError, fit_bucket, row_location
-from skyjax.train.setup import ModelBundle, RecordPipeline, abstract, image_config, runtime_overrides
+from skyjax.train.setup import (ModelBundle, RecordPipeline, abstract, image_config, require_weights,
+                                 runtime_overrides)
 
 
 @dataclasses.dataclass
@@ -285,11 +286,8 @@ def abstract_sft_batch(bundle: ModelBundle, data: DataConfig, micro_batches: int
 # --- models -----------------------------------------------------------------------------------------------------------
 
 
-def tiny_r1v(cfg: ModelConfig, mesh: Mesh, folder: Path) -> ModelBundle:
-    """A tiny random Skywork R1V (InternViT -> pixel shuffle -> projector -> Qwen2; 56 px tiles, 4 tokens per
-    tile) with a local byte-level InternVL tokenizer (<img>, </img>, <IMG_CONTEXT>), saved under `folder`."""
-    tok = build_tiny_tokenizer("internvl", out_dir=folder)
-    ids = special_token_ids(tok)
+def tiny_r1v_config(cfg: ModelConfig, ids: dict) -> R1VConfig:
+    """The built-in tiny R1V's config (shaped by cfg.tiny_*), given the tiny InternVL tokenizer's special-token ids."""
     runtime = {"dtype": cfg.dtype or "float32", "param_dtype": cfg.param_dtype or cfg.dtype or "float32",
                **runtime_overrides(cfg)}
     base = R1VConfig.tiny(image_token_id=ids["img_context"], **runtime)
@@ -298,7 +296,14 @@ def tiny_r1v(cfg: ModelConfig, mesh: Mesh, folder: Path) -> ModelBundle:
                                eos_token_id=ids["eos"], pad_token_id=ids["pad"])
     vision = dataclasses.replace(base.vision, num_hidden_layers=cfg.tiny_vision_depth,
                                  initializer_range=cfg.tiny_init_std)
-    mcfg = dataclasses.replace(base, text=text, vision=vision)
+    return dataclasses.replace(base, text=text, vision=vision)
+
+
+def tiny_r1v(cfg: ModelConfig, mesh: Mesh, folder: Path) -> ModelBundle:
+    """A tiny random Skywork R1V (InternViT -> pixel shuffle -> projector -> Qwen2; 56 px tiles, 4 tokens per
+    tile) with a local byte-level InternVL tokenizer (<img>, </img>, <IMG_CONTEXT>), saved under `folder`."""
+    tok = build_tiny_tokenizer("internvl", out_dir=folder)
+    mcfg = tiny_r1v_config(cfg, special_token_ids(tok))
     arch = ARCHITECTURES["internvl"]  # exports in the transformers-native InternVL layout
     fn = Functional.create(lambda r: arch.build(mcfg, r))
     params = fn.init(seed=cfg.seed, mesh=mesh)
@@ -310,6 +315,7 @@ def load_sft_bundle(cfg: ModelConfig, mesh: Mesh, run_dir: Path) -> ModelBundle:
     folder or skyjax checkpoint, with its own tokenizer and image settings."""
     if cfg.source == "tiny":
         return tiny_r1v(cfg, mesh, run_dir / "tokenizer")
+    require_weights(cfg)
     loaded = load_model(cfg.source, mesh=mesh, dtype=cfg.dtype, param_dtype=cfg.param_dtype, **runtime_overrides(cfg))
     if loaded.arch.name not in SFT_FORMATS:
         raise ValueError(f"{cfg.source}: SFT supports the architectures {', '.join(SFT_FORMATS)}, not "
