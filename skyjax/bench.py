@@ -41,7 +41,6 @@ import contextlib
 import copy
 import datetime
 import json
-import math
 import os
 import platform
 import sys
@@ -89,42 +88,9 @@ def count_flops(fn: Callable, *args, **kwargs) -> float:
     run: arguments may be arrays or jax.ShapeDtypeStructs."""
     import jax
 
-    return _jaxpr_flops(jax.make_jaxpr(fn)(*args, **kwargs).jaxpr)
+    from skyjax.parallel.aot import matmul_flops
 
-
-def _subjaxprs(value):
-    from jax.extend import core
-
-    if isinstance(value, core.ClosedJaxpr):
-        yield value.jaxpr
-    elif isinstance(value, core.Jaxpr):
-        yield value
-    elif isinstance(value, (tuple, list)):
-        for v in value:
-            yield from _subjaxprs(v)
-
-
-def _jaxpr_flops(jaxpr) -> float:
-    total = 0.0
-    for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
-        if name == "dot_general":
-            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
-            lhs = eqn.invars[0].aval.shape
-            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in lhs_contract)
-        elif name == "conv_general_dilated":
-            rhs = eqn.invars[1].aval.shape
-            spec = eqn.params["dimension_numbers"].rhs_spec  # (out features, in features per group, spatial...)
-            per_output = math.prod(rhs[d] for d in spec[1:])
-            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * per_output
-        elif name == "cond":
-            total += max((_jaxpr_flops(j) for j in _subjaxprs(eqn.params["branches"])), default=0.0)
-        else:
-            times = eqn.params.get("length", 1) if name == "scan" else 1
-            for value in eqn.params.values():
-                for sub in _subjaxprs(value):
-                    total += times * _jaxpr_flops(sub)
-    return total
+    return matmul_flops(jax.make_jaxpr(fn)(*args, **kwargs).jaxpr, loops=True)
 
 
 # --- the compile benchmark ------------------------------------------------------------------------------------------
