@@ -67,17 +67,23 @@ def draw_scene(rng: np.random.RandomState, task: str, size: int) -> tuple[Image.
     return image, answer
 
 
+def prepare_folder(folder: str | Path, tasks) -> Path:
+    """Check the task names and create `folder`/images; returns the folder as a Path."""
+    for task in tasks:
+        if task not in QUESTIONS and task not in TEXT_TASKS:
+            raise ValueError(f"unknown synthetic task {task!r} (known: {', '.join([*QUESTIONS, *TEXT_TASKS])})")
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def make_records(folder: str | Path, name: str, n: int, *, seed: int, image_size: int = 56,
                  tasks=("colour", "shape", "position"), blank: bool = False) -> Path:
     """Write `name`.jsonl (+ PNGs under images/) with n preference pairs; returns the JSONL path.
 
     `blank` writes the same questions and answers over one uniform grey image: the blind control.
     """
-    folder = Path(folder)
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    for task in tasks:
-        if task not in QUESTIONS and task not in TEXT_TASKS:
-            raise ValueError(f"unknown synthetic task {task!r} (known: {', '.join([*QUESTIONS, *TEXT_TASKS])})")
+    folder = prepare_folder(folder, tasks)
     rng = np.random.RandomState(seed)
     blank_path = folder / "images" / "blank.png"
     if blank:

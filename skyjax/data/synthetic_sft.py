@@ -17,17 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from skyjax.data.synthetic import QUESTIONS, SYSTEM, TEXT_TASKS, draw_scene
+from skyjax.data.synthetic import QUESTIONS, SYSTEM, draw_scene, prepare_folder
 
 
 def make_sft_records(folder: str | Path, name: str, n: int, *, seed: int, image_size: int = 56,
                      tasks=("colour", "shape", "position")) -> Path:
     """Write `name`.jsonl (+ PNGs under images/) with n SFT rows; returns the JSONL path."""
-    folder = Path(folder)
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    for task in tasks:
-        if task not in QUESTIONS and task not in TEXT_TASKS:
-            raise ValueError(f"unknown synthetic task {task!r} (known: {', '.join([*QUESTIONS, *TEXT_TASKS])})")
+    folder = prepare_folder(folder, tasks)
     rng = np.random.RandomState(seed)
     out = folder / f"{name}.jsonl"
     with out.open("w") as f:
