@@ -87,15 +87,23 @@ def fit_bucket(n: int, buckets: Sequence[int], what: str, where: str) -> int:
         raise BadRowError(f"{where}: {n} {what} do not fit the largest bucket {max(buckets)} (data.{what}_buckets)")
 
 
-def collate_pairs(examples: Sequence[PairExample], vision_cfg: Qwen2_5_VLVisionConfig, buckets: PairBuckets,
-                  pad_id: int, *, micro_batches: int = 1, weights: Sequence[float] | None = None) -> dict:
-    """Stack pairs into arrays with a leading micro-batch axis [A, ...]; every micro-batch has the same shapes."""
+def split_micro_batches(examples: Sequence, micro_batches: int, weights: Sequence[float] | None, what: str):
+    """(weights [n] float32, the examples cut into `micro_batches` equal groups, "file:line, ..." of the first rows
+    for error messages). Shared by the pair and SFT collators."""
     if len(examples) % micro_batches:
-        raise ValueError(f"{len(examples)} pairs do not split into {micro_batches} micro-batches")
+        raise ValueError(f"{len(examples)} {what} do not split into {micro_batches} micro-batches")
     weights = np.ones(len(examples), np.float32) if weights is None else np.asarray(weights, np.float32)
     per = len(examples) // micro_batches
     groups = [examples[i * per:(i + 1) * per] for i in range(micro_batches)]
     where = ", ".join(e.where for e in examples[:3]) + (" ..." if len(examples) > 3 else "")
+    return weights, groups, where
+
+
+def collate_pairs(examples: Sequence[PairExample], vision_cfg: Qwen2_5_VLVisionConfig, buckets: PairBuckets,
+                  pad_id: int, *, micro_batches: int = 1, weights: Sequence[float] | None = None) -> dict:
+    """Stack pairs into arrays with a leading micro-batch axis [A, ...]; every micro-batch has the same shapes."""
+    weights, groups, where = split_micro_batches(examples, micro_batches, weights, "pairs")
+    per = len(groups[0])
     longest = max(max(e.chosen.length, e.rejected.length) for e in examples)
     seq = fit_bucket(longest, buckets.seq, "seq", where)
     n_patches = max(sum(e.patches.shape[0] for e in g) for g in groups)

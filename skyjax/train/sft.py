@@ -37,7 +37,7 @@ from skyjax.data.tokenizer import INTERNVL_IMAGE_MARKER, build_tiny_tokenizer, l
 from skyjax.models.r1v import R1VConfig, check_image_tokens as check_r1v_tokens
 from skyjax.nn.functional import Functional
 from skyjax.train.config import DataConfig, ModelConfig
-from skyjax.train.pairs import BadRowError, fit_bucket, row_location
+from skyjax.train.pairs import BadRowError, fit_bucket, row_location, split_micro_batches
 from skyjax.train.setup import (ModelBundle, RecordPipeline, abstract, image_config, require_weights,
                                  runtime_overrides)
 
@@ -221,12 +221,8 @@ def featurize_sft(record: Record, tokenizer, fmt, *, max_length: int | None = No
 def collate_sft(examples: Sequence[SFTExample], fmt, seq_buckets: Sequence[int], pad_id: int, *,
                 micro_batches: int = 1, weights: Sequence[float] | None = None) -> dict:
     """Stack rows into arrays with a leading micro-batch axis [A, ...]; every micro-batch has the same shapes."""
-    if len(examples) % micro_batches:
-        raise ValueError(f"{len(examples)} rows do not split into {micro_batches} micro-batches")
-    weights = np.ones(len(examples), np.float32) if weights is None else np.asarray(weights, np.float32)
-    per = len(examples) // micro_batches
-    groups = [examples[i * per:(i + 1) * per] for i in range(micro_batches)]
-    where = ", ".join(e.where for e in examples[:3]) + (" ..." if len(examples) > 3 else "")
+    weights, groups, where = split_micro_batches(examples, micro_batches, weights, "rows")
+    per = len(groups[0])
     seq = fit_bucket(max(e.conversation.length for e in examples), seq_buckets, "seq", where)
     sizes = fmt.sizes(groups, where)
     out = []
