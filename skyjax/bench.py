@@ -10,8 +10,13 @@ same machine, and the numbers that matter are the ratios.
 
 rm_train_step   The reward-model train step (skyjax.train.bench.run_rm_bench): Qwen2.5-VL reward model, text hidden
                 512 x 4 layers, vision hidden 256 x 4 blocks, 4 preference pairs with two 224x224 images each;
-                forward, Bradley-Terry loss, backward, AdamW. Reference: transformers + PyTorch doing the same step.
-                `speedup` = reference_s / skyjax_s (above 1: skyjax is faster).
+                forward, Bradley-Terry loss, backward, AdamW. Reference: transformers + PyTorch doing the same step
+                on the two rows of every pair. skyjax is timed in two batch layouts, each its own compiled step:
+                `two_rows` (a chosen and a rejected row per pair, the images encoded once per pair: the trainer's
+                default) and `shared_prompt` (one row per pair, prompt | chosen | rejected, the prompt computed
+                once: data.share_prompt=true; the same scores, tested against transformers). `skyjax_s` / `speedup`
+                are the first layout of `rm_train_step.layouts` (two_rows); `layouts` holds each one's time and
+                speedup = reference_s / skyjax_s (above 1: skyjax is faster).
 generate        Decode throughput (skyjax.sample.bench.run_generate_bench): a random Qwen2 (hidden 512, 8 layers),
                 batch 8, 128 new greedy tokens, against transformers `generate` on the same weights.
                 `speedup` = skyjax_tokens_per_s / reference_tokens_per_s.
@@ -278,7 +283,7 @@ def run_benchmarks(only=BENCHMARKS, settings: dict | None = None, log=print) -> 
         t = time.perf_counter()
         raw = run_rm_bench(**settings["rm_train_step"], peak=peak, measure_peak=False)
         entry = {"skyjax_s": raw["skyjax_s"], "reference_s": raw.get("reference_s"), "speedup": raw.get("speedup"),
-                 "config": raw["config"]}
+                 "layouts": raw["layouts"], "config": raw["config"]}
         entry.update({k: raw[k] for k in ("compile_s", "flops_per_step", "flops_source", "xla_cost_analysis_flops")
                       if k in raw})
         entry["flops_per_s"] = raw["flops_per_step"] / raw["skyjax_s"] if raw.get("flops_per_step") else None
@@ -310,8 +315,10 @@ def table(result: dict) -> str:
     if "rm_train_step" in result:
         r = result["rm_train_step"]
         ref = r.get("reference_s")
-        rows.append(("rm_train_step (s/step)", f"{r['skyjax_s']:.4g}", "-" if ref is None else f"{ref:.4g}",
-                     "-" if r.get("speedup") is None else f"{r['speedup']:.2f}x faster"))
+        for name, lay in (r.get("layouts") or {r["config"].get("layout", "two_rows"): r}).items():
+            rows.append((f"rm_train_step {name} (s/step)", f"{lay['skyjax_s']:.4g}",
+                         "-" if ref is None else f"{ref:.4g}",
+                         "-" if lay.get("speedup") is None else f"{lay['speedup']:.2f}x faster"))
     if "generate" in result:
         r = result["generate"]
         rows.append(("generate (tokens/s)", f"{r['skyjax_tokens_per_s']:.4g}", f"{r['reference_tokens_per_s']:.4g}",

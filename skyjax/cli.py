@@ -132,6 +132,12 @@ def skip_absent_tpu() -> bool:
     return True
 
 
+# Commands that run the same way on every host of a pod, each process joining the others (jax.distributed) from the
+# environment first (skyjax.parallel.distributed.initialize_from_environment; a no-op on one host). `aot`, `bench`
+# and `demo` run on one machine.
+MULTI_HOST_COMMANDS = frozenset({"train", "score", "eval", "generate", "convert", "export"})
+
+
 def main(argv: list[str] | None = None) -> int:
     skip_absent_tpu()
     parser = build_parser()
@@ -154,9 +160,13 @@ def main(argv: list[str] | None = None) -> int:
         expected += (RowError, BadRowError)
     except ImportError:  # pragma: no cover
         pass
+    from skyjax.parallel.distributed import DistributedConfigError, initialize_from_environment
+
     try:
+        if args.command in MULTI_HOST_COMMANDS:  # before any JAX backend work: join the pod's other processes
+            initialize_from_environment()
         return args.func(args) or 0
-    except expected as e:
+    except (*expected, DistributedConfigError) as e:
         print(f"skyjax {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -46,6 +46,12 @@ def test_every_benchmark_and_its_reference(result):
                   result["rm_train_step_flops_fraction"], rm["flops_per_step"]):
         assert _number(value), value
     assert rm["speedup"] == pytest.approx(rm["reference_s"] / rm["skyjax_s"], rel=1e-9)
+    # both batch layouts were timed; the headline is the trainer's default (two rows per pair)
+    assert set(rm["layouts"]) == {"two_rows", "shared_prompt"} and rm["config"]["layout"] == "two_rows"
+    assert rm["layouts"]["two_rows"]["skyjax_s"] == rm["skyjax_s"]
+    for lay in rm["layouts"].values():
+        assert _number(lay["skyjax_s"]) and lay["speedup"] == pytest.approx(rm["reference_s"] / lay["skyjax_s"])
+    assert rm["config"]["rows"] == {"two_rows": 2, "shared_prompt": 1}
     assert gen["speedup"] == pytest.approx(gen["skyjax_tokens_per_s"] / gen["reference_tokens_per_s"], rel=1e-9)
     assert comp["ratio"] == pytest.approx(comp["layers_28_s"] / comp["layers_2_s"], rel=1e-9)
     assert comp["pass"] is (comp["ratio"] <= 1.5) and comp["limit"] == 1.5
@@ -62,7 +68,7 @@ def test_every_benchmark_and_its_reference(result):
     assert m["jax"] == jax.__version__ and m["torch"] and m["transformers"] and m["device_kind"]
     assert result["date"][:2] == "20" and result["benchmarks"] == list(BENCHMARKS)
     lines = table(result).splitlines()
-    assert [line.split()[0] for line in lines[2:]] == ["rm_train_step", "generate", "compile", "matmul"]
+    assert [line.split()[0] for line in lines[2:]] == ["rm_train_step"] * 2 + ["generate", "compile", "matmul"]
     assert len({len(line) for line in lines[:2]}) == 1  # aligned columns
 
 

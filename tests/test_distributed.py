@@ -124,3 +124,24 @@ def test_lead_only_output(monkeypatch, capsys):
 
     assert records(0) == ["step 10", "slow input"]
     assert records(3) == ["[host 3] slow input"]
+
+
+def test_cli_joins_the_pod_before_pod_commands(monkeypatch, capsys):
+    """`skyjax train` (and score / eval / generate / convert / export) join the job from the environment before any
+    JAX work: a broken cluster environment stops the command with the variable named; `skyjax aot` never joins."""
+    from skyjax import cli
+    from skyjax.parallel import distributed
+
+    monkeypatch.setenv("SKYJAX_COORDINATOR", "127.0.0.1:8476")
+    monkeypatch.setenv("SKYJAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("SKYJAX_PROCESS_ID", "7")
+    assert cli.main(["train", "configs/demo/reward_model.yaml", "--run-dir", "/nonexistent/run"]) == 2
+    assert "SKYJAX_PROCESS_ID=7 is not in" in capsys.readouterr().err
+
+    joined = []
+    monkeypatch.setattr(distributed, "initialize_from_environment", lambda: joined.append(True))
+    cli.main(["aot", "/nonexistent/config.yaml", "--topology", "v5e:2x2"])  # fails on the missing file, alone
+    assert joined == []
+    assert cli.main(["score", "--model", "/nonexistent/model", "--data", "x.jsonl", "--out", "y.jsonl"]) == 2
+    assert joined == [True]  # joined first, then failed on the missing model
+    assert cli.MULTI_HOST_COMMANDS == {"train", "score", "eval", "generate", "convert", "export"}

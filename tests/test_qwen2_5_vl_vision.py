@@ -63,6 +63,15 @@ def pixels(grid, seed=0):
     return np.random.RandomState(seed).randn(n, 1176).astype(np.float32)
 
 
+def random_segments(rng, real: int, longest: int, total: int) -> np.ndarray:
+    """[1, total] ids: contiguous random segments of 1..longest positions over the first `real`, then padding (-1)."""
+    lengths = []
+    while sum(lengths) < real:
+        lengths.append(rng.randint(1, longest + 1))
+    seg = np.concatenate([np.full(n, i) for i, n in enumerate(lengths)])[:real]
+    return np.concatenate([seg, np.full(total - real, -1)])[None].astype(np.int32)
+
+
 def run(tower, pixel_values, grid, pad_to):
     meta = vision_inputs(np.asarray(grid), tower["cfg"], pad_to=pad_to)
     out = tower["fwd"](tower["params"], pad_pixel_values(pixel_values, pad_to), meta)
@@ -181,11 +190,7 @@ def test_blocked_window_attention_matches_transformers_and_the_dense_mask(tower)
 
     # the function itself: random contiguous segments of at most `block`, padding (-1) longer than a block
     rng = np.random.RandomState(0)
-    lengths = []
-    while sum(lengths) < 200:
-        lengths.append(rng.randint(1, 17))
-    seg = np.concatenate([np.full(n, i) for i, n in enumerate(lengths)])[:200]
-    seg = np.concatenate([seg, np.full(56, -1)])[None].astype(np.int32)  # [1, 256]
+    seg = random_segments(rng, real=200, longest=16, total=256)
     q, k, v = (rng.randn(1, 256, 4, 8).astype(np.float32) for _ in range(3))
     blocked = blocked_segment_attention(q, k, v, seg, 16)
     slots = np.arange(256)
@@ -258,3 +263,43 @@ def test_key_map_aliases_and_export_round_trip(tower, tmp_path):
               str(tmp_path / "broken" / "model.safetensors"))
     with pytest.raises(CheckpointMismatchError, match=r"visual\.blocks\.2\.attn\.qkv\.bias"):
         load_params(SafetensorsReader(tmp_path / "broken"), vision_rules(ours=""), fn.shapes)
+
+
+def test_full_attention_by_image_bound_matches_transformers(tower):
+    """With max_image_patches set, full-attention blocks attend by blocks of neighbouring patches (512 patches,
+    images of <= 192 patches: 64-patch blocks with 3 neighbours on each side, 448 keys per query instead of 512);
+    exact against transformers and the unbounded tower, and an image over the bound is refused."""
+    import dataclasses
+
+    from skyjax.models.qwen2_5_vl_vision import attention_plan, blocked_segment_attention
+    from skyjax.nn.attention import attention_mask, dot_product_attention
+
+    cfg, params = tower["cfg"], tower["params"]
+    bounded = dataclasses.replace(cfg, max_image_patches=192)
+    plan = attention_plan(512, 192, cfg.window_patches)
+    assert plan is not None and (2 * plan[1] + 1) * plan[0] < 512  # the blocked path is taken for full blocks
+    assert attention_plan(512, 512, cfg.window_patches) is None  # no saving: the dense mask
+    assert attention_plan(512, None, cfg.window_patches) is None
+    fn = Functional.create(lambda r: Qwen2_5_VLVisionModel(bounded, rngs=r))
+    fwd = jax.jit(lambda p, x, m: fn.bind(p)(x, m))
+    grid = [[1, 8, 12], [1, 12, 16], [1, 4, 6], [1, 8, 8]]  # 96 + 192 + 24 + 64 patches
+    pv = pixels(grid, seed=3)
+    ref = hf_features(tower["hf"], pv, grid)
+    meta = vision_inputs(np.asarray(grid), bounded, pad_to=512)
+    got = np.asarray(fwd(params, pad_pixel_values(pv, 512), meta))
+    assert rel_error(got[: len(ref)], ref) <= 1e-5
+    unbounded, _ = run(tower, pv, grid, pad_to=512)
+    assert rel_error(got, unbounded) <= 1e-6
+    with pytest.raises(ValueError, match="max_image_patches 192"):
+        vision_inputs(np.asarray([[1, 16, 16]]), bounded, pad_to=512)
+
+    # the function with reach > 1: contiguous segments of up to 40 positions, blocks of 16 (reach 3)
+    rng = np.random.RandomState(1)
+    seg = random_segments(rng, real=240, longest=40, total=256)
+    q, k, v = (rng.randn(1, 256, 2, 8).astype(np.float32) for _ in range(3))
+    slots = np.arange(256)
+    dense = np.asarray(dot_product_attention(q, k, v, attention_mask(slots, slots, None, causal=False,
+                                                                     q_segments=seg, kv_segments=seg)))
+    assert rel_error(np.asarray(blocked_segment_attention(q, k, v, seg, 16, reach=3))[:, :240], dense[:, :240]) <= 1e-6
+    # one block too few on each side: segments that span 3 blocks lose keys (the test can fail)
+    assert rel_error(np.asarray(blocked_segment_attention(q, k, v, seg, 16, reach=1))[:, :240], dense[:, :240]) > 1e-3

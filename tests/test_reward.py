@@ -157,3 +157,56 @@ def test_score_cli_bad_rows(reward_folder, tmp_path, capsys):
     assert "rows.jsonl:3" in err and "bad.png" in err
     assert "skipped 3" in err
     assert len(out.read_text().splitlines()) == 1
+
+
+def test_shared_prompt_layout_scores_equal_the_two_row_layout_and_transformers(reward_folder, tmp_path):
+    """data.share_prompt: one row per pair [prompt | chosen tail | rejected tail] gives the scores of the two-row
+    layout (pair_scores) and of transformers on each (prompt + response) row alone, for pairs with one and two
+    images of different sizes, tails of different lengths, a text-only pair and a response that extends the other."""
+    from skyjax.data.qwen_vl_image import load_image
+    from skyjax.data.records import read_jsonl_records
+    from skyjax.train.objectives import pair_scores, shared_prompt_scores
+    from skyjax.train.pairs import PairBuckets, collate_pairs, collate_shared_prompt, featurize_pair
+
+    folder, hf, head = reward_folder
+    model = load_hf(folder)
+    tok, image_cfg = load_tokenizer(folder), QwenVLImageConfig.from_folder(folder)
+    (tmp_path / "images").mkdir()
+    for i, (w, h) in enumerate([(84, 112), (140, 84), (56, 56)]):
+        random_image(i, h, w).save(tmp_path / "images" / f"{i}.png")
+
+    def record(i, images, question, chosen, rejected):
+        content = [{"type": "image"}] * len(images) + [{"type": "text", "text": question}]
+        return {"id": f"p{i}", "images": [f"images/{k}.png" for k in images],
+                "prompt": [{"role": "user", "content": content}],
+                "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}]}
+
+    rows = [record(0, [0], "What colour?", "Red, with a small blue square in the corner.", "Green."),
+            record(1, [1, 2], "Which is larger?", "Left.", "The right one, clearly."),
+            record(2, [], "Say hi.", "Hi", "Hi there, nice to meet you."),
+            record(3, [2], "Count?", "Three.", "Three.")]  # identical responses: equal scores
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records = list(read_jsonl_records(path, kind="preference"))
+    examples = [featurize_pair(r, tok, image_cfg) for r in records]
+    buckets = PairBuckets(seq=(128, 256), patches=(512,), images=(4,))
+    shared = collate_shared_prompt(examples, model.config.vision, buckets, tok.pad_token_id)
+    two_rows = collate_pairs(examples, model.config.vision, buckets, tok.pad_token_id)
+    assert shared["input_ids"].shape[1] == 4 and shared["score_index"].shape == (1, 4, 2)  # one row per pair
+    first = lambda b: jax.tree.map(lambda x: jnp.asarray(x[0]), {k: v for k, v in b.items() if k != "row_ids"})  # noqa: E731
+    run = lambda f: jax.jit(lambda p, b: f(model.fn.bind(p), b))  # noqa: E731
+    c1, r1 = map(np.asarray, run(shared_prompt_scores)(model.params, first(shared)))
+    c2, r2 = map(np.asarray, run(pair_scores)(model.params, first(two_rows)))
+    assert rel_error(c1, c2) <= 1e-5 and rel_error(r1, r2) <= 1e-5
+    assert c1[3] == pytest.approx(r1[3], rel=1e-6)
+
+    # transformers on every (prompt + response) row alone
+    for key, ours in (("chosen", c1), ("rejected", r1)):
+        convs = [r.conversation(key) for r in records]
+        images = [[load_image(p) for p in r.images] for r in records]
+        batch = prepare_vl_batch(convs, images, tok, image_cfg, model.config.vision)
+        assert rel_error(ours, reference_scores(hf, head, batch)) <= 1e-5, key
+
+    # the shared row is shorter than the two rows it replaces
+    assert shared["attention_mask"].sum() < two_rows["attention_mask"].sum()

@@ -40,6 +40,8 @@ def host(tree):
 def test_resume_is_exact_frozen_parts_stay_and_restore_onto_another_mesh(tmp_path):
     cfg = config("trainer.freeze=[vision,lm_head]")
     a = Trainer(cfg, tmp_path / "a")
+    # the run's image processor bounds the patches of one image; the vision tower is told (blocked full attention)
+    assert a.bundle.model.config.vision.max_image_patches == a.train_pipe.image_cfg.max_patches == 64
     before = host(a.state["frozen"])
     trainable_before = host(a.state["trainable"])
     assert before and all(k.startswith(("visual/patch_embed", "visual/blocks", "lm_head")) for k in before)
@@ -133,3 +135,18 @@ def test_bad_rows_are_named_or_skipped_and_counted(tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     with pytest.raises(ValueError, match=r"train.jsonl:2: .*rating"):
         Trainer(cfg, tmp_path / "unknown")
+
+
+def test_share_prompt_layout_trains_like_two_rows(tmp_path):
+    """data.share_prompt=true (one row per pair, the prompt computed once) gives the same losses, accuracies and
+    gradient norms step by step as the two-row layout: the same computation, laid out differently."""
+    a = Trainer(config("trainer.steps=2", "trainer.freeze=[vision,lm_head]"), tmp_path / "a")
+    a.fit()
+    b = Trainer(config("trainer.steps=2", "trainer.freeze=[vision,lm_head]", "data.share_prompt=true"), tmp_path / "b")
+    batch = next(iter(b.train_pipe.dataset))
+    assert batch["input_ids"].shape[1] == 8 and "branch_ids" in batch  # 8 pairs in 8 rows, not 16
+    b.fit()
+    ma, mb = metrics(tmp_path / "a"), metrics(tmp_path / "b")
+    for step in (1, 2):
+        for key in ("loss", "accuracy", "margin", "grad_norm"):
+            assert mb[step][key] == pytest.approx(ma[step][key], rel=1e-4, abs=1e-6), (step, key)

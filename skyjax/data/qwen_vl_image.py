@@ -167,6 +167,13 @@ class QwenVLImageConfig:
         return self.patch_size * self.merge_size
 
     @property
+    def max_patches(self) -> int:
+        """The patches of an image resized to max_pixels (max_pixels / patch_size^2): the bound a run gives the vision
+        tower (Qwen2_5_VLVisionConfig.max_image_patches). smart_resize stays within max_pixels except for extreme
+        aspect ratios (a side clamped up to one factor), which the data pipeline reports as a bad row."""
+        return self.max_pixels // (self.patch_size * self.patch_size)
+
+    @property
     def patch_dim(self) -> int:
         """Length of one row of ``pixel_values``: 3 * temporal_patch_size * patch_size**2 (1176)."""
         return 3 * self.temporal_patch_size * self.patch_size * self.patch_size

@@ -227,6 +227,7 @@ class Qwen2Model(nnx.Module):
         positions: jax.Array | None = None,
         rope: tuple[jax.Array, jax.Array] | None = None,
         segment_ids: jax.Array | None = None,
+        branch_ids: jax.Array | None = None,
         cache: KVCache | None = None,
         cache_index: jax.Array | int = 0,
     ) -> tuple[jax.Array, KVCache | None]:
@@ -235,6 +236,8 @@ class Qwen2Model(nnx.Module):
         attention_mask [B, S] (True = real token) covers the S new tokens. positions [B, S] default to the count of
         real tokens before each one (so left padding does not shift them); `rope` = (cos, sin) [B, S, head_dim]
         overrides them (M-RoPE). segment_ids [B, S] restrict attention to equal ids (packed rows; no cache).
+        branch_ids [B, S] put continuations of one prompt in one row: a token of branch k > 0 sees the shared trunk
+        (id 0) and its own branch, never another branch (a preference pair's prompt computed once; no cache).
         With `cache`, the tokens are written at slots cache_index.. and attend to every valid earlier slot.
         """
         cfg = self.cfg
@@ -249,11 +252,13 @@ class Qwen2Model(nnx.Module):
             valid = attention_mask
             kv_slots = jnp.arange(s)
         else:
-            if segment_ids is not None:
-                raise ValueError("segment_ids cannot be combined with a KV cache")
+            if segment_ids is not None or branch_ids is not None:
+                raise ValueError("segment_ids / branch_ids cannot be combined with a KV cache")
             valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, cache_index))
             kv_slots = jnp.arange(cache.max_len)
         mask = attention_mask_for(q_slots, kv_slots, valid, segment_ids)
+        if branch_ids is not None:
+            mask = mask & ((branch_ids[:, None, :] == 0) | (branch_ids[:, None, :] == branch_ids[:, :, None]))
         if rope is None:
             if positions is None:
                 # count of real tokens strictly before each slot: robust to left padding and to decoding

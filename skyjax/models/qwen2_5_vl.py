@@ -163,19 +163,22 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
             param_dtype=jnp.dtype(t.param_dtype), precision=t.precision, init_std=t.initializer_range, rngs=rngs)
 
     def embed(self, input_ids, pixel_values=None, vision_meta=None, image_features=None,
-              image_groups: int = 1) -> jax.Array:
+              image_groups: int = 1, feature_blocks: int = 1) -> jax.Array:
         """Token embeddings with the image features written over the <|image_pad|> slots, in order.
 
         `image_features` [U, E] (the vision tower's output) may be passed instead of pixels, e.g. to encode the
         images of a preference pair once for both of its rows. With `image_groups=g` the rows form g equal groups
-        (e.g. chosen rows, then rejected rows) that each read the features from the first row on.
+        (e.g. chosen rows, then rejected rows) that each read the features from the first row on. With
+        `feature_blocks=H` the features are H hosts' blocks of a multi-host global batch and the groups are spread
+        over them in order (see `merge_image_features`).
         """
         x = self.model.embed_tokens(input_ids)  # [B, S, E]
         if image_features is None and pixel_values is None:
             return x
         if image_features is None:
             image_features = self.visual(pixel_values, vision_meta)  # [U, E], real rows first
-        return merge_image_features(x, input_ids, image_features, self.cfg.image_token_id, groups=image_groups)
+        return merge_image_features(x, input_ids, image_features, self.cfg.image_token_id, groups=image_groups,
+                                    feature_blocks=feature_blocks)
 
     def hidden_states(
         self,
@@ -189,11 +192,17 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
         cache: KVCache | None = None,
         cache_index: jax.Array | int = 0,
         inputs_embeds: jax.Array | None = None,
+        feature_blocks: int = 1,
+        branch_ids: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Final-norm hidden states [B, S, E] (`inputs_embeds` from `embed` skips the embedding step).
 
+        `feature_blocks=H`: the batch is a multi-host global batch (skyjax.train.global_batch) of H hosts' rows and
+        packed images, one after another: host h's rows read host h's image features.
+
         positions [3, B, S] default to the reference's `get_rope_index` over (input_ids, attention_mask,
-        image_grid_thw); pass them explicitly when decoding (see `skyjax.nn.mrope.decode_positions`).
+        image_grid_thw); pass them explicitly when decoding (see `skyjax.nn.mrope.decode_positions`). `branch_ids`
+        [B, S]: continuations of one prompt in one row (see Qwen2Model; skyjax.train.pairs.collate_shared_prompt).
         """
         cfg = self.cfg
         if pixel_values is not None and (vision_meta is None or image_grid_thw is None):
@@ -204,14 +213,18 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
             n = int(np.sum(np.asarray(input_ids) == cfg.image_token_id))
             if n:
                 raise ImageTokenMismatchError(f"{n} <|image_pad|> placeholder tokens but no pixel_values were given")
-        x = self.embed(input_ids, pixel_values, vision_meta) if inputs_embeds is None else inputs_embeds
+        if inputs_embeds is None:  # H host blocks: host h's rows (group h) read host h's features
+            x = self.embed(input_ids, pixel_values, vision_meta, image_groups=feature_blocks,
+                           feature_blocks=feature_blocks)
+        else:
+            x = inputs_embeds
         if positions is None:
             types = mm_token_types(input_ids, cfg.image_token_id, cfg.video_token_id)
             positions, _ = mrope_positions(types, attention_mask, image_grid_thw,
                                            spatial_merge_size=cfg.vision.spatial_merge_size)
         rope = mrope_cos_sin(positions, cfg.text.head_dim, cfg.text.rope_theta, cfg.mrope_section)
         return self.model(inputs_embeds=x, attention_mask=attention_mask, rope=rope, cache=cache,
-                          cache_index=cache_index)
+                          cache_index=cache_index, branch_ids=branch_ids)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         out = self.model.embed_tokens.attend(hidden) if self.lm_head is None else self.lm_head(hidden)

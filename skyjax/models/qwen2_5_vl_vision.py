@@ -62,6 +62,10 @@ class Qwen2_5_VLVisionConfig:
     attention_impl: str = "xla"
     scan_unroll: int = 1
     matmul_precision: str = "default"
+    # The most patches one image may have (the image processor's max_pixels / patch_size^2), when the run knows it:
+    # full-attention blocks then attend by blocks of neighbouring patches instead of under the dense N x N mask
+    # (see attention_plan), and `vision_inputs` rejects a larger image. None: no bound, the dense mask.
+    max_image_patches: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "fullatt_block_indexes", tuple(int(i) for i in self.fullatt_block_indexes))
@@ -77,6 +81,9 @@ class Qwen2_5_VLVisionConfig:
                 f"window_size {self.window_size} is smaller than one merge unit "
                 f"({self.spatial_merge_size} x patch {self.patch_size} pixels)"
             )
+        if self.max_image_patches is not None and self.max_image_patches < self.merge_unit:
+            raise ValueError(f"max_image_patches {self.max_image_patches} is smaller than one merge unit "
+                             f"({self.merge_unit} patches)")
         check_runtime(self)
 
     @property
@@ -193,7 +200,7 @@ def _check_grid(grid_thw, cfg: Qwen2_5_VLVisionConfig) -> np.ndarray:
         grid = grid[None]
     if grid.ndim != 2 or grid.shape[1] != 3:
         raise ValueError(f"grid_thw must have shape (n_images, 3), got {grid.shape}")
-    m = cfg.spatial_merge_size
+    m, bound = cfg.spatial_merge_size, cfg.max_image_patches
     for i, (t, h, w) in enumerate(grid.tolist()):
         if t != 1:
             raise NotImplementedError(
@@ -203,6 +210,10 @@ def _check_grid(grid_thw, cfg: Qwen2_5_VLVisionConfig) -> np.ndarray:
         if h <= 0 or w <= 0 or h % m or w % m:
             raise ValueError(f"grid_thw[{i}] = {(t, h, w)}: h and w must be positive multiples of "
                              f"spatial_merge_size {m}")
+        if bound is not None and t * h * w > bound:
+            raise ValueError(f"grid_thw[{i}] = {(t, h, w)}: {t * h * w} patches exceed the vision config's "
+                             f"max_image_patches {bound} (the image processor's max_pixels / patch_size^2); "
+                             f"resize the image with the run's max_pixels or raise the bound")
     return grid
 
 
@@ -308,29 +319,58 @@ class PatchEmbed(nnx.Module):
         return self.proj(pixel_values)
 
 
-def blocked_segment_attention(q, k, v, segments, block: int, **kw) -> jax.Array:
-    """Attention within segments that are contiguous runs of at most `block` positions (the vision windows).
+def segment_reach(max_len: int, block: int) -> int:
+    """How many neighbouring blocks on each side hold the rest of a contiguous segment of at most `max_len`
+    positions, seen from any block of `block` positions: ceil((max_len - 1) / block)."""
+    return -(-(max_len - 1) // block)
 
-    q/k/v [B, N, H, D], segments [B, N] with N a multiple of `block`. A segment that short lies within the blocks
-    i-1, i, i+1 of any of its positions, so query block i attends to those 3 * block keys only, under the segment
-    mask, instead of to all N: the same result as the dense block-diagonal mask (masked keys get weight exactly 0)
-    for a fraction 3 * block / N of the work and memory.
+
+def blocked_segment_attention(q, k, v, segments, block: int, reach: int = 1, **kw) -> jax.Array:
+    """Attention within segments that are contiguous runs of positions (vision windows, or whole images).
+
+    q/k/v [B, N, H, D], segments [B, N] with N a multiple of `block`. When no segment is longer than
+    `reach * block + 1` positions, every key of a query's segment lies in the query's block or in the `reach` blocks
+    on either side, so query block i attends to those (2 * reach + 1) * block keys only, under the segment mask,
+    instead of to all N: the same result as the dense block-diagonal mask (masked keys get weight exactly 0) for a
+    fraction (2 * reach + 1) * block / N of the work and memory.
     """
     b, n, h, d = q.shape
     nb = n // block
+    span = (2 * reach + 1) * block
 
-    def neighbours(x, fill):  # [B, N, ...] -> [B, nb, 3 * block, ...]: each block with its two neighbours
+    def neighbours(x, fill):  # [B, N, ...] -> [B, nb, span, ...]: each block with `reach` neighbours either side
         x = x.reshape(b, nb, block, *x.shape[2:])
-        x = jnp.pad(x, [(0, 0), (1, 1)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
-        return jnp.concatenate([x[:, :-2], x[:, 1:-1], x[:, 2:]], axis=2)
+        x = jnp.pad(x, [(0, 0), (reach, reach)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+        return jnp.concatenate([x[:, i:i + nb] for i in range(2 * reach + 1)], axis=2)
 
     kn, vn = neighbours(k, 0), neighbours(v, 0)
     seg_k = neighbours(segments, -2)  # outside the sequence: matches no segment (padding patches are -1)
-    mask = segments.reshape(b, nb, block)[..., :, None] == seg_k[..., None, :]  # [B, nb, block, 3 * block]
-    out = dot_product_attention(q.reshape(b * nb, block, h, d), kn.reshape(b * nb, 3 * block, *k.shape[2:]),
-                                vn.reshape(b * nb, 3 * block, *v.shape[2:]), mask.reshape(b * nb, block, 3 * block),
-                                **kw)
+    mask = segments.reshape(b, nb, block)[..., :, None] == seg_k[..., None, :]  # [B, nb, block, span]
+    out = dot_product_attention(q.reshape(b * nb, block, h, d), kn.reshape(b * nb, span, *k.shape[2:]),
+                                vn.reshape(b * nb, span, *v.shape[2:]), mask.reshape(b * nb, block, span), **kw)
     return out.reshape(b, n, h, d)
+
+
+def attention_plan(n: int, max_segment: int | None, unit: int, max_copies: int = 9) -> tuple[int, int] | None:
+    """(block, reach) for blocked attention over N positions whose segments are at most `max_segment` long, or None
+    when the dense mask is as cheap (or the bound is unknown).
+
+    Blocks are multiples of `unit` that divide N; among those whose key span (2 * reach + 1) * block is below N and
+    whose neighbour copies of K/V (2 * reach + 1) stay within `max_copies`, the smallest span wins (ties: the
+    larger block, fewer and larger matmuls)."""
+    if max_segment is None or n % unit:
+        return None
+    best = None
+    for block in range(unit, n + 1, unit):
+        if n % block:
+            continue
+        reach = segment_reach(max_segment, block)
+        span = (2 * reach + 1) * block
+        if span >= n or 2 * reach + 1 > max_copies:
+            continue
+        if best is None or span < best[2] or (span == best[2] and block > best[0]):
+            best = (block, reach, span)
+    return None if best is None else best[:2]
 
 
 class VisionAttention(nnx.Module):
@@ -342,11 +382,11 @@ class VisionAttention(nnx.Module):
                            **kw)
         self.cfg = cfg
 
-    def __call__(self, x, cos, sin, mask, segments=None, block: int | None = None):
+    def __call__(self, x, cos, sin, mask, segments=None, plan: tuple[int, int] | None = None):
         """x [B, S, E]; cos/sin [B, S, head_dim] fp32; mask [B, S, S] -> [B, S, E].
 
-        With `block`, attention runs within `segments` [B, S] (contiguous runs of at most `block` positions) by
-        blocks instead of under the dense `mask` (see blocked_segment_attention)."""
+        With `plan` = (block, reach), attention runs within `segments` [B, S] (contiguous runs of at most
+        reach * block + 1 positions) by blocks instead of under the dense `mask` (see blocked_segment_attention)."""
         cfg = self.cfg
         b, s, _ = x.shape
         qkv = self.qkv(x).reshape(b, s, 3, cfg.num_heads, cfg.head_dim)  # rows: q, k, v, each head-major
@@ -357,10 +397,10 @@ class VisionAttention(nnx.Module):
         axes = ("batch", "patches", "vision_heads", "head_dim")
         q, k, v = constrain(q, axes), constrain(k, axes), constrain(v, axes)
         kw = dict(impl=cfg.attention_impl, precision=cfg.precision)
-        if block is None:
+        if plan is None:
             out = dot_product_attention(q, k, v, mask, **kw)
         else:
-            out = blocked_segment_attention(q, k, v, segments, block, **kw)
+            out = blocked_segment_attention(q, k, v, segments, *plan, **kw)
         return self.proj(out.reshape(b, s, cfg.hidden_size))
 
 
@@ -373,8 +413,8 @@ class VisionBlock(nnx.Module):
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, use_bias=True, embed_axis="vision_embed",
                           mlp_axis="vision_mlp", **_linear_kw(cfg, rngs))
 
-    def __call__(self, x, cos, sin, mask, segments=None, block: int | None = None):
-        x = x + self.attn(self.norm1(x), cos, sin, mask, segments, block)
+    def __call__(self, x, cos, sin, mask, segments=None, plan: tuple[int, int] | None = None):
+        x = x + self.attn(self.norm1(x), cos, sin, mask, segments, plan)
         x = x + self.mlp(self.norm2(x))
         return constrain(x, ("batch", "patches", "vision_embed"))
 
@@ -427,22 +467,24 @@ class Qwen2_5_VLVisionModel(nnx.Module):
         x = self.patch_embed(pixels.reshape(1, n, features))  # [1, N, E], window order
         x = constrain(x, ("batch", "patches", "vision_embed"))
         cos, sin = vision_rope_cos_sin(meta["rope_ids"][None], cfg.head_dim, cfg.rope_theta)  # [1, N, head_dim]
-        slots = jnp.arange(n)
         window_seg, image_seg = meta["window_segment"][None], meta["image_segment"][None]
-        window_mask = attention_mask(slots, slots, None, causal=False, q_segments=window_seg, kv_segments=window_seg)
-        full_mask = attention_mask(slots, slots, None, causal=False, q_segments=image_seg, kv_segments=image_seg)
+        # Window blocks attend within windows (<= window_patches contiguous patches), full blocks within images
+        # (<= max_image_patches when the config bounds them): by blocks of neighbours when that is cheaper than
+        # the dense N x N mask (see attention_plan). Runs of blocks of the same kind are scanned separately.
+        kinds = {False: (window_seg, attention_plan(n, cfg.window_patches, cfg.window_patches, max_copies=3)),
+                 True: (image_seg, attention_plan(n, cfg.max_image_patches, cfg.window_patches))}
+        for start, stop, full in _runs(cfg.is_full_attention):
+            seg, plan = kinds[full]
+            mask = None
+            if plan is None:
+                slots = jnp.arange(n)
+                mask = attention_mask(slots, slots, None, causal=False, q_segments=seg, kv_segments=seg)
 
-        window = cfg.window_patches
-        if n % window or n <= 3 * window:  # few patches: the dense block-diagonal mask is as cheap
-            def body(block, h, is_full):
-                return block(h, cos, sin, jnp.where(is_full, full_mask, window_mask)), None
-        else:  # window blocks attend by blocks of `window` patches; the few full-attention blocks use the mask
-            def body(block, h, is_full):
-                return jax.lax.cond(is_full, lambda h: block(h, cos, sin, full_mask),
-                                    lambda h: block(h, cos, sin, None, window_seg, window), h), None
+            def body(block, h, _, mask=mask, seg=seg, plan=plan):
+                return block(h, cos, sin, mask, seg, plan), None
 
-        is_full = jnp.asarray(cfg.is_full_attention, dtype=bool)  # [depth], scanned with the blocks
-        x, _ = scan_layers(self.blocks, body, x, is_full, remat=cfg.remat, unroll=cfg.scan_unroll)
+            x, _ = scan_layers(self.blocks, body, x, remat=cfg.remat, unroll=cfg.scan_unroll,
+                               layers=slice(start, stop))
         merged = self.merger(x[0])  # [U, out], window order
         merged = constrain(merged, (None, "embed"))  # gather the rows first: the inverse permutation is then local
         merged = jnp.take(merged, meta["reverse_index"], axis=0)  # original order
@@ -456,6 +498,16 @@ class Qwen2_5_VLVisionModel(nnx.Module):
 
 
 # --- Hugging Face key map ---------------------------------------------------------------------------------------------
+
+
+def _runs(flags: Sequence[bool]) -> list[tuple[int, int, bool]]:
+    """Maximal runs of equal flags: [(start, stop, flag), ...]."""
+    runs, start = [], 0
+    for i in range(1, len(flags) + 1):
+        if i == len(flags) or flags[i] != flags[start]:
+            runs.append((start, i, bool(flags[start])))
+            start = i
+    return runs
 
 
 def vision_rules(ours: str = "visual", hf: str = "visual", aliases: Sequence[str] = ("model.visual",)) -> list[KeyRule]:

@@ -318,8 +318,12 @@ class R1VForConditionalGeneration(nnx.Module):
         h = h.reshape(n, -1, h.shape[-1])  # [N, T, Ev k^2]
         return self.projector(h)  # [N, T, E]
 
-    def embed(self, input_ids: jax.Array, pixel_values: jax.Array | None = None) -> jax.Array:
-        """Token embeddings with the tile features written over the <IMG_CONTEXT> slots, in order."""
+    def embed(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
+              feature_blocks: int = 1) -> jax.Array:
+        """Token embeddings with the tile features written over the <IMG_CONTEXT> slots, in order.
+
+        `feature_blocks=H`: a multi-host global batch (skyjax.train.global_batch): the rows are H equal host blocks
+        and the tiles H equal blocks of each host's packed tiles; host h's rows read host h's tiles."""
         x = self.model.embed_tokens(input_ids)  # [B, L, E]
         if pixel_values is None:
             return x
@@ -328,7 +332,8 @@ class R1VForConditionalGeneration(nnx.Module):
                              "checkpoint folder had no tokenizer with <IMG_CONTEXT>); set R1VConfig.image_token_id")
         feats = self.image_features(pixel_values)
         # [N * T, E], real tiles first: the k-th image token (row-major) takes feature row k
-        return merge_image_features(x, input_ids, feats.reshape(-1, feats.shape[-1]), self.cfg.image_token_id)
+        return merge_image_features(x, input_ids, feats.reshape(-1, feats.shape[-1]), self.cfg.image_token_id,
+                                    groups=feature_blocks, feature_blocks=feature_blocks)
 
     def hidden_states(
         self,
@@ -340,12 +345,14 @@ class R1VForConditionalGeneration(nnx.Module):
         positions: jax.Array | None = None,
         cache: KVCache | None = None,
         cache_index: jax.Array | int = 0,
+        feature_blocks: int = 1,
     ) -> tuple[jax.Array, KVCache | None]:
         """Final-norm hidden states [B, L, E].
 
         pixel_values [N_pad, 3, S, S]: every row's tiles in order, padding tiles last. tiles_per_row [B]: real tiles
         per row (for the host-side count check; None = all N_pad tiles are real). positions default to the count of
-        real tokens before each one (1-D RoPE), as `generate` does.
+        real tokens before each one (1-D RoPE), as `generate` does. `feature_blocks=H`: a multi-host global batch
+        of H hosts' rows and tiles (see `embed`).
         """
         cfg = self.cfg
         if pixel_values is not None and cfg.image_token_id is not None and _is_concrete(input_ids, tiles_per_row):
@@ -355,7 +362,7 @@ class R1VForConditionalGeneration(nnx.Module):
             n = int(np.sum(np.asarray(input_ids) == cfg.image_token_id))
             if n:
                 raise ImageTokenMismatchError(f"{n} {IMAGE_TOKEN} placeholder tokens but no pixel_values were given")
-        x = self.embed(input_ids, pixel_values)
+        x = self.embed(input_ids, pixel_values, feature_blocks)
         return self.model(inputs_embeds=x, attention_mask=attention_mask, positions=positions, cache=cache,
                           cache_index=cache_index)
 

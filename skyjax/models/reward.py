@@ -49,9 +49,14 @@ class Qwen2_5_VLRewardModel(Qwen2_5_VLForConditionalGeneration):
         super().__init__(cfg, rngs=rngs)
         self.v_head = ValueHead(cfg.text.hidden_size, init_std=cfg.text.initializer_range, rngs=rngs)
 
-    def score(self, input_ids: jax.Array, *, attention_mask: jax.Array, **kwargs) -> jax.Array:
-        """Scalar rewards [B] (fp32) for each row of the batch."""
+    def score(self, input_ids: jax.Array, *, attention_mask: jax.Array, index: jax.Array | None = None,
+              **kwargs) -> jax.Array:
+        """Scalar rewards [B] (fp32) for each row of the batch, read at each row's last real token; with `index`
+        [B, K] (positions in the row), rewards [B, K] read at those positions (several responses in one row)."""
         hidden, _ = self.hidden_states(input_ids, attention_mask=attention_mask, **kwargs)  # [B, S, E]
+        if index is not None:
+            picked = jnp.take_along_axis(hidden, index[:, :, None].astype(jnp.int32), axis=1)  # [B, K, E]
+            return self.v_head(picked)
         last = last_token_index(attention_mask)
         picked = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]  # [B, E]
         return self.v_head(picked)

@@ -128,19 +128,31 @@ class SwiGLU(nnx.Module):
 
 
 def merge_image_features(embeds: jax.Array, input_ids: jax.Array, features: jax.Array, image_token_id: int,
-                         groups: int = 1) -> jax.Array:
+                         groups: int = 1, feature_blocks: int = 1) -> jax.Array:
     """Write image features over the image-placeholder tokens: the k-th placeholder (row-major over the batch)
     takes feature row k. embeds [B, S, E], input_ids [B, S], features [U, E] (real rows first) -> [B, S, E].
 
     With `groups=g` the rows form g equal groups (e.g. a preference batch's chosen rows, then its rejected rows)
     that each read the features from row 0. The features are replicated first (they are few): the lookup is then
     local to every batch shard, with no resharding of the activations.
+
+    With `feature_blocks=H` (a multi-host global batch, see skyjax.train.global_batch) the features are H equal
+    blocks of U / H rows, host h's packed features (real rows first inside each block), and the g groups are spread
+    evenly over them in order: group i reads block i // (g / H) from its first row. g must be a multiple of H.
+    H = 1 is the single-host case above.
     """
     feats = constrain(features.astype(embeds.dtype), (None, None))
     is_image = input_ids == image_token_id  # [B, S]
     if is_image.shape[0] % groups:
         raise ValueError(f"{is_image.shape[0]} rows do not form {groups} equal image groups")
     index = jnp.cumsum(is_image.reshape(groups, -1), axis=1) - 1
-    index = jnp.clip(index, 0, feats.shape[0] - 1).reshape(is_image.shape)
+    if feature_blocks == 1:
+        index = jnp.clip(index, 0, feats.shape[0] - 1).reshape(is_image.shape)
+    else:
+        if groups % feature_blocks or feats.shape[0] % feature_blocks:
+            raise ValueError(f"{groups} image groups and {feats.shape[0]} feature rows do not split into "
+                             f"{feature_blocks} equal feature blocks")
+        per_block = feats.shape[0] // feature_blocks
+        block = jnp.arange(groups) // (groups // feature_blocks)  # [g]: the feature block of each group
+        index = (jnp.clip(index, 0, per_block - 1) + block[:, None] * per_block).reshape(is_image.shape)
     return jnp.where(is_image[..., None], jnp.take(feats, index, axis=0), embeds)
-

@@ -42,11 +42,18 @@ def scan_layers(
     *,
     remat: str = "none",
     unroll: int = 1,
+    layers: slice | None = None,
 ) -> tuple[Any, Any]:
-    """Run `body(layer, carry, x) -> (carry, y)` over the stacked layers (and per-layer inputs `xs`)."""
+    """Run `body(layer, carry, x) -> (carry, y)` over the stacked layers (and per-layer inputs `xs`).
+
+    `layers` (a static slice) runs only those layers of the stack, e.g. one run of blocks of the same kind, so that
+    a model whose blocks differ in a static way (window or full attention) scans each run with its own body instead
+    of branching inside one scan (a `lax.cond` in a scanned body keeps the residuals of both branches)."""
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat policy {remat!r} is not one of {sorted(REMAT_POLICIES)}")
     graphdef, state = nnx.split(stack)
+    if layers is not None:
+        state = jax.tree.map(lambda a: a[layers], state)
 
     def step(c, inputs):
         layer_state, x = inputs

@@ -180,10 +180,10 @@ def build_run_step(config_path, overrides, mesh):
     from skyjax.train.config import RunConfig
     from skyjax.train.optimizer import build_optimizer, flatten, frozen_predicate, split_params
     from skyjax.train.step import abstract_state, build_train_step, jit_train_step, state_shardings
-    from skyjax.train.tasks import TASKS, abstract_batch
+    from skyjax.train.tasks import TASKS, abstract_batch, prepare_bundle
 
     cfg = load_config(RunConfig, config_path, overrides)
-    bundle = abstract_bundle(cfg)
+    bundle = prepare_bundle(TASKS[cfg.kind], abstract_bundle(cfg), cfg.data)
     fn, arch = bundle.model.fn, bundle.model.arch
     try:
         is_frozen = frozen_predicate(arch.name, cfg.trainer.freeze)

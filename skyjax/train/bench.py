@@ -20,6 +20,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -68,10 +69,19 @@ def mrope_section_for(head_dim: int) -> tuple[int, int, int]:
 
 
 def run_rm_bench(pairs: int = 4, steps: int = 5, dtype: str = "float32", torch_baseline: bool = True,
-                 shapes: dict | None = None, peak: float | None = None, measure_peak: bool = True) -> dict:
+                 shapes: dict | None = None, peak: float | None = None, measure_peak: bool = True,
+                 layouts: Sequence[str] = ("two_rows", "shared_prompt")) -> dict:
     """shapes: {'text': Qwen2Config fields, 'vision': vision config fields} (default BENCH_SHAPES). peak: this
     machine's matmul FLOP/s if already measured; otherwise it is measured here unless measure_peak is False (then
-    the FLOP fraction is None)."""
+    the FLOP fraction is None).
+
+    layouts: the batch layouts timed, each its own compiled step on the same parameters: "two_rows" (a chosen and a
+    rejected row per pair, the trainer's default) and "shared_prompt" (one row per pair, the prompt computed once:
+    data.share_prompt). The first one is the headline (`skyjax_s`, `speedup`); every one is in `layouts`."""
+    layout_names = tuple(layouts)
+    unknown = set(layout_names) - {"two_rows", "shared_prompt"}
+    if unknown or not layout_names:
+        raise ValueError(f"rm_train_step layouts {sorted(unknown) or '(none)'}: use two_rows and/or shared_prompt")
     import jax
     import jax.numpy as jnp
     import optax
@@ -87,20 +97,23 @@ def run_rm_bench(pairs: int = 4, steps: int = 5, dtype: str = "float32", torch_b
     from skyjax.nn.functional import Functional
     from skyjax.train.config import ObjectiveConfig
     from skyjax.train.objectives import reward_model_loss
+    from skyjax.train.pairs import shared_prompt_rows, split_rows
 
     shapes = shapes or BENCH_SHAPES
     tok = build_tiny_tokenizer("qwen2_5_vl")
     ids = special_token_ids(tok)
     text = Qwen2Config(**shapes["text"], dtype=dtype, param_dtype="float32", eos_token_id=ids["eos"],
                        pad_token_id=ids["pad"])
-    vision = Qwen2_5_VLVisionConfig(**shapes["vision"], out_hidden_size=text.hidden_size, dtype=dtype,
-                                    param_dtype="float32")
+    image_cfg = QwenVLImageConfig(min_pixels=224 * 224, max_pixels=224 * 224)
+    vision = Qwen2_5_VLVisionConfig(**{"max_image_patches": image_cfg.max_patches, **shapes["vision"]},
+                                    out_hidden_size=text.hidden_size, dtype=dtype, param_dtype="float32")
     cfg = Qwen2_5_VLConfig(text=text, vision=vision, image_token_id=ids["image_pad"], video_token_id=ids["video_pad"],
                            vision_start_token_id=ids["vision_start"], vision_end_token_id=ids["vision_end"],
                            mrope_section=mrope_section_for(text.head_dim))
-    image_cfg = QwenVLImageConfig(min_pixels=224 * 224, max_pixels=224 * 224)
     images, chosen, rejected = _inputs(pairs)
-    buckets = Buckets(seq=(256, 512), patches=(512 * pairs, 1024 * pairs), images=(2 * pairs, 4 * pairs))
+    # token buckets every 32 up to 512 (each layout, and the reference's rows, padded to the smallest that fits)
+    buckets = Buckets(seq=tuple(range(64, 513, 32)), patches=(512 * pairs, 1024 * pairs),
+                      images=(2 * pairs, 4 * pairs))
     both = prepare_vl_batch(chosen + rejected, images + images, tok, image_cfg, vision, buckets=buckets)
     prompt_only = prepare_vl_batch(chosen, images, tok, image_cfg, vision, buckets=buckets)  # the pairs' images once
 
@@ -120,42 +133,64 @@ def run_rm_bench(pairs: int = 4, steps: int = 5, dtype: str = "float32", torch_b
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    jitted = jax.jit(step, donate_argnums=(0, 1))
-    t = time.perf_counter()
-    compiled = jitted.lower(params, opt_state, batch).compile()
-    compile_s = time.perf_counter() - t
-    flops = count_flops(step, params, opt_state, batch)  # the jaxpr's matmuls, scan trip counts included
-    cost = compiled.cost_analysis()
-    cost = (cost[0] if cost else {}) if isinstance(cost, (list, tuple)) else (cost or {})
-    state = [params, opt_state]
+    layouts = {"two_rows": batch}
+    if "shared_prompt" in layout_names:  # one row per pair, the prompt once (data.share_prompt)
+        real = both.attention_mask.astype(bool)
+        parts = [split_rows(both.input_ids[i][real[i]], both.input_ids[pairs + i][real[pairs + i]],
+                            both.mm_token_type_ids[i][real[i]], both.mm_token_type_ids[pairs + i][real[pairs + i]])
+                 for i in range(pairs)]
+        seq = min(b for b in buckets.seq if b >= max(sum(map(len, p)) for p in parts))
+        layouts["shared_prompt"] = {**jax.tree.map(jnp.asarray, shared_prompt_rows(parts, seq, tok.pad_token_id)),
+                                    **{k: batch[k] for k in ("pixel_values", "vision_meta", "pair_weight")},
+                                    "image_grid_thw": jnp.asarray(slots)}
+    layouts = {k: layouts[k] for k in layout_names}
+    state = {}
+    runs, compile_s, flops, cost = {}, {}, {}, {}
+    for name, b in layouts.items():
+        state[name] = [params, opt_state] if not state else jax.tree.map(jnp.copy, [params, opt_state])
+        t = time.perf_counter()
+        compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, b).compile()
+        compile_s[name] = time.perf_counter() - t
+        flops[name] = count_flops(step, params, opt_state, b)  # the jaxpr's matmuls, scan trip counts included
+        c = compiled.cost_analysis()
+        cost[name] = (c[0] if c else {}) if isinstance(c, (list, tuple)) else (c or {})
 
-    def ours_step():
-        state[0], state[1], loss = compiled(state[0], state[1], batch)
-        loss.block_until_ready()
+        def run(name=name, compiled=compiled, b=b):
+            st = state[name]
+            st[0], st[1], loss = compiled(st[0], st[1], b)
+            loss.block_until_ready()
 
-    ref_step = _torch_step(cfg, both, pairs, dtype) if torch_baseline else None
-    # the two steps alternate, so a change in the machine's load hits both alike (the ratio is what counts)
-    ours_step()
-    if ref_step is not None:
-        ref_step()
-    times, ref_times = [], []
+        runs[name] = run
+
+    if torch_baseline:
+        runs["reference"] = _torch_step(cfg, both, pairs, dtype)
+    # the steps alternate, so a change in the machine's load hits all alike (the ratios are what count)
+    for run in runs.values():
+        run()
+    times = {name: [] for name in runs}
     for _ in range(steps):
-        times.append(_timed(ours_step))
-        if ref_step is not None:
-            ref_times.append(_timed(ref_step))
-    ours = float(np.median(times))
+        for name, run in runs.items():
+            times[name].append(_timed(run))
+    median = {name: float(np.median(t)) for name, t in times.items()}
+    headline = layout_names[0]
+    ours = median[headline]
     if peak is None and measure_peak:
         peak = matmul_peak(dtype)
     result = {"config": {"pairs": pairs, "steps": steps, "images_per_pair": 2, "image_size": 224, "dtype": dtype,
-                         **shapes, "mrope_section": list(cfg.mrope_section),
-                         "seq_len": int(both.input_ids.shape[1]), "patches_per_step": int(both.real_grid_thw.prod(1)
-                                                                                           .sum() // 2)},
-              "skyjax_s": ours, "compile_s": compile_s, "flops_per_step": flops, "flops_source": "jaxpr",
-              "xla_cost_analysis_flops": float(cost.get("flops", 0.0)), "matmul_peak_flops_per_s": peak,
-              "rm_train_step_flops_fraction": flops / ours / peak if flops and peak else None}
-    if ref_step is not None:
-        ref = float(np.median(ref_times))
-        result.update(reference_s=ref, speedup=ref / ours, timing="alternating steps, median of each")
+                         "layout": headline, **shapes, "mrope_section": list(cfg.mrope_section),
+                         "seq_len": {k: int(b["input_ids"].shape[1]) for k, b in layouts.items()},
+                         "rows": {k: int(b["input_ids"].shape[0]) for k, b in layouts.items()},
+                         "patches_per_step": int(both.real_grid_thw.prod(1).sum() // 2)},
+              "skyjax_s": ours, "compile_s": compile_s[headline], "flops_per_step": flops[headline],
+              "flops_source": "jaxpr", "xla_cost_analysis_flops": float(cost[headline].get("flops", 0.0)),
+              "matmul_peak_flops_per_s": peak,
+              "rm_train_step_flops_fraction": flops[headline] / ours / peak if flops[headline] and peak else None,
+              "layouts": {name: {"skyjax_s": median[name], "compile_s": compile_s[name], "flops_per_step": flops[name],
+                                 "speedup": median["reference"] / median[name] if "reference" in median else None}
+                          for name in layouts}}
+    if "reference" in median:
+        result.update(reference_s=median["reference"], speedup=median["reference"] / ours,
+                      timing="alternating steps (each layout, then the reference), median of each")
     return result
 
 

@@ -62,6 +62,10 @@ class DataConfig:
     max_pixels: int | None = None
     shuffle_seed: int = 0
     on_error: Literal["raise", "skip"] = "raise"  # a bad row (missing image, too long...) stops the run or is counted
+    # reward model: one row per pair, [prompt | chosen | rejected], the prompt (and its images) computed once instead
+    # of twice; the same scores as two rows (skyjax.train.objectives.shared_prompt_scores). Rows are then
+    # prompt + both responses long: seq_buckets must hold that.
+    share_prompt: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from skyjax.train.config import ObjectiveConfig
+from skyjax.train.global_batch import host_blocks
 
 
 def finalize(sums: dict) -> dict:
@@ -35,13 +36,25 @@ class Objective:
 
 
 def pair_scores(model, batch: dict) -> tuple[jax.Array, jax.Array]:
-    """Rewards of the chosen rows and the rejected rows [b] each, encoding the pairs' images once."""
+    """Rewards of the chosen rows and the rejected rows [b] each, encoding the pairs' images once.
+
+    A multi-host global batch (skyjax.train.global_batch) is H host blocks [chosen_h, rejected_h] one after another,
+    with the hosts' packed images side by side: each block's rows read their host's image features, and the scores
+    come back host-major (chosen = chosen_0 + chosen_1 + ..., like the global `pair_weight`).
+    """
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    b = ids.shape[0] // 2
+    hosts = host_blocks(batch)  # 1 unless a multi-host global batch: a static Python int
     feats = model.visual(batch["pixel_values"], batch["vision_meta"])  # [U, E]: the b prompts' images
-    embeds = model.embed(ids, image_features=feats, image_groups=2)  # [2b, S, E]: both halves read feats
+    if hosts == 1:
+        b = ids.shape[0] // 2
+        embeds = model.embed(ids, image_features=feats, image_groups=2)  # [2b, S, E]: both halves read feats
+        scores = model.score(ids, attention_mask=mask, image_grid_thw=batch["image_grid_thw"], inputs_embeds=embeds)
+        return scores[:b], scores[b:]
+    # 2H row groups (each host's chosen rows, then its rejected rows) over H feature blocks
+    embeds = model.embed(ids, image_features=feats, image_groups=2 * hosts, feature_blocks=hosts)
     scores = model.score(ids, attention_mask=mask, image_grid_thw=batch["image_grid_thw"], inputs_embeds=embeds)
-    return scores[:b], scores[b:]
+    per_host = scores.reshape(hosts, 2, -1)  # [H, chosen / rejected, b_l]
+    return per_host[:, 0].reshape(-1), per_host[:, 1].reshape(-1)
 
 
 def bradley_terry(chosen: jax.Array, rejected: jax.Array, weight: jax.Array, cfg: ObjectiveConfig):
@@ -64,8 +77,35 @@ def bradley_terry(chosen: jax.Array, rejected: jax.Array, weight: jax.Array, cfg
     return loss, sums
 
 
+def shared_prompt_scores(model, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """Rewards [b] of the chosen and rejected responses of b pairs packed one pair per row (data.share_prompt):
+    [prompt | chosen tail | rejected tail] with `branch_ids` 0 / 1 / 2 (skyjax.train.pairs.collate_shared_prompt).
+
+    The prompt (with its images) runs once instead of once per response. Each tail attends to the prompt and to
+    itself only (Qwen2Model's branch mask), and the rejected tail's positions are moved back by the chosen tail's
+    length, so every token sees exactly what it sees in its own (prompt + response) row: the same scores as
+    `pair_scores` on the two-row layout. `score_index` [b, 2] is each response's last token.
+    """
+    from skyjax.nn.mrope import mm_token_types, mrope_positions
+
+    ids, mask, branch = batch["input_ids"], batch["attention_mask"], batch["branch_ids"]
+    cfg = model.cfg
+    types = mm_token_types(ids, cfg.image_token_id, cfg.video_token_id)
+    positions, _ = mrope_positions(types, mask, batch["image_grid_thw"],
+                                   spatial_merge_size=cfg.vision.spatial_merge_size, validate=False)
+    chosen_len = jnp.sum((branch == 1) & mask, axis=1, keepdims=True)  # [b, 1]
+    positions = positions - jnp.where(branch == 2, chosen_len, 0)[None].astype(positions.dtype)
+    feats = model.visual(batch["pixel_values"], batch["vision_meta"])
+    hosts = host_blocks(batch)  # a multi-host global batch: host h's rows read host h's features
+    embeds = model.embed(ids, image_features=feats, image_groups=hosts, feature_blocks=hosts)
+    scores = model.score(ids, attention_mask=mask, positions=positions, inputs_embeds=embeds, branch_ids=branch,
+                         index=batch["score_index"])  # [b, 2]
+    return scores[:, 0], scores[:, 1]
+
+
 def reward_model_loss(model, batch: dict, cfg: ObjectiveConfig):
-    chosen, rejected = pair_scores(model, batch)
+    scores = shared_prompt_scores if "branch_ids" in batch else pair_scores
+    chosen, rejected = scores(model, batch)
     return bradley_terry(chosen, rejected, batch["pair_weight"], cfg)
 
 
@@ -135,10 +175,16 @@ def sft_loss(model, batch: dict, cfg: ObjectiveConfig):
     """Next-token cross-entropy on the assistant tokens of a micro-batch.
 
     batch: input_ids / attention_mask / assistant_mask [b, S], row_weight [b], and `vision`: the model's image
-    inputs as keyword arguments of `model.hidden_states` (R1V: pixel_values [N_tiles, 3, s, s]).
+    inputs as keyword arguments of `model.hidden_states` (R1V: pixel_values [N_tiles, 3, s, s]). A multi-host global
+    batch (skyjax.train.global_batch) holds H hosts' rows and packed images one after another: the model is told
+    (`feature_blocks`) so that each host's rows read their host's image features.
     """
     ids = batch["input_ids"]
-    hidden, _ = model.hidden_states(ids, attention_mask=batch["attention_mask"], **batch.get("vision", {}))
+    vision = dict(batch.get("vision", {}))
+    hosts = host_blocks(batch)
+    if hosts > 1 and vision:
+        vision["feature_blocks"] = hosts
+    hidden, _ = model.hidden_states(ids, attention_mask=batch["attention_mask"], **vision)
     targets, mask = next_token_targets(ids, batch["assistant_mask"])
     nll, correct = token_nll(hidden, model.logits, targets, cfg.logits_chunk)
     return masked_cross_entropy(nll, correct, mask, batch["row_weight"], cfg.sft_average)

@@ -25,7 +25,9 @@ from skyjax.data.tokenizer import build_tiny_tokenizer, load_tokenizer, special_
 from skyjax.models.qwen2_5_vl import Qwen2_5_VLConfig
 from skyjax.nn.functional import Functional
 from skyjax.train.config import DataConfig, ModelConfig
-from skyjax.train.pairs import BadRowError, PairBuckets, PairExample, collate_pairs, featurize_pair
+from skyjax.train.global_batch import ROW_KEYS  # [A, B, S] token rows: split over the batch axes
+from skyjax.train.pairs import (BadRowError, PairBuckets, PairExample, collate_pairs, collate_shared_prompt,
+                                featurize_pair, shared_prompt_length)
 
 
 @dataclasses.dataclass
@@ -208,19 +210,24 @@ class PairPipeline(RecordPipeline):
         super().__init__(records, bundle, data, **kw)
 
     def featurize(self, record: Record) -> PairExample:
-        return featurize_pair(record, self.bundle.tokenizer, self.image_cfg, max_length=self.data.max_length,
-                              blank_images=self.blank)
+        example = featurize_pair(record, self.bundle.tokenizer, self.image_cfg, max_length=self.data.max_length,
+                                 blank_images=self.blank,
+                                 max_image_patches=self.bundle.model.config.vision.max_image_patches)
+        if self.data.share_prompt:  # one row holds prompt + both responses: it must fit a bucket (a bad row if not)
+            n = shared_prompt_length(example)
+            if n > max(self.buckets.seq):
+                raise BadRowError(f"{example.where}: prompt + chosen + rejected is {n} tokens, more than the largest "
+                                  f"seq bucket {max(self.buckets.seq)} (data.share_prompt)")
+        return example
 
     def collate(self, examples, weights) -> dict:
-        return collate_pairs(examples, self.bundle.model.config.vision, self.buckets,
-                             self.bundle.tokenizer.pad_token_id, micro_batches=self.micro, weights=weights)
+        collate = collate_shared_prompt if self.data.share_prompt else collate_pairs
+        return collate(examples, self.bundle.model.config.vision, self.buckets, self.bundle.tokenizer.pad_token_id,
+                       micro_batches=self.micro, weights=weights)
 
 
 def total_pairs_skipped(pipelines) -> int:
     return int(sum(sum(p.skipped.values()) for p in pipelines))
-
-
-ROW_KEYS = ("input_ids", "attention_mask", "assistant_mask")  # [A, B, S] arrays: rows split over the batch axes
 
 
 def batch_shardings(batch: dict, mesh: Mesh) -> dict:
@@ -240,14 +247,16 @@ def batch_shardings(batch: dict, mesh: Mesh) -> dict:
 
 
 def to_device(batch: dict, mesh: Mesh) -> dict:
-    """Place a collated batch on the mesh with `batch_shardings`."""
+    """Place a collated batch on the mesh with `batch_shardings`.
+
+    On one host the batch is the global batch. On several hosts (jax.process_count() > 1) `batch` is this host's
+    local batch, and every process calls this in step: the global batch is assembled host-major from all of them
+    (skyjax.train.global_batch: rows in host blocks, the hosts' packed images side by side, buckets made to agree).
+    """
     if jax.process_count() > 1:
-        # Each host collates only its share of the rows, and its own packed vision input: placing that as if it were
-        # the global batch would silently train on the wrong rows. Assembling the global batch (host-major rows,
-        # chosen/rejected halves per host, the hosts' packed patches side by side) is not implemented yet.
-        raise NotImplementedError(
-            f"training on {jax.process_count()} hosts: assembling the per-host batches into one global batch is "
-            "not implemented yet; run on one host (any number of local devices), or compile with `skyjax aot`")
+        from skyjax.train.global_batch import place_global_batch
+
+        return place_global_batch(batch, mesh)
     return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), batch, batch_shardings(batch, mesh))
 
 

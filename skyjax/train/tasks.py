@@ -43,6 +43,12 @@ class Task:
     summarize: Callable  # (trainer, {file stem: result}) -> entries for summary.json
     abstract_batch: Callable  # (bundle, DataConfig, micro_batches, mesh) -> ShapeDtypeStructs of the largest batch
     row_unit: str = "rows"  # what one row of a batch is, for logs and throughput ("pairs_per_s")
+    prepare: Callable | None = None  # (bundle, DataConfig) -> bundle: what the run's data settings change in the model
+
+
+def prepare_bundle(task: Task, bundle: ModelBundle, data: DataConfig) -> ModelBundle:
+    """The bundle as the run uses it (the task's `prepare`, if any): the Trainer and `skyjax aot` both call this."""
+    return task.prepare(bundle, data) if task.prepare is not None else bundle
 
 
 # --- shared evaluation helpers ----------------------------------------------------------------------------------------
@@ -50,6 +56,11 @@ class Task:
 
 def eval_pipeline(trainer: "Trainer", files, **options) -> RecordPipeline:
     """One ordered pass over `files` in eval-sized batches (a short last batch is padded with zero-weight rows)."""
+    if jax.process_count() > 1:
+        # The hosts' shares of a file may differ by a batch (they would then wait on each other forever), and the
+        # per-pair results are sharded over hosts: multi-host evaluation is not written yet.
+        raise NotImplementedError(f"held-out evaluation on {jax.process_count()} hosts is not supported yet (training "
+                                  "is): evaluate the saved checkpoint on one host, or set trainer.eval_every=0")
     task, cfg = trainer.task, trainer.cfg
     records, _ = read_records(files, cfg.data.on_error, kind=task.record_kind)
     return task.pipeline(records, trainer.bundle, cfg.data, epochs=1, shuffle=False,
@@ -105,6 +116,24 @@ def reward_summary(trainer: "Trainer", evals: dict) -> dict:
     return out
 
 
+def bound_image_patches(bundle: ModelBundle, data: DataConfig) -> ModelBundle:
+    """The reward model with its vision tower told the most patches one image of this run can have (the run's
+    image processor: max_pixels / patch_size^2): full-attention vision blocks then attend by blocks of neighbouring
+    patches instead of under a dense mask over the whole packed batch (skyjax.models.qwen2_5_vl_vision.attention_plan),
+    the same result for less work; a larger image is a bad row (skyjax.train.pairs.featurize_pair)."""
+    from skyjax.nn.functional import Functional
+    from skyjax.train.setup import image_config
+
+    loaded = bundle.model
+    bound = image_config(bundle, data).max_patches
+    if loaded.config.vision.max_image_patches == bound:
+        return bundle
+    config = dataclasses.replace(loaded.config,
+                                 vision=dataclasses.replace(loaded.config.vision, max_image_patches=bound))
+    fn = Functional.create(lambda r: loaded.arch.build(config, r))  # traced only; the parameters are unchanged
+    return dataclasses.replace(bundle, model=dataclasses.replace(loaded, config=config, fn=fn))
+
+
 def abstract_pair_batch(bundle: ModelBundle, data: DataConfig, micro_batches: int, mesh: Mesh) -> dict:
     """ShapeDtypeStructs (with `to_device`'s shardings) of the largest-bucket preference batch."""
     from skyjax.models.qwen2_5_vl_vision import vision_inputs
@@ -118,6 +147,10 @@ def abstract_pair_batch(bundle: ModelBundle, data: DataConfig, micro_batches: in
              "pixel_values": ((patches, dim), np.float32),
              "vision_meta": {k: (v.shape, v.dtype) for k, v in meta.items()},
              "image_grid_thw": ((2 * slots, 3), np.int32), "pair_weight": ((b,), np.float32)}
+    if data.share_prompt:  # one row per pair (skyjax.train.pairs.collate_shared_prompt)
+        batch.update({"input_ids": ((b, s), np.int32), "attention_mask": ((b, s), np.bool_),
+                      "branch_ids": ((b, s), np.int32), "score_index": ((b, 2), np.int32),
+                      "image_grid_thw": ((slots, 3), np.int32)})
     is_leaf = lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], tuple)  # noqa: E731
     return abstract(jax.tree.map(lambda x: jax.ShapeDtypeStruct((a, *x[0]), x[1]), batch, is_leaf=is_leaf), mesh)
 
@@ -160,7 +193,8 @@ def _synthetic_sft(folder, name, n, **kw) -> Path:
 
 TASKS: dict[str, Task] = {
     "reward_model": Task("reward_model", OBJECTIVES["reward_model"], "preference", load_reward_bundle, PairPipeline,
-                         _synthetic_pairs, pair_accuracy, reward_summary, abstract_pair_batch, row_unit="pairs"),
+                         _synthetic_pairs, pair_accuracy, reward_summary, abstract_pair_batch, row_unit="pairs",
+                         prepare=bound_image_patches),
     "sft": Task("sft", OBJECTIVES["sft"], "sft", load_sft_bundle, SFTPipeline, _synthetic_sft, objective_eval,
                 sft_summary, abstract_sft_batch),
 }

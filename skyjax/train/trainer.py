@@ -32,7 +32,7 @@ from skyjax.train.optimizer import build_optimizer, flatten, frozen_predicate, m
 from skyjax.train.pairs import host_batch
 from skyjax.train.setup import read_records, to_device
 from skyjax.train.step import build_train_step, jit_train_step, report, state_shardings
-from skyjax.train.tasks import TASKS, score_pairs
+from skyjax.train.tasks import TASKS, prepare_bundle, score_pairs
 
 
 class NonFiniteError(FloatingPointError):
@@ -46,7 +46,7 @@ class Trainer:
         (self.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
         self.mesh = make_mesh(cfg.mesh)
         self.task = TASKS[cfg.kind]
-        self.bundle = self.task.load_bundle(cfg.model, self.mesh, self.run_dir)
+        self.bundle = prepare_bundle(self.task, self.task.load_bundle(cfg.model, self.mesh, self.run_dir), cfg.data)
         model = self.bundle.model
         self.fn, self.arch = model.fn, model.arch
         self.objective = self.task.objective
@@ -198,7 +198,16 @@ class Trainer:
 
     def evaluate(self, **options) -> dict:
         """The task's held-out result for every eval file, by file stem (reward model: pair accuracy, `options`
-        blank_images=True blanks the images; SFT: {loss, accuracy, tokens, sequences})."""
+        blank_images=True blanks the images; SFT: {loss, accuracy, tokens, sequences}).
+
+        On several hosts the held-out pass is skipped with a warning (training itself is multi-host; evaluation is
+        not yet: the hosts' shares of a file may differ by a batch): evaluate the checkpoint on one host."""
+        if jax.process_count() > 1 and self.eval_files:
+            if not getattr(self, "_warned_eval", False):
+                self.log(f"held-out evaluation skipped: not supported on {jax.process_count()} hosts yet; run "
+                         f"`skyjax eval` / `skyjax score` on the checkpoint from one host")
+                self._warned_eval = True
+            return {}
         return {Path(path).stem: self.task.evaluate(self, path, **options) for path in self.eval_files}
 
     def params(self) -> dict:
