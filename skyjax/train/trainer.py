@@ -154,8 +154,9 @@ class Trainer:
                         pending = None
                         metrics = _mean(window)
                         elapsed = max(time.time() - t0, 1e-9)
-                        metrics[f"{self.task.row_unit}_per_s"] = rows / elapsed  # pairs_per_s, rows_per_s
-                        metrics["tokens_per_s"] = tokens / elapsed
+                        rows_all, tokens_all = _over_hosts(rows, tokens)  # every host's share counted
+                        metrics[f"{self.task.row_unit}_per_s"] = rows_all / elapsed  # pairs_per_s, rows_per_s
+                        metrics["tokens_per_s"] = tokens_all / elapsed
                         writer.write(step + 1, metrics)
                         history.append({"step": step + 1, **metrics})
                         window, t0, rows, tokens = [], time.time(), 0, 0
@@ -186,7 +187,8 @@ class Trainer:
         host = {k: float(v) for k, v in jax.device_get(sums).items()}
         if not all(math.isfinite(v) for v in host.values()):
             bad = [k for k, v in host.items() if not math.isfinite(v)]
-            raise NonFiniteError(f"step {step}: {', '.join(bad)} became NaN/inf; the batch held rows "
+            where = f" (host {jax.process_index()}'s share)" if jax.process_count() > 1 else ""
+            raise NonFiniteError(f"step {step}: {', '.join(bad)} became NaN/inf; the batch held rows{where} "
                                  f"{', '.join(row_ids)}")
         return report(self.objective, host)
 
@@ -221,6 +223,15 @@ class Trainer:
         if self.cfg.trainer.export:
             outputs["hf_export"] = str(export_hf(final, self.run_dir / "hf"))
         return outputs
+
+
+def _over_hosts(*counts: int) -> tuple[int, ...]:
+    """Per-host counts summed over every host (one small all-gather; the counts themselves on one host)."""
+    if jax.process_count() == 1:
+        return counts
+    from jax.experimental.multihost_utils import process_allgather
+
+    return tuple(int(x) for x in np.asarray(process_allgather(np.asarray(counts, np.int64))).sum(axis=0))
 
 
 def _mean(rows: list[dict]) -> dict:
