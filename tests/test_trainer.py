@@ -3,6 +3,7 @@
 import json
 import shutil
 import signal
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -147,6 +148,10 @@ def test_share_prompt_layout_trains_like_two_rows(tmp_path):
     assert batch["input_ids"].shape[1] == 8 and "branch_ids" in batch  # 8 pairs in 8 rows, not 16
     b.fit()
     ma, mb = metrics(tmp_path / "a"), metrics(tmp_path / "b")
+    # the run's per-image patch bound is a run setting: the saved model config does not keep it
+    assert b.bundle.model.config.vision.max_image_patches == 64
+    meta = json.loads((Path(b.finish()["checkpoint"]) / "skyjax.json").read_text())
+    assert meta["model"]["vision"]["max_image_patches"] is None
     for step in (1, 2):
         for key in ("loss", "accuracy", "margin", "grad_norm"):
             assert mb[step][key] == pytest.approx(ma[step][key], rel=1e-4, abs=1e-6), (step, key)

@@ -105,6 +105,15 @@ def load_hf(
     return LoadedModel(arch, cfg, fn, params, folder, hf_config)
 
 
+def _portable(config):
+    """The model config as a checkpoint keeps it: without what one run's data set (the vision tower's per-image patch
+    bound, from that run's max_pixels: skyjax.train.tasks.bound_image_patches)."""
+    vision = getattr(config, "vision", None)
+    if getattr(vision, "max_image_patches", None) is not None:
+        config = dataclasses.replace(config, vision=dataclasses.replace(vision, max_image_patches=None))
+    return config
+
+
 def save_checkpoint(dst: str | Path, model: LoadedModel, side_files_from: Path | None = None) -> Path:
     """Write params (orbax), skyjax.json and the tokenizer/processor files."""
     dst = Path(dst).resolve()
@@ -115,7 +124,7 @@ def save_checkpoint(dst: str | Path, model: LoadedModel, side_files_from: Path |
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(params_dir, model.params)
         ckptr.wait_until_finished()
-    meta = {"format": FORMAT_VERSION, "architecture": model.arch.name, "model": to_dict(model.config),
+    meta = {"format": FORMAT_VERSION, "architecture": model.arch.name, "model": to_dict(_portable(model.config)),
             "hf_config": model.hf_config}
     if jax.process_index() == 0:
         (dst / META_NAME).write_text(json.dumps(meta, indent=2))

@@ -53,6 +53,8 @@ class DataConfig:
     synthetic: SyntheticDataConfig | None = None  # generate the demo task instead of reading files
     batch_size: int = 8  # pairs (reward model) or conversations (SFT) per optimizer step, over all hosts
     seq_buckets: tuple[int, ...] = (128, 256, 512, 1024, 2048, 4096)
+    # The vision buckets hold one HOST's share of a micro-batch (each host packs its own images; on one host, the whole
+    # micro-batch): on H hosts the step sees H such blocks (skyjax.train.global_batch).
     patch_buckets: tuple[int, ...] = (256, 1024, 4096, 16384)  # Qwen2.5-VL: vision patches per micro-batch
     image_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32)  # Qwen2.5-VL: images per micro-batch
     tile_buckets: tuple[int, ...] = (1, 5, 9, 13, 26, 39, 52)  # R1V / InternVL: 448 px tiles per micro-batch
