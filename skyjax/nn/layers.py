@@ -145,14 +145,11 @@ def merge_image_features(embeds: jax.Array, input_ids: jax.Array, features: jax.
     is_image = input_ids == image_token_id  # [B, S]
     if is_image.shape[0] % groups:
         raise ValueError(f"{is_image.shape[0]} rows do not form {groups} equal image groups")
-    index = jnp.cumsum(is_image.reshape(groups, -1), axis=1) - 1
-    if feature_blocks == 1:
-        index = jnp.clip(index, 0, feats.shape[0] - 1).reshape(is_image.shape)
-    else:
-        if groups % feature_blocks or feats.shape[0] % feature_blocks:
-            raise ValueError(f"{groups} image groups and {feats.shape[0]} feature rows do not split into "
-                             f"{feature_blocks} equal feature blocks")
-        per_block = feats.shape[0] // feature_blocks
-        block = jnp.arange(groups) // (groups // feature_blocks)  # [g]: the feature block of each group
-        index = (jnp.clip(index, 0, per_block - 1) + block[:, None] * per_block).reshape(is_image.shape)
+    if groups % feature_blocks or feats.shape[0] % feature_blocks:
+        raise ValueError(f"{groups} image groups and {feats.shape[0]} feature rows do not split into "
+                         f"{feature_blocks} equal feature blocks")
+    per_block = feats.shape[0] // feature_blocks
+    index = jnp.cumsum(is_image.reshape(groups, -1), axis=1) - 1  # [g, rows per group * S]
+    block = jnp.arange(groups) // (groups // feature_blocks)  # [g]: the feature block of each group
+    index = (jnp.clip(index, 0, per_block - 1) + block[:, None] * per_block).reshape(is_image.shape)
     return jnp.where(is_image[..., None], jnp.take(feats, index, axis=0), embeds)

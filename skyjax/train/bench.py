@@ -97,7 +97,7 @@ def run_rm_bench(pairs: int = 4, steps: int = 5, dtype: str = "float32", torch_b
     from skyjax.nn.functional import Functional
     from skyjax.train.config import ObjectiveConfig
     from skyjax.train.objectives import reward_model_loss
-    from skyjax.train.pairs import shared_prompt_rows, split_rows
+    from skyjax.train.pairs import fit_bucket, shared_prompt_rows, split_rows
 
     shapes = shapes or BENCH_SHAPES
     tok = build_tiny_tokenizer("qwen2_5_vl")
@@ -139,7 +139,7 @@ def run_rm_bench(pairs: int = 4, steps: int = 5, dtype: str = "float32", torch_b
         parts = [split_rows(both.input_ids[i][real[i]], both.input_ids[pairs + i][real[pairs + i]],
                             both.mm_token_type_ids[i][real[i]], both.mm_token_type_ids[pairs + i][real[pairs + i]])
                  for i in range(pairs)]
-        seq = min(b for b in buckets.seq if b >= max(sum(map(len, p)) for p in parts))
+        seq = fit_bucket(max(sum(map(len, p)) for p in parts), buckets.seq, "seq", "the benchmark's pairs")
         layouts["shared_prompt"] = {**jax.tree.map(jnp.asarray, shared_prompt_rows(parts, seq, tok.pad_token_id)),
                                     **{k: batch[k] for k in ("pixel_values", "vision_meta", "pair_weight")},
                                     "image_grid_thw": jnp.asarray(slots)}

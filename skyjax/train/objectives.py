@@ -44,13 +44,8 @@ def pair_scores(model, batch: dict) -> tuple[jax.Array, jax.Array]:
     """
     ids, mask = batch["input_ids"], batch["attention_mask"]
     hosts = host_blocks(batch)  # 1 unless a multi-host global batch: a static Python int
-    feats = model.visual(batch["pixel_values"], batch["vision_meta"])  # [U, E]: the b prompts' images
-    if hosts == 1:
-        b = ids.shape[0] // 2
-        embeds = model.embed(ids, image_features=feats, image_groups=2)  # [2b, S, E]: both halves read feats
-        scores = model.score(ids, attention_mask=mask, image_grid_thw=batch["image_grid_thw"], inputs_embeds=embeds)
-        return scores[:b], scores[b:]
-    # 2H row groups (each host's chosen rows, then its rejected rows) over H feature blocks
+    feats = model.visual(batch["pixel_values"], batch["vision_meta"])  # [U, E]: the pairs' images, once
+    # 2H row groups (each host's chosen rows, then its rejected rows) over H feature blocks (H = 1 on one host)
     embeds = model.embed(ids, image_features=feats, image_groups=2 * hosts, feature_blocks=hosts)
     scores = model.score(ids, attention_mask=mask, image_grid_thw=batch["image_grid_thw"], inputs_embeds=embeds)
     per_host = scores.reshape(hosts, 2, -1)  # [H, chosen / rejected, b_l]
