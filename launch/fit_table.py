@@ -47,23 +47,36 @@ class Row:
     max_batch: int = 4096
     sizes: tuple[int, ...] = ()  # explicit micro-batch sizes to try instead of the search
 
+    @property
+    def hosts(self) -> int:
+        """Hosts of the topology: each collates its share of the batch with its own (per-host) vision buckets."""
+        from skyjax.parallel.topology import get_topology
+
+        return get_topology(self.topology, self.num_slices).num_hosts
+
     def batch_step(self) -> int:
-        """The smallest micro-batch whose token rows divide the batch axes (slice x data x fsdp)."""
+        """The smallest micro-batch whose token rows divide the batch axes (slice x data x fsdp) and whose items
+        divide over the hosts."""
         ways = self.num_slices * self.mesh[0] * self.mesh[1]
         rows_per_item = 2 if self.per_row == "rm" else 1
-        return ways // math.gcd(ways, rows_per_item)
+        step = ways // math.gcd(ways, rows_per_item)
+        return step * self.hosts // math.gcd(step, self.hosts)
 
-    def overrides(self, b: int) -> list[str]:
+    def overrides(self, b: int, legacy: bool = False) -> list[str]:
+        """The buckets are per host: host h's share b / H at the row's patches (tiles) per item. legacy: as compiled
+        before `skyjax aot` built the multi-host batch (the whole micro-batch's images in one bucket), how
+        docs/fit.json keys the results of that time."""
         out = [f"data.batch_size={b}", "optimizer.grad_accum=1", f"mesh.shape=[{','.join(map(str, self.mesh))}]"]
+        share = b if legacy else b // self.hosts
         if self.per_row == "rm":
-            out += [f"data.patch_buckets=[{self.patches_per_item * b}]", f"data.image_buckets=[{b}]"]
+            out += [f"data.patch_buckets=[{self.patches_per_item * share}]", f"data.image_buckets=[{share}]"]
         else:
-            out += [f"data.tile_buckets=[{self.patches_per_item * b}]"]
+            out += [f"data.tile_buckets=[{self.patches_per_item * share}]"]
         return out + list(self.fixed)
 
-    def command(self, b: int) -> str:
+    def command(self, b: int, legacy: bool = False) -> str:
         slices = f" --num-slices {self.num_slices}" if self.num_slices > 1 else ""
-        return f"skyjax aot {self.config} {' '.join(self.overrides(b))} --topology {self.topology}{slices}"
+        return f"skyjax aot {self.config} {' '.join(self.overrides(b, legacy))} --topology {self.topology}{slices}"
 
 
 RM = "configs/reward_model/stage1_7b.yaml"
@@ -195,10 +208,11 @@ def _versions() -> str:
     return ", ".join(out)
 
 
-def row_results(row: Row, cache: dict) -> list[tuple[int, dict]]:
+def row_results(row: Row, cache: dict, legacy: bool = False) -> list[tuple[int, dict]]:
     prefix = f"skyjax aot {row.config} "
     out = [(r["batch"], r) for key, r in cache.items()
-           if key.startswith(prefix) and key == row.command(r["batch"])]
+           if key.startswith(prefix) and (legacy or r["batch"] % row.hosts == 0)
+           and key == row.command(r["batch"], legacy)]
     return sorted(out, key=lambda x: x[0])
 
 
@@ -208,7 +222,9 @@ def markdown(cache: dict) -> str:
              ">= step time at peak | next size needs |", "|" + "---|" * 10]
     details = []
     for row in ROWS:
-        results = row_results(row, cache)
+        results, legacy = row_results(row, cache), False
+        if not results and row.hosts > 1:  # not recompiled since AOT builds the multi-host batch
+            results, legacy = row_results(row, cache, legacy=True), True
         if not results:
             continue
         seq = next(o.split("=")[1].strip("[]") for o in row.fixed if o.startswith("data.seq_buckets="))
@@ -243,13 +259,15 @@ def markdown(cache: dict) -> str:
             nxt = f"{no[0][0]}: {_gib(no[0][1]['required_bytes'])} GiB"
         else:
             nxt = "-"
-        vision = f"{row.patches_per_item * b} {vision_unit} ({row.patches_per_item} per {unit[:-1]})"
+        vision = f"{row.patches_per_item * b} {vision_unit} ({row.patches_per_item} per {unit[:-1]}"
+        vision += ("; one bucket: single-host layout)" if legacy else
+                   f"; {row.hosts} hosts x {row.patches_per_item * b // row.hosts})" if row.hosts > 1 else ")")
         lines.append(f"| {row.title} | {topo} ({chips}) | {', '.join(map(str, row.mesh))}"
                      f"{' per slice' if row.num_slices > 1 else ''} | {seq} | {vision} | {best} | {mem} | {flops} | "
                      f"{step_time} | {nxt} |")
         details.append(f"#### {row.title}, {topo}, seq {seq} (`{row.name}`)\n")
         for bb, rr in results:
-            details.append(f"- batch {bb}: `{row.command(bb)}`")
+            details.append(f"- batch {bb}: `{row.command(bb, legacy)}`")
             if "error" in rr:
                 details.append(f"  - error: {rr['error']}")
                 continue

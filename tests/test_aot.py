@@ -6,8 +6,10 @@ libtpu comes with the `test` extra; each compile of the tiny step takes a few se
 
 import dataclasses
 import json
+import math
 
 import jax
+import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -266,10 +268,17 @@ def _expected_state_specs(config, overrides, mesh):
     return _spec_of(trainable), _spec_of(frozen)
 
 
+def _batch_args(report):
+    """The abstract batch the compiled step takes (shapes and dtypes of every leaf, used by the step or not)."""
+    (_, batch), _ = report.compiled.args_info
+    return batch
+
+
 def test_reward_model_step_on_two_slices_has_the_rules_shardings():
     """The real reward-model train step (the demo config) on 2 x v5e:2x2: parameters and Adam moments as the rules
     table gives them within a slice (replicated across slices), frozen parameters without moments, the state
-    returned exactly as it came in, and the pairs' rows split over the slice and fsdp axes."""
+    returned exactly as it came in, and the pairs' rows split over the slice and fsdp axes. Each slice is one host:
+    the batch is the 2 hosts' batches side by side, each with its 8 pairs and its own 256-patch bucket."""
     overrides = ["mesh.shape=[1,2,2]"]
     r = compile_config(DEMO_RM, overrides, topology="v5e:2x2", num_slices=2)
     assert r.fits and r.mesh == {"slice": 2, "data": 1, "fsdp": 2, "tensor": 2} and r.num_devices == 8
@@ -293,6 +302,10 @@ def test_reward_model_step_on_two_slices_has_the_rules_shardings():
     assert all(s.spec == P() for s in jax.tree.leaves(stats_out))
     assert r.loop_flops_factor > 1 and r.flops > r.xla_flops > 0
     assert r.alias_bytes > 0  # the state is donated: updated in place
+    batch = _batch_args(r)
+    assert r.hosts == 2 and batch["host_blocks"].shape == (1, 2)
+    assert batch["pixel_values"].shape == (1, 2 * 256, 1176) and batch["input_ids"].shape == (1, 32, 64)
+    assert "hosts: 2 (per-host batch: 8 pairs (16 rows), 256 patches, 32 image slots" in r.table()
 
 
 def test_projector_only_sft_step_and_a_too_small_hbm(monkeypatch, tmp_path, capsys):
@@ -395,3 +408,253 @@ def test_model_sources_read_only_shapes(tmp_path):
     assert from_folder.model.config.vision.depth == tiny.vision.depth
     with pytest.raises(ConfigError, match="a reward model needs a Qwen2.5-VL backbone, got architecture 'internvl'"):
         bundle(DEMO_RM, "model.source=shape:r1v_38b")
+
+
+# --- several hosts: the multi-host global batch -----------------------------------------------------------------------
+
+
+def test_topology_hosts():
+    """Hosts are the devices' processes (4 chips per host), except that a v5e / v6e slice of up to 8 chips is one
+    host (v5litepod-8); with several slices every slice has its own."""
+    from skyjax.parallel.topology import device_hosts
+
+    hosts = {(name, n): get_topology(name, n).num_hosts
+             for name, n in [("v5e:2x2", 1), ("v5e:2x4", 1), ("v6e:2x4", 1), ("v5e:4x4", 1), ("v5e:4x8", 1),
+                             ("v5e:4x8", 2), ("v5e:2x2", 2), ("v5e:2x4", 2), ("v5p:2x2x1", 1), ("v5p:2x2x2", 1),
+                             ("v5p:2x2x4", 1), ("v5p:4x4x4", 1)]}
+    assert hosts == {("v5e:2x2", 1): 1, ("v5e:2x4", 1): 1, ("v6e:2x4", 1): 1, ("v5e:4x4", 1): 4, ("v5e:4x8", 1): 8,
+                     ("v5e:4x8", 2): 16, ("v5e:2x2", 2): 2, ("v5e:2x4", 2): 2, ("v5p:2x2x1", 1): 1,
+                     ("v5p:2x2x2", 1): 2, ("v5p:2x2x4", 1): 4, ("v5p:4x4x4", 1): 16}
+    devices = get_topology("v5e:4x8", 2).devices()
+    host_of = device_hosts(devices)
+    assert all(host_of[d.id] == d.process_index for d in devices)  # in process order: slice 0's hosts first
+    assert device_hosts(jax.devices()) == {d.id: 0 for d in jax.devices()}  # CPU devices: one host
+
+
+ROWS, REP = P(None, ("data", "fsdp"), None), P()
+# What tasks.abstract_batch gave before it knew about hosts, on the (2, 2, 2) CPU mesh: one host must give exactly this.
+ONE_HOST = {
+    "rm": {
+        "attention_mask": ((1, 32, 64), "bool", ROWS),
+        "image_grid_thw": ((1, 32, 3), "int32", REP),
+        "input_ids": ((1, 32, 64), "int32", ROWS),
+        "pair_weight": ((1, 16), "float32", REP),
+        "pixel_values": ((1, 256, 1176), "float32", REP),
+        "vision_meta/image_segment": ((1, 256), "int32", REP),
+        "vision_meta/reverse_index": ((1, 64), "int32", REP),
+        "vision_meta/rope_ids": ((1, 256, 2), "int32", REP),
+        "vision_meta/valid": ((1, 256), "bool", REP),
+        "vision_meta/valid_merged": ((1, 64), "bool", REP),
+        "vision_meta/window_index": ((1, 64), "int32", REP),
+        "vision_meta/window_segment": ((1, 256), "int32", REP),
+    },
+    "rm_shared": {
+        "attention_mask": ((2, 8, 64), "bool", ROWS),
+        "branch_ids": ((2, 8, 64), "int32", REP),
+        "image_grid_thw": ((2, 16, 3), "int32", REP),
+        "input_ids": ((2, 8, 64), "int32", ROWS),
+        "pair_weight": ((2, 8), "float32", REP),
+        "pixel_values": ((2, 256, 1176), "float32", REP),
+        "score_index": ((2, 8, 2), "int32", REP),
+        "vision_meta/image_segment": ((2, 256), "int32", REP),
+        "vision_meta/reverse_index": ((2, 64), "int32", REP),
+        "vision_meta/rope_ids": ((2, 256, 2), "int32", REP),
+        "vision_meta/valid": ((2, 256), "bool", REP),
+        "vision_meta/valid_merged": ((2, 64), "bool", REP),
+        "vision_meta/window_index": ((2, 64), "int32", REP),
+        "vision_meta/window_segment": ((2, 256), "int32", REP),
+    },
+    "sft_r1v": {
+        "assistant_mask": ((1, 8, 96), "bool", ROWS),
+        "attention_mask": ((1, 8, 96), "bool", ROWS),
+        "input_ids": ((1, 8, 96), "int32", ROWS),
+        "row_weight": ((1, 8), "float32", REP),
+        "vision/pixel_values": ((1, 8, 3, 56, 56), "float32", REP),
+    },
+    "sft_qwen": {
+        "assistant_mask": ((1, 8, 96), "bool", ROWS),
+        "attention_mask": ((1, 8, 96), "bool", ROWS),
+        "input_ids": ((1, 8, 96), "int32", ROWS),
+        "row_weight": ((1, 8), "float32", REP),
+        "vision/image_grid_thw": ((1, 4, 3), "int32", REP),
+        "vision/pixel_values": ((1, 128, 1176), "float32", REP),
+        "vision/vision_meta/image_segment": ((1, 128), "int32", REP),
+        "vision/vision_meta/reverse_index": ((1, 32), "int32", REP),
+        "vision/vision_meta/rope_ids": ((1, 128, 2), "int32", REP),
+        "vision/vision_meta/valid": ((1, 128), "bool", REP),
+        "vision/vision_meta/valid_merged": ((1, 32), "bool", REP),
+        "vision/vision_meta/window_index": ((1, 32), "int32", REP),
+        "vision/vision_meta/window_segment": ((1, 128), "int32", REP),
+    },
+}
+
+
+def _batch_cases(tmp_path):
+    """(name, config, overrides): both reward-model layouts, SFT with R1V tiles and with Qwen2.5-VL patches."""
+    from skyjax.models.qwen2_5_vl import Qwen2_5_VLConfig
+
+    folder = tmp_path / "qwen_vl"  # a Qwen2.5-VL folder (config.json only) as the SFT model
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(Qwen2_5_VLConfig.tiny().to_hf()))
+    return [("rm", DEMO_RM, []),
+            ("rm_shared", DEMO_RM, ["data.share_prompt=true", "optimizer.grad_accum=2"]),
+            ("sft_r1v", TINY_SFT, []),
+            ("sft_qwen", TINY_SFT, [f"model.source={folder}", "data.patch_buckets=[64,128]",
+                                    "data.image_buckets=[2,4]"])]
+
+
+def _abstract(config, overrides, mesh, **kw):
+    from skyjax.config import load_config
+    from skyjax.train.aot import abstract_bundle
+    from skyjax.train.config import RunConfig
+    from skyjax.train.tasks import TASKS, abstract_batch, prepare_bundle
+
+    cfg = load_config(RunConfig, config, overrides)
+    return abstract_batch(cfg, prepare_bundle(TASKS[cfg.kind], abstract_bundle(cfg), cfg.data), mesh, **kw)
+
+
+def _layout(batch):
+    flat = jax.tree_util.tree_flatten_with_path(batch)[0]
+    return {"/".join(k.key for k in path): (tuple(x.shape), str(x.dtype), x.sharding.spec) for path, x in flat}
+
+
+def test_abstract_batch_on_one_host_is_unchanged(tmp_path):
+    """hosts=1 (the default) is the single-host batch, exactly as before: shapes, dtypes, shardings, no host_blocks."""
+    from skyjax.parallel.mesh import make_mesh
+
+    mesh = make_mesh((2, 2, 2))
+    for name, config, overrides in _batch_cases(tmp_path):
+        one = _abstract(config, overrides, mesh, hosts=1)
+        assert _layout(one) == ONE_HOST[name], name
+        assert _layout(_abstract(config, overrides, mesh)) == ONE_HOST[name], name
+        assert all(x.sharding.mesh is mesh for x in jax.tree.leaves(one))
+
+
+def test_abstract_batch_on_several_hosts_is_the_assembled_global_batch(tmp_path):
+    """hosts=H is what skyjax.train.global_batch assembles from H hosts that each collated data.batch_size / H rows at
+    the largest buckets (shapes and dtypes), with the shardings to_device gives it; a batch that does not divide over
+    the hosts (or a host's share over the micro-batches) is an error naming data.batch_size and the hosts."""
+    import numpy as np
+
+    from skyjax.config import load_config
+    from skyjax.parallel.mesh import make_mesh
+    from skyjax.train.config import RunConfig
+    from skyjax.train.global_batch import assemble_global_batch
+    from skyjax.train.setup import batch_shardings
+
+    mesh, hosts = make_mesh((2, 2, 2)), 4
+    for name, config, overrides in _batch_cases(tmp_path):
+        cfg = load_config(RunConfig, config, overrides)
+        share = cfg.data.batch_size // hosts
+        local = _abstract(config, overrides + [f"data.batch_size={share}"], mesh)  # what one host collates
+        zeros = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), local)
+        assembled = assemble_global_batch([zeros] * hosts)
+        got = _abstract(config, overrides, mesh, hosts=hosts)
+        shapes = lambda t: jax.tree.map(lambda x: (x.shape, x.dtype), t)  # noqa: E731
+        assert shapes(got) == shapes(assembled), name
+        assert got["host_blocks"].shape == (cfg.optimizer.grad_accum, hosts)
+        assert _spec_of(jax.tree.map(lambda x: x.sharding, got)) == _spec_of(batch_shardings(assembled, mesh)), name
+        vision = got.get("vision", got)
+        assert vision["pixel_values"].shape[1] == hosts * local.get("vision", local)["pixel_values"].shape[1]
+    with pytest.raises(ValueError, match=r"data.batch_size 16 does not divide over the 3 hosts of the topology"):
+        _abstract(DEMO_RM, [], mesh, hosts=3)
+    with pytest.raises(ValueError, match=r"data.batch_size 8 does not divide over the 3 hosts"):
+        _abstract(TINY_SFT, [], mesh, hosts=3)
+    with pytest.raises(ValueError, match=r"each of the 4 hosts' 4 pairs do not split into optimizer.grad_accum=8"):
+        _abstract(DEMO_RM, ["optimizer.grad_accum=8"], mesh, hosts=4)
+
+
+def test_reward_model_step_on_a_multi_host_slice(monkeypatch, capsys, tmp_path):
+    """`skyjax aot` on one v5p:2x2x2 slice, 2 hosts of 4 chips: it compiles the batch they feed, each host's 8 pairs
+    (one shared-prompt row each) with its own 256-patch bucket, side by side with host_blocks [1, 2], the rows over
+    the batch axes as the rules give them (each host's devices hold its own rows), and the report says so."""
+    from skyjax.train.setup import batch_shardings
+
+    reports = []
+
+    def spy(*args, **kwargs):
+        reports.append(real(*args, **kwargs))
+        return reports[-1]
+
+    real = aot_module.compile_config
+    monkeypatch.setattr(aot_module, "compile_config", spy)
+    overrides = ["mesh.shape=[2,2,2]", "data.share_prompt=true"]
+    out_json = tmp_path / "r.json"
+    assert aot_main([DEMO_RM, *overrides, "--topology", "v5p:2x2x2", "--json", str(out_json)]) == 0
+    assert ("hosts: 2 (per-host batch: 8 pairs, 256 patches, 16 image slots; the step sees the 2 hosts' blocks side "
+            "by side (multi-host layout, per-host buckets))") in capsys.readouterr().out
+    report = json.loads(out_json.read_text())
+    assert report["hosts"] == 2 and report["host_batch"].startswith("8 pairs, 256 patches") and report["fits"]
+    (r,) = reports
+    batch = _batch_args(r)
+    assert r.hosts == 2 and batch["host_blocks"].shape == (1, 2)
+    assert batch["pixel_values"].shape == (1, 2 * 256, 1176) and batch["image_grid_thw"].shape == (1, 2 * 16, 3)
+    assert batch["input_ids"].shape == (1, 16, 64) and batch["branch_ids"].shape == (1, 16, 64)
+    assert batch["vision_meta"]["window_index"].shape == (1, 2 * 64)  # 256 / 4 merge units per host
+    (state_in, batch_in) = r.input_shardings
+    mesh = jax.tree.leaves(state_in)[0].mesh
+    rows = P(None, ("data", "fsdp"), None)  # the hosts are the data axis: host h holds rows [8h, 8h + 8)
+    assert batch_in["input_ids"].spec == rows and batch_in["attention_mask"].spec == rows
+    assert batch_in["pixel_values"].spec == P() and batch_in["pair_weight"].spec == P()
+    assert batch_in["input_ids"] == batch_shardings(batch, mesh)["input_ids"]  # as to_device places them
+    trainable, frozen = _expected_state_specs(DEMO_RM, overrides, mesh)
+    assert _spec_of(state_in["trainable"]) == trainable and _spec_of(state_in["frozen"]) == frozen
+
+
+def test_multi_host_batch_errors(capsys):
+    """On v5e:4x4 (4 hosts of 2x2 chips) a batch that does not divide over the hosts is named, and so is a mesh whose
+    batch axes cannot give every host its own rows (a tensor axis over all 16 chips replicates every row on every
+    host; the trainer's to_device refuses it): before compiling."""
+    from skyjax.train.global_batch import HostBatchError
+
+    with pytest.raises(ConfigError, match=r"data.batch_size 6 does not divide over the 4 hosts of the topology"):
+        compile_config(DEMO_RM, ["mesh.shape=[4,4,1]", "data.batch_size=6"], topology="v5e:4x4")
+    with pytest.raises(HostBatchError, match=r"the 4 hosts of this topology each feed their own rows, and the trainer "
+                                             r"\(to_device\) would refuse this mesh: host 0's devices hold rows"):
+        compile_config(DEMO_RM, ["mesh.shape=[1,1,16]"], topology="v5e:4x4")
+    assert aot_main([DEMO_RM, "data.batch_size=6", "mesh.shape=[4,4,1]", "--topology", "v5e:4x4"]) == 2
+    assert "data.batch_size 6 does not divide over the 4 hosts" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("topology,shape,slices", [
+    ("v5e:4x4", (1, 4, 4), 1), ("v5e:4x4", (4, 4, 1), 1), ("v5e:4x8", (1, 8, 4), 2), ("v5p:2x2x4", (1, 16, 1), 1),
+    ("v5p:2x2x4", (1, 4, 4), 1), ("v5p:4x4x4", (1, 16, 4), 1), ("v5p:4x4x4", (1, 64, 1), 1)])
+def test_topology_mesh_gives_every_host_its_own_rows(topology, shape, slices):
+    """create_device_mesh orders devices along ICI rings, which cut across a pod's hosts (2x2 chips each); the mesh
+    keeps each host's devices together (hosts_contiguous) so that the batch axes give host h rows [h*R, (h+1)*R) of
+    the host-major global batch, as the trainer's to_device requires (check_host_rows)."""
+    from jax.sharding import NamedSharding
+
+    from skyjax.parallel.topology import device_hosts
+    from skyjax.train.global_batch import check_host_rows
+
+    mesh = topology_mesh(topology, shape, num_slices=slices)
+    hosts = device_hosts(mesh.devices.flat)
+    count = len(set(hosts.values()))
+    assert count == math.prod(shape) * slices // 4  # 4 chips per host on these slices
+    batch_axes = tuple(a for a in ("slice", "data", "fsdp") if a in mesh.axis_names)
+    rows = 2 * math.prod(mesh.shape[a] for a in batch_axes)
+    check_host_rows(NamedSharding(mesh, P(None, batch_axes)), (1, rows, 8), count, host_of=lambda d: hosts[d.id])
+
+
+def test_hosts_contiguous_orders_hosts_and_keeps_each_hosts_order():
+    from skyjax.parallel.mesh import hosts_contiguous
+
+    class Dev:
+        def __init__(self, i, host):
+            self.id, self.process_index = i, host
+
+        def __repr__(self):
+            return f"{self.id}@{self.process_index}"
+
+    hosts = [0, 1, 0, 1, 2, 3, 2, 3, 0, 1, 0, 1, 2, 3, 2, 3]  # rings that alternate hosts, as on a pod
+    grid = np.array([Dev(i, h) for i, h in enumerate(hosts)], dtype=object).reshape(1, 4, 4)
+    out = hosts_contiguous(grid, lambda d: d.process_index)
+    assert out.shape == grid.shape
+    assert [d.process_index for d in out.flat] == sorted(hosts)
+    assert [d.id for d in out.flat] == [0, 2, 8, 10, 1, 3, 9, 11, 4, 6, 12, 14, 5, 7, 13, 15]
+    sliced = np.stack([grid, grid])  # per slice: the leading axis stays
+    assert [d.id for d in hosts_contiguous(sliced, lambda d: d.process_index, slice_axis=True)[1].flat] == \
+        [d.id for d in out.flat]
+    single = np.array([Dev(i, 0) for i in range(8)], dtype=object).reshape(2, 2, 2)
+    assert [d.id for d in hosts_contiguous(single, lambda d: 0).flat] == list(range(8))

@@ -3,6 +3,7 @@
     def build(mesh):                      # the step is traced inside `use_mesh(mesh)`: `constrain` sees the mesh
         step = jax.jit(train_step, out_shardings=..., donate_argnums=(0, 1))
         return step, (abstract_params, abstract_opt_state, abstract_batch)   # ShapeDtypeStructs with shardings
+        # or (step, args, description), or (step, args, description, {"hosts": H, "host_batch": "..."})
 
     report = compile_for_topology(build, topology="v5e:4x4", mesh_shape=(1, -1, 1), num_slices=2)
     print(report.table())                 # raises DoesNotFitError before that if the step needs more than HBM
@@ -20,8 +21,13 @@ the same step with the scan unrolled; at long sequences XLA's own count of the a
 `lax.cond` counts its costlier branch (an upper bound: the Qwen2.5-VL vision scan picks dense full attention in 4 of
 its 32 blocks).
 
+Hosts: a topology of several hosts (`TpuTopology.num_hosts`: v5e:4x4 has 4, two v5e:4x8 slices 16) feeds the step
+one batch per host. The report states the count (`hosts`); a builder that lays its batch out for them (the trainer's
+kinds: `skyjax.train.global_batch`, each host's share at its own largest buckets) says so in a fourth element,
+{"hosts": H, "host_batch": "what one host collates"}, and H must be the topology's count.
+
 Runs are described by YAML configs with a `kind`; `register_aot_builder(kind, fn)` connects a kind to a function
-`fn(config_path, overrides, mesh) -> (step, abstract_args, description)`, and `compile_config` runs it. The
+`fn(config_path, overrides, mesh) -> (step, abstract_args, description[, host info])`, and `compile_config` runs it. The
 `skyjax aot` command (skyjax/parallel/cli.py) is a thin shell over `compile_config`. Builders live beside what they
 build and register on import: `BUILDER_MODULES` lists the modules imported when a kind is looked up
 (skyjax.parallel.cli: lm_forward_backward; skyjax.train.aot: reward_model, sft).
@@ -37,8 +43,8 @@ from typing import Any, Callable, Sequence
 from skyjax.parallel.rules import DEFAULT_RULES, AxisRules, use_mesh
 from skyjax.parallel.topology import GiB, TpuTopology, get_topology, topology_mesh
 
-Builder = Callable[[Any], tuple]  # mesh -> (jitted step, abstract args) or (step, args, description)
-ConfigBuilder = Callable[[Any, Sequence[str], Any], tuple]  # (config_path, overrides, mesh) -> (step, args, desc)
+Builder = Callable[[Any], tuple]  # mesh -> (jitted step, abstract args) or (step, args, description[, host info])
+ConfigBuilder = Callable[[Any, Sequence[str], Any], tuple]  # (config_path, overrides, mesh) -> the same
 
 
 class DoesNotFitError(ValueError):
@@ -90,6 +96,15 @@ class AotReport:
     xla_error: str = ""  # set when XLA itself refused the compile for lack of HBM (no executable then)
     xla_flops: float = 0.0  # XLA's own per-device figure (each loop body counted once)
     loop_flops_factor: float = 1.0  # the traced matmul FLOPs with loop trip counts / counted as XLA counts loops
+    hosts: int = 1  # hosts (data-loading processes) of the topology: TpuTopology.num_hosts
+    host_batch: str = ""  # what one host collates, when the builder lays the batch out per host (else "")
+
+    def hosts_line(self) -> str:
+        """e.g. 'hosts: 8 (per-host batch: 2 pairs (4 rows), 1024 patches, 2 image slots; the step sees ...)'."""
+        if not self.host_batch:
+            return f"hosts: {self.hosts}"
+        what = "per-host batch" if self.hosts > 1 else "single-host batch"
+        return f"hosts: {self.hosts} ({what}: {self.host_batch})"
 
     @property
     def total_bytes(self) -> int:
@@ -132,6 +147,7 @@ class AotReport:
         lines = [
             f"{self.description}",
             f"topology {self.topology}: {self.num_devices} x {self.device_kind}, mesh ({mesh})",
+            self.hosts_line(),
             f"{'memory per device':<22}{'':>12}  of HBM {_fmt_bytes(hbm)}",
         ]
         verdict = "fits" if self.fits else f"DOES NOT FIT (over by {_fmt_bytes(self.required_bytes - hbm)})"
@@ -286,17 +302,23 @@ def compile_for_topology(
     needs more than that raises DoesNotFitError (its `.report` still has every number). A step so large that XLA
     itself refuses to compile it always raises DoesNotFitError, with XLA's figure as `required_bytes` (XLA checks
     against the usable HBM, e.g. 15.75 GiB of a v5e's 16). Errors from `build` (a ShardingError naming a parameter
-    that does not divide the mesh) propagate unchanged.
+    that does not divide the mesh) propagate unchanged. The report's `hosts` is the topology's host count
+    (`TpuTopology.num_hosts`); a builder returning host info must have laid its batch out for that many.
     """
     topo = get_topology(topology, num_slices)
     mesh = topology_mesh(topo, mesh_shape, axes)
     # Built outside the mesh context: a builder may run small eager ops (optax's tree_map_params does), which must
     # not be placed on the compile-only TPU devices. Tracing (where `constrain` reads the context) happens below.
     built = build(mesh)
-    if not isinstance(built, tuple) or len(built) not in (2, 3):
-        raise TypeError("an AOT builder returns (jitted step, abstract args) or (step, args, description)")
+    if not isinstance(built, tuple) or len(built) not in (2, 3, 4):
+        raise TypeError("an AOT builder returns (jitted step, abstract args), (step, args, description) or (step, "
+                        "args, description, {'hosts': H, 'host_batch': text})")
     step, args = built[0], tuple(built[1])
-    description = built[2] if len(built) == 3 else getattr(step, "__name__", "step")
+    description = built[2] if len(built) >= 3 else getattr(step, "__name__", "step")
+    host_info = dict(built[3]) if len(built) == 4 else {}
+    hosts = topo.num_hosts
+    if host_info.get("hosts", hosts) != hosts:
+        raise ValueError(f"the builder laid the batch out for {host_info['hosts']} hosts but {topo} has {hosts}")
     with use_mesh(mesh, rules):
         t0 = time.perf_counter()
         traced = step.trace(*args)
@@ -324,6 +346,8 @@ def compile_for_topology(
         peak_flops_per_device=chip.peak_bf16_tflops * 1e12 / chip.devices_per_chip,
         lower_seconds=t1 - t0,
         compile_seconds=t2 - t1,
+        hosts=hosts,
+        host_batch=str(host_info.get("host_batch", "")),
     )
     if compiled is None:
         report = AotReport(**common, argument_bytes=_argument_bytes(args), output_bytes=0, alias_bytes=0,
@@ -408,6 +432,10 @@ def compile_config(
     check_fits: bool = True,
 ) -> AotReport:
     """Compile the step of the run described by a YAML config (its `kind` picks the builder, its `mesh` the mesh).
+
+    The builder sees the topology's devices in its mesh, so the trainer's kinds lay the batch out for the topology's
+    hosts (`skyjax.parallel.topology.device_hosts`): on several hosts the multi-host global batch, each host's share
+    at its own largest buckets (see skyjax.train.aot); the report's `hosts` / `host_batch` say which.
 
     `num_slices`, when given, becomes the override `mesh.num_slices=N`, so the builder sees the same mesh.
     """

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
@@ -81,7 +81,30 @@ def make_mesh(config: MeshConfig | Sequence[int] = MeshConfig(), devices: Sequen
             grid = mesh_utils.create_device_mesh(shape, devices=devices)
     except Exception:  # CPU devices and odd shapes: plain order is as good as any.
         grid = np.asarray(devices, dtype=object).reshape(shape)
+    if jax.process_count() > 1:
+        grid = hosts_contiguous(grid, lambda d: d.process_index, slice_axis=config.num_slices > 1)
     return Mesh(grid, axes, axis_types=(AxisType.Auto,) * len(axes))
+
+
+def hosts_contiguous(grid: np.ndarray, host_of: Callable[[jax.Device], int], slice_axis: bool = False) -> np.ndarray:
+    """The device grid with every host's devices one contiguous run in row-major order, hosts in increasing order
+    (within each slice when `slice_axis`: the leading axis is left as it is).
+
+    On several hosts each host feeds the step its own rows (skyjax.train.global_batch): host h's local batch is rows
+    [h*R, (h+1)*R) of the global batch, so the devices holding those rows must be host h's. `create_device_mesh`
+    orders devices along ICI rings, which on a pod cut across hosts (a host is a 2x2 block of chips), so a batch
+    axis would mix hosts' rows. This keeps the ring order inside each host and orders whole hosts in process order:
+    a row-major run of a host's devices covers whole tensor groups whenever the tensor axis fits in one host, and
+    then the batch axes ('data', 'fsdp') give each host one contiguous block of rows. A single host is unchanged."""
+    subgrids = grid if slice_axis else grid[None]
+    out = []
+    for sub in subgrids:
+        flat = list(sub.flat)
+        position = {id(d): i for i, d in enumerate(flat)}
+        flat.sort(key=lambda d: (host_of(d), position[id(d)]))
+        out.append(np.asarray(flat, dtype=object).reshape(sub.shape))
+    stacked = np.stack(out)
+    return stacked if slice_axis else stacked[0]
 
 
 def single_device_mesh() -> Mesh:

@@ -8,10 +8,16 @@ with `jax[tpu]` installed; `jax.devices()` keeps returning the CPU devices. `sky
 
 Names follow libtpu: GENERATION:AxB (2-D torus chips: v5e, v6e) or GENERATION:AxBxC (3-D: v4, v5p, tpu7x), counted in
 chips. `v5litepod-16`-style accelerator types are Cloud API names, not topologies, and are rejected with a hint.
+
+Hosts: a slice is served by several hosts (processes), each with its own data pipeline; `device_hosts` says which
+host drives each device (libtpu's compile-only devices carry the `process_index` a pod would give them) and
+`TpuTopology.num_hosts` counts them: v5e:4x4 is 4 hosts, v5p:2x2x4 4, two v5e:4x8 slices 16; v5e:2x2 and v5e:2x4 are
+one host each.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -97,6 +103,35 @@ class TpuTopology:
     def devices(self) -> list:
         """Compile-only TPU devices of every slice (needs libtpu; no TPU)."""
         return list(_topology_devices(self.chip.libtpu_name, self.shape, self.chip.chip_config, self.num_slices))
+
+    @property
+    def num_hosts(self) -> int:
+        """Hosts (processes, each reading and collating its share of every batch) of all slices together."""
+        return len(set(device_hosts(self.devices()).values()))
+
+
+# The largest slice that is ONE host, by device kind: Cloud's 8-chip single-host machine types (v5litepod-8 =
+# ct5lp-hightpu-8t, v6e-8 = ct6e-standard-8t). libtpu's compile-only topologies give every slice hosts of at most 2x2
+# chips (their default chips_per_host_bounds), which is what larger v5e / v6e slices and v4 / v5p slices are (4 chips
+# per host), but would split a v5e:2x4 into two processes.
+SINGLE_HOST_DEVICES = {"TPU v5 lite": 8, "TPU v6 lite": 8}
+
+
+def device_hosts(devices) -> dict[int, int]:
+    """{device id: host} for a topology's devices (or a mesh's: `mesh.devices.flat`), hosts numbered 0..H-1 in
+    process order. A host is a distinct `process_index`, except that a v5e / v6e slice of at most 8 chips is one host
+    (`SINGLE_HOST_DEVICES`); with several slices every slice has its own hosts. CPU devices: one host."""
+    devices = list(devices)
+    slices = collections.defaultdict(list)
+    for d in devices:
+        slices[getattr(d, "slice_index", 0)].append(d)
+    key = {}
+    for s, members in slices.items():
+        one_host = len(members) <= SINGLE_HOST_DEVICES.get(members[0].device_kind, 0)
+        for d in members:
+            key[d.id] = (s, 0) if one_host else (0, d.process_index)  # a slice's own host, or its process
+    order = {k: i for i, k in enumerate(sorted(set(key.values()), key=lambda k: (k[1], k[0])))}
+    return {i: order[k] for i, k in key.items()}
 
 
 def parse_topology(name: str, num_slices: int = 1) -> TpuTopology:
@@ -223,7 +258,7 @@ def topology_mesh(topology: "str | TpuTopology", shape: Sequence[int], axes: Seq
     from jax.experimental import mesh_utils
     from jax.sharding import AxisType, Mesh
 
-    from skyjax.parallel.mesh import MESH_AXES, MeshConfig
+    from skyjax.parallel.mesh import MESH_AXES, MeshConfig, hosts_contiguous
 
     topo = get_topology(topology, num_slices)
     axes = tuple(MESH_AXES if axes is None else axes)
@@ -243,4 +278,6 @@ def topology_mesh(topology: "str | TpuTopology", shape: Sequence[int], axes: Seq
             grid = mesh_utils.create_device_mesh(per_slice, devices=devices)
     except (NotImplementedError, ValueError, AssertionError) as e:  # defensive: the check above should catch these
         raise TopologyError(f"{_explain_layout(topo, per_slice, axes)} ({e})") from e
+    hosts = device_hosts(devices)  # each host's devices one block of the batch axes, as make_mesh does on a pod
+    grid = hosts_contiguous(grid, lambda d: hosts[d.id], slice_axis=topo.num_slices > 1)
     return Mesh(grid, axes, axis_types=(AxisType.Auto,) * len(axes))

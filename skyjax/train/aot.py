@@ -9,6 +9,12 @@ are ShapeDtypeStructs with the trainer's shardings (`skyjax.train.step.abstract_
 `skyjax.train.tasks.abstract_batch`), and the step is `build_train_step` under `jit_train_step`: the program the
 Trainer runs, with the config's optimizer, freeze masks, objective options, grad_accum and mesh.
 
+On a topology of several hosts (`skyjax.parallel.topology.device_hosts`: v5e:4x4 is 4) the batch is the multi-host
+global batch (`skyjax.train.global_batch`): each host's share of data.batch_size collated at the largest buckets
+(data.patch_buckets / image_buckets / tile_buckets are per host), the hosts' blocks side by side, `host_blocks`. A
+mesh whose batch axes do not give every host's devices exactly its own block of rows is refused as the trainer's
+`to_device` refuses it (HostBatchError, naming the mesh axes).
+
 `model.source` takes what training takes, and two shape-only forms:
     tiny                 the kind's built-in tiny model (its config only)
     FOLDER               a Hugging Face folder or a skyjax checkpoint: only config.json / skyjax.json is read
@@ -174,10 +180,33 @@ def describe(cfg, bundle, trainable: int, total: int, batch: dict, mesh) -> str:
     return line
 
 
+def host_batch_text(cfg, batch: dict, hosts: int) -> str:
+    """What one host collates per micro-batch (rows and its own vision buckets), for the report's hosts line."""
+    from skyjax.train.tasks import TASKS
+
+    a, rows, _ = batch["input_ids"].shape
+    unit = TASKS[cfg.kind].row_unit
+    per_micro = cfg.data.batch_size // hosts // a
+    vision = batch.get("vision", batch)
+    parts = [f"{per_micro} {unit}" + (f" ({rows // hosts} rows)" if rows // hosts != per_micro else "")]
+    if "pixel_values" in vision:
+        pv = vision["pixel_values"]
+        parts.append(f"{pv.shape[1] // hosts} {'tiles' if pv.ndim == 5 else 'patches'}")
+    if "image_grid_thw" in vision:
+        parts.append(f"{vision['image_grid_thw'].shape[1] // hosts} image slots")
+    text = ", ".join(parts) + (" per micro-batch" if a > 1 else "")
+    if hosts > 1:
+        text += f"; the step sees the {hosts} hosts' blocks side by side (multi-host layout, per-host buckets)"
+    return text
+
+
 def build_run_step(config_path, overrides, mesh):
-    """(jitted train step, (abstract state, abstract batch), description) of a reward_model / sft run config."""
+    """(jitted train step, (abstract state, abstract batch), description, {hosts, host_batch}) of a reward_model /
+    sft run config. The batch is the one the topology's hosts feed the step (one host: the single-host batch)."""
     from skyjax.config import ConfigError, load_config
+    from skyjax.parallel.topology import device_hosts
     from skyjax.train.config import RunConfig
+    from skyjax.train.global_batch import HostBatchError, check_host_rows
     from skyjax.train.optimizer import build_optimizer, flatten, frozen_predicate, split_params
     from skyjax.train.step import abstract_state, build_train_step, jit_train_step, state_shardings
     from skyjax.train.tasks import TASKS, abstract_batch, prepare_bundle
@@ -197,8 +226,21 @@ def build_run_step(config_path, overrides, mesh):
     step = build_train_step(fn, TASKS[cfg.kind].objective, optimizer, schedule, cfg.objective)
     jitted = jit_train_step(step, state_shardings(fn, optimizer, is_frozen, mesh), mesh)
     state = abstract_state(fn, optimizer, is_frozen, mesh)  # parameter dims that do not divide raise ShardingError
-    batch = abstract_batch(cfg, bundle, mesh)
-    return jitted, (state, batch), describe(cfg, bundle, _count(trainable), fn.num_params(), batch, mesh)
+    host_of = device_hosts(mesh.devices.flat)
+    hosts = len(set(host_of.values()))
+    try:
+        batch = abstract_batch(cfg, bundle, mesh, hosts=hosts)
+    except ValueError as e:  # data.batch_size does not divide over the hosts (or their micro-batches)
+        raise ConfigError(str(e)) from None
+    if hosts > 1:  # as skyjax.train.global_batch.place_global_batch checks it before placing the rows
+        try:
+            check_host_rows(batch["input_ids"].sharding, batch["input_ids"].shape, hosts,
+                            host_of=lambda d: host_of[d.id])
+        except HostBatchError as e:
+            raise HostBatchError(f"the {hosts} hosts of this topology each feed their own rows, and the trainer "
+                                 f"(to_device) would refuse this mesh: {e}") from None
+    description = describe(cfg, bundle, _count(trainable), fn.num_params(), batch, mesh)
+    return jitted, (state, batch), description, {"hosts": hosts, "host_batch": host_batch_text(cfg, batch, hosts)}
 
 
 register_aot_builder("reward_model", build_run_step)

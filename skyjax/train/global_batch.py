@@ -27,8 +27,11 @@ batch, then host 1's, ... along the axis after the micro-batch axis A (every arr
                     host's chosen / rejected halves already are).
     host_blocks     [A, H] int32 = 0..H-1, only when H > 1: its static length H tells the objectives (`host_blocks`)
                     and `merge_image_features(..., feature_blocks=H)` that host h's rows read host h's image
-                    features. A single-host batch has no such key: the single-host program, and the one `skyjax aot`
-                    compiles (tasks.abstract_batch), are unchanged.
+                    features. A single-host batch has no such key: the single-host program is unchanged.
+
+`skyjax aot` compiles this layout for a topology of H hosts (`abstract_global_batch`, used by tasks.abstract_batch):
+every host with its share of data.batch_size (`host_share`) collated at the largest buckets, so pixel_values has
+H * max(data.patch_buckets) rows; on one host it compiles the single-host batch.
 
 Buckets: the hosts' static shapes must agree for a step, but each pipeline picks the smallest buckets its own rows
 fit. So every local batch is first padded to the largest bucket any host chose (sequence length, patches or tiles,
@@ -272,6 +275,39 @@ def assemble_global_batch(local_batches: Sequence[Mapping], kind: str | None = N
     out = concat_host_batches(pad_to_common(local, kind))
     if all(r is not None for r in row_ids):
         out["row_ids"] = [i for r in row_ids for i in r]
+    return out
+
+
+# --- the global batch's shapes, for AOT compiles ----------------------------------------------------------------------
+
+
+def host_share(batch_size: int, hosts: int, micro_batches: int = 1, unit: str = "rows") -> int:
+    """Rows (pairs / conversations) of one host's micro-batch: data.batch_size is split over the hosts
+    (`skyjax.train.setup.RecordPipeline`: each host collates batch_size / H), then over the micro-batches. Raises
+    ValueError naming data.batch_size and the host count (or optimizer.grad_accum) when it does not divide."""
+    if batch_size % hosts:
+        raise ValueError(f"data.batch_size {batch_size} does not divide over the {hosts} hosts of the topology: each "
+                         f"host reads and collates data.batch_size / {hosts} {unit} (use a multiple of {hosts})")
+    per_host = batch_size // hosts
+    if per_host % micro_batches:
+        where = f"each of the {hosts} hosts' {per_host}" if hosts > 1 else f"the {per_host}"
+        raise ValueError(f"data.batch_size {batch_size}: {where} {unit} do not split into optimizer.grad_accum="
+                         f"{micro_batches} micro-batches")
+    return per_host // micro_batches
+
+
+def abstract_global_batch(local: Mapping, hosts: int) -> dict:
+    """The global batch's jax.ShapeDtypeStructs (no shardings) of H hosts that each collated a batch of the shapes
+    `local` ([A, ...] arrays or shape structs, nested dicts): what `concat_host_batches` builds from them (every array
+    H times longer along the axis after A, plus `host_blocks` [A, H] int32). With one host, `local` itself."""
+    import jax
+
+    if hosts == 1:
+        return dict(local)
+    widen = lambda x: jax.ShapeDtypeStruct((x.shape[0], hosts * x.shape[HOST_AXIS], *x.shape[2:]), x.dtype)  # noqa
+    out = jax.tree.map(widen, dict(local))
+    a = jax.tree.leaves(local)[0].shape[0]
+    out[HOSTS_KEY] = jax.ShapeDtypeStruct((a, hosts), np.int32)
     return out
 
 

@@ -262,10 +262,14 @@ class SFTPipeline(RecordPipeline):
 
 
 def abstract_sft_batch(bundle: ModelBundle, data: DataConfig, micro_batches: int, mesh: Mesh,
-                       batch_size: int | None = None) -> dict:
-    """ShapeDtypeStructs (with the shardings `to_device` gives) of the largest-bucket SFT batch: for AOT compiles."""
+                       batch_size: int | None = None, hosts: int = 1) -> dict:
+    """ShapeDtypeStructs (with the shardings `to_device` gives) of the largest-bucket SFT batch: for AOT compiles. On
+    `hosts` > 1 the multi-host global batch (skyjax.train.global_batch): each host's share of the batch with its own
+    largest vision buckets, the hosts' blocks side by side, `host_blocks` [A, H]."""
+    from skyjax.train.global_batch import abstract_global_batch, host_share
+
     fmt = vision_format(bundle, data)
-    rows = (batch_size or data.batch_size) // micro_batches  # the global batch: every host's rows
+    rows = host_share(batch_size or data.batch_size, hosts, micro_batches, "rows")  # one host's micro-batch
     a, s = micro_batches, max(data.seq_buckets)
 
     def stacked(x):
@@ -276,7 +280,7 @@ def abstract_sft_batch(bundle: ModelBundle, data: DataConfig, micro_batches: int
              "assistant_mask": jax.ShapeDtypeStruct((rows, s), np.bool_),
              "row_weight": jax.ShapeDtypeStruct((rows,), np.float32),
              "vision": fmt.abstract(fmt.largest())}
-    return abstract(jax.tree.map(stacked, batch), mesh)
+    return abstract(abstract_global_batch(jax.tree.map(stacked, batch), hosts), mesh)
 
 
 # --- models -----------------------------------------------------------------------------------------------------------

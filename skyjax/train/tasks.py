@@ -41,7 +41,8 @@ class Task:
     make_synthetic: Callable  # (folder, name, n, *, seed, image_size, tasks) -> JSONL path
     evaluate: Callable  # (trainer, JSONL path, **options) -> the file's held-out result
     summarize: Callable  # (trainer, {file stem: result}) -> entries for summary.json
-    abstract_batch: Callable  # (bundle, DataConfig, micro_batches, mesh) -> ShapeDtypeStructs of the largest batch
+    abstract_batch: Callable  # (bundle, DataConfig, micro_batches, mesh, hosts=1) -> ShapeDtypeStructs of the
+    # largest batch (the multi-host global batch when hosts > 1)
     row_unit: str = "rows"  # what one row of a batch is, for logs and throughput ("pairs_per_s")
     prepare: Callable | None = None  # (bundle, DataConfig) -> bundle: what the run's data settings change in the model
 
@@ -134,11 +135,14 @@ def bound_image_patches(bundle: ModelBundle, data: DataConfig) -> ModelBundle:
     return dataclasses.replace(bundle, model=dataclasses.replace(loaded, config=config, fn=fn))
 
 
-def abstract_pair_batch(bundle: ModelBundle, data: DataConfig, micro_batches: int, mesh: Mesh) -> dict:
-    """ShapeDtypeStructs (with `to_device`'s shardings) of the largest-bucket preference batch."""
+def abstract_pair_batch(bundle: ModelBundle, data: DataConfig, micro_batches: int, mesh: Mesh, hosts: int = 1) -> dict:
+    """ShapeDtypeStructs (with `to_device`'s shardings) of the largest-bucket preference batch: on `hosts` > 1 the
+    multi-host global batch (skyjax.train.global_batch) of H hosts that each collated their share of data.batch_size
+    at the largest buckets (their own patch and image-slot buckets), with `host_blocks`."""
     from skyjax.models.qwen2_5_vl_vision import vision_inputs
+    from skyjax.train.global_batch import abstract_global_batch, host_share
 
-    a, b = micro_batches, data.batch_size // micro_batches
+    a, b = micro_batches, host_share(data.batch_size, hosts, micro_batches, "pairs")  # one host's micro-batch
     s, patches, slots = max(data.seq_buckets), max(data.patch_buckets), max(data.image_buckets)
     vcfg = bundle.model.config.vision
     dim = vcfg.in_channels * vcfg.temporal_patch_size * vcfg.patch_size**2
@@ -152,7 +156,8 @@ def abstract_pair_batch(bundle: ModelBundle, data: DataConfig, micro_batches: in
                       "branch_ids": ((b, s), np.int32), "score_index": ((b, 2), np.int32),
                       "image_grid_thw": ((slots, 3), np.int32)})
     is_leaf = lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], tuple)  # noqa: E731
-    return abstract(jax.tree.map(lambda x: jax.ShapeDtypeStruct((a, *x[0]), x[1]), batch, is_leaf=is_leaf), mesh)
+    local = jax.tree.map(lambda x: jax.ShapeDtypeStruct((a, *x[0]), x[1]), batch, is_leaf=is_leaf)
+    return abstract(abstract_global_batch(local, hosts), mesh)
 
 
 # --- SFT --------------------------------------------------------------------------------------------------------------
@@ -200,10 +205,14 @@ TASKS: dict[str, Task] = {
 }
 
 
-def abstract_batch(cfg, bundle: ModelBundle, mesh: Mesh) -> dict:
+def abstract_batch(cfg, bundle: ModelBundle, mesh: Mesh, hosts: int = 1) -> dict:
     """The largest-bucket batch of run config `cfg` as ShapeDtypeStructs with shardings (for `skyjax aot`).
+
+    `hosts` > 1 gives the batch a pod of that many hosts feeds the step (skyjax.train.global_batch): each host's share
+    of data.batch_size collated at the largest buckets, the hosts' blocks side by side, `host_blocks` [A, H]; a
+    data.batch_size that does not divide over the hosts is a ValueError. With one host, the single-host batch.
 
     Only the bundle's model architecture and config and its image settings are read (params may be None and the
     tokenizer absent), so an AOT builder can pass an abstract model: with `skyjax.train.step.abstract_state` and
     `build_train_step` this lowers the run's step without allocating anything."""
-    return TASKS[cfg.kind].abstract_batch(bundle, cfg.data, cfg.optimizer.grad_accum, mesh)
+    return TASKS[cfg.kind].abstract_batch(bundle, cfg.data, cfg.optimizer.grad_accum, mesh, hosts=hosts)
