@@ -32,6 +32,11 @@ matmul          This machine's matmul peak (skyjax.train.bench.matmul_peak: a sq
                 of several). `rm_train_step_flops_fraction` = the RM step's FLOPs / its time / this peak. The FLOPs
                 are counted from the step's jaxpr (count_flops: matmuls and convolutions, scanned layers times their
                 trip count), not from XLA's cost_analysis, which counts a scanned body once.
+rm_train_step_gpu  Only where JAX's backend is a GPU (otherwise recorded as skipped, at once): the reward-model train
+                step in bf16 at a ~1.5B-parameter decoder (Qwen2-1.5B's shape) with Qwen2.5-VL's own vision tower
+                (skyjax.train.bench.run_rm_gpu_bench, GPU_SHAPES), both layouts, against transformers + PyTorch on
+                the same GPU in the same run; `mfu` = the step's jaxpr FLOPs / time / the GPU's dense bf16
+                datasheet peak (GPU_BF16_PEAK), `reference_mfu` the same for PyTorch's step.
 
 The JSON has one entry per benchmark (each with its `config`), `matmul_peak_flops_per_s`,
 `rm_train_step_flops_fraction`, `machine` (platform, backend, device kind and count, CPU count, load average,
@@ -53,7 +58,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-BENCHMARKS = ("rm_train_step", "generate", "compile", "matmul")
+BENCHMARKS = ("rm_train_step", "generate", "compile", "matmul", "rm_train_step_gpu")
 COMPILE_RATIO_LIMIT = 1.5
 
 # The settings the issues name. Every key is a keyword argument of the benchmark's function.
@@ -64,6 +69,7 @@ DEFAULT_SETTINGS: dict[str, dict[str, Any]] = {
                      new_tokens=128, repeats=5),
     "compile": dict(hidden=512, heads=8, kv_heads=2, intermediate=1408, vocab=32000, seq=256, batch=2,
                     layers=[2, 28], repeats=2, dtype="float32", remat="none", warmup=True),
+    "rm_train_step_gpu": dict(pairs=4, steps=5, shapes=None),  # None: GPU_SHAPES (a 1.5B decoder); no GPU: skipped
 }
 
 # --quick: the same benchmarks, small enough that the whole command takes ~2-3 minutes on 2 CPU cores. The compile
@@ -79,6 +85,7 @@ QUICK_SETTINGS: dict[str, dict[str, Any]] = {
                      new_tokens=32, repeats=2),
     "compile": dict(hidden=512, heads=8, kv_heads=2, intermediate=1408, vocab=32000, seq=256, batch=2,
                     layers=[2, 28], repeats=1, dtype="float32", remat="none", warmup=True),
+    "rm_train_step_gpu": dict(pairs=2, steps=2, shapes=None),
 }
 
 
@@ -305,6 +312,16 @@ def run_benchmarks(only=BENCHMARKS, settings: dict | None = None, log=print) -> 
         entry = run_compile_bench(**settings["compile"], log=log)
         entry["wall_s"] = time.perf_counter() - t
         out["compile"] = entry
+    if "rm_train_step_gpu" in only:
+        from skyjax.train.bench import run_rm_gpu_bench
+
+        log("rm_train_step_gpu: skyjax vs transformers + PyTorch on the GPU, bf16, 1.5B decoder (MFU)")
+        t = time.perf_counter()
+        entry = run_rm_gpu_bench(**settings["rm_train_step_gpu"])
+        entry["wall_s"] = time.perf_counter() - t
+        out["rm_train_step_gpu"] = entry
+        if "skipped" in entry:
+            log(f"rm_train_step_gpu: skipped ({entry['skipped']})")
     out["wall_s"] = time.perf_counter() - t_all
     return out
 
@@ -329,6 +346,14 @@ def table(result: dict) -> str:
         verdict = "PASS" if r["pass"] else "FAIL"
         rows.append((f"compile {hi} vs {lo} layers (s)", f"{r[f'layers_{hi}_s']:.3g}", f"{r[f'layers_{lo}_s']:.3g}",
                      f"{r['ratio']:.2f} {verdict} (<= {r['limit']})"))
+    if "rm_train_step_gpu" in result and "skipped" not in result["rm_train_step_gpu"]:
+        r = result["rm_train_step_gpu"]
+        ref = r.get("reference_s")
+        for name, lay in r["layouts"].items():
+            mfu = "" if lay.get("mfu") is None else f", MFU {100 * lay['mfu']:.1f}%"
+            rows.append((f"rm_train_step_gpu {name} (s/step)", f"{lay['skyjax_s']:.4g}",
+                         "-" if ref is None else f"{ref:.4g}",
+                         ("-" if lay.get("speedup") is None else f"{lay['speedup']:.2f}x faster") + mfu))
     if "matmul_peak_flops_per_s" in result:
         frac = result.get("rm_train_step_flops_fraction")
         rows.append(("matmul peak (GFLOP/s)", f"{result['matmul_peak_flops_per_s'] / 1e9:.4g}", "-",
@@ -366,6 +391,8 @@ def settings_for(quick: bool, overrides=()) -> dict:
 
 
 def _cmd_bench(args) -> int:
+    # JAX would take 75% of a GPU's memory at start-up, leaving too little for the PyTorch reference beside it
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     settings = settings_for(args.quick, args.overrides)
     only = args.only or list(BENCHMARKS)
     result = run_benchmarks(only, settings, log=lambda msg: print(msg, flush=True))

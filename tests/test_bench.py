@@ -26,6 +26,7 @@ TINY = {
     "generate": dict(hidden=64, layers=1, heads=4, kv_heads=2, intermediate=128, vocab=320, batch=2, new_tokens=4,
                      repeats=1),
     "compile": TINY_COMPILE,
+    "rm_train_step_gpu": dict(pairs=1, steps=1, shapes=TINY_RM_SHAPES),
 }
 
 
@@ -69,6 +70,7 @@ def test_every_benchmark_and_its_reference(result):
     assert result["date"][:2] == "20" and result["benchmarks"] == list(BENCHMARKS)
     lines = table(result).splitlines()
     assert [line.split()[0] for line in lines[2:]] == ["rm_train_step"] * 2 + ["generate", "compile", "matmul"]
+    assert result["rm_train_step_gpu"]["skipped"].startswith("no GPU: JAX's backend is 'cpu'")
     assert len({len(line) for line in lines[:2]}) == 1  # aligned columns
 
 
@@ -121,3 +123,17 @@ def test_settings_and_bad_arguments(capsys):
     assert "choose from rm_train_step,generate,compile,matmul" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown benchmark"):
         run_benchmarks(["nope"])
+
+
+def test_gpu_benchmark_arithmetic_on_the_cpu():
+    """The GPU entry's own code path (bf16 on both sides, MFU against a peak), run on the CPU at a tiny shape."""
+    from skyjax.train.bench import gpu_bf16_peak, run_rm_gpu_bench
+
+    assert gpu_bf16_peak("NVIDIA H100 80GB HBM3")[0] == 989.4e12 and gpu_bf16_peak("NVIDIA H200")[0] == 989.4e12
+    assert gpu_bf16_peak("NVIDIA A100-SXM4-80GB")[0] == 312e12 and gpu_bf16_peak("Some GPU")[0] is None
+    r = run_rm_gpu_bench(pairs=1, steps=1, shapes=TINY_RM_SHAPES, require_gpu=False, peak=1e12)
+    assert r["config"]["dtype"] == "bfloat16" and r["peak_source"] == "given"
+    for lay in r["layouts"].values():
+        assert lay["mfu"] == pytest.approx(lay["flops_per_step"] / lay["skyjax_s"] / 1e12, rel=1e-9)
+    assert r["mfu"] == r["layouts"]["two_rows"]["mfu"]
+    assert r["reference_mfu"] == pytest.approx(r["layouts"]["two_rows"]["flops_per_step"] / r["reference_s"] / 1e12)

@@ -70,7 +70,7 @@ def mrope_section_for(head_dim: int) -> tuple[int, int, int]:
 
 def run_rm_bench(pairs: int = 4, steps: int = 5, dtype: str = "float32", torch_baseline: bool = True,
                  shapes: dict | None = None, peak: float | None = None, measure_peak: bool = True,
-                 layouts: Sequence[str] = ("two_rows", "shared_prompt")) -> dict:
+                 layouts: Sequence[str] = ("two_rows", "shared_prompt"), torch_device: str = "cpu") -> dict:
     """shapes: {'text': Qwen2Config fields, 'vision': vision config fields} (default BENCH_SHAPES). peak: this
     machine's matmul FLOP/s if already measured; otherwise it is measured here unless measure_peak is False (then
     the FLOP fraction is None).
@@ -163,7 +163,7 @@ def run_rm_bench(pairs: int = 4, steps: int = 5, dtype: str = "float32", torch_b
         runs[name] = run
 
     if torch_baseline:
-        runs["reference"] = _torch_step(cfg, both, pairs, dtype)
+        runs["reference"] = _torch_step(cfg, both, pairs, dtype, torch_device)
     # the steps alternate, so a change in the machine's load hits all alike (the ratios are what count)
     for run in runs.values():
         run()
@@ -200,8 +200,9 @@ def _timed(f) -> float:
     return time.perf_counter() - t
 
 
-def _torch_step(cfg, batch, pairs: int, dtype: str):
-    """The same step in transformers + PyTorch (the reference): a callable running one optimizer step."""
+def _torch_step(cfg, batch, pairs: int, dtype: str, device: str = "cpu"):
+    """The same step in transformers + PyTorch (the reference): a callable running one optimizer step (on `device`,
+    waiting for it to finish)."""
     import torch
     from transformers import Qwen2_5_VLConfig as HFConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -211,6 +212,7 @@ def _torch_step(cfg, batch, pairs: int, dtype: str):
     head = torch.nn.Linear(cfg.text.hidden_size, 1)
     if dtype == "bfloat16":
         model = model.to(torch.bfloat16)
+    model, head = model.to(device), head.to(device)
     params = list(model.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=1e-5)
     kw = dict(input_ids=torch.as_tensor(batch.input_ids, dtype=torch.long),
@@ -218,17 +220,70 @@ def _torch_step(cfg, batch, pairs: int, dtype: str):
               mm_token_type_ids=torch.as_tensor(batch.mm_token_type_ids, dtype=torch.long),
               pixel_values=torch.as_tensor(batch.real_pixel_values).to(model.dtype),
               image_grid_thw=torch.as_tensor(batch.real_grid_thw, dtype=torch.long))
-    last = torch.as_tensor(batch.attention_mask.sum(1) - 1)
+    kw = {k: v.to(device) for k, v in kw.items()}
+    last = torch.as_tensor(batch.attention_mask.sum(1) - 1).to(device)
+    rows = torch.arange(len(batch.input_ids), device=device)
 
     def one():
         opt.zero_grad()
         hidden = model.model(**kw).last_hidden_state
-        scores = head(hidden[torch.arange(hidden.shape[0]), last].float())[:, 0]
+        scores = head(hidden[rows, last].float())[:, 0]
         loss = -torch.nn.functional.logsigmoid(scores[:pairs] - scores[pairs:]).mean()
         loss.backward()
         opt.step()
+        if device != "cpu":
+            torch.cuda.synchronize()
 
     return one
+
+
+# The GPU benchmark (issue: "the reward-model train step on a GPU in bf16 at a ~1.5B-parameter LLM shape, MFU against
+# the GPU's peak, the PyTorch baseline in the same run"): Qwen2-1.5B's decoder (Qwen2.5-VL-3B is 3B; 1.5B is the
+# size named) with Qwen2.5-VL's own vision tower (675 M parameters, as in every Qwen2.5-VL).
+GPU_SHAPES = dict(text=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                            num_key_value_heads=2, vocab_size=151936),
+                  vision=dict(depth=32, hidden_size=1280, num_heads=16, intermediate_size=3420,
+                              fullatt_block_indexes=(7, 15, 23, 31), window_size=112))
+
+# Dense bf16 tensor-core peak FLOP/s by device kind (vendor datasheets; SXM parts). MFU is measured against these.
+GPU_BF16_PEAK = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+
+
+def gpu_bf16_peak(device_kind: str) -> tuple[float | None, str]:
+    """(peak FLOP/s, source) for a GPU's device kind, e.g. 'NVIDIA H100 80GB HBM3'; (None, why) when unknown."""
+    for name, peak in GPU_BF16_PEAK.items():
+        if name in device_kind.upper():
+            return peak, f"{name} dense bf16 datasheet peak"
+    return None, f"no datasheet peak for {device_kind!r} (known: {', '.join(GPU_BF16_PEAK)})"
+
+
+def run_rm_gpu_bench(pairs: int = 4, steps: int = 5, shapes: dict | None = None, require_gpu: bool = True,
+                     peak: float | None = None) -> dict:
+    """The reward-model train step on the GPU in bf16 (fp32 master weights in skyjax; the PyTorch model in bf16 with
+    its AdamW), at GPU_SHAPES, both batch layouts, with MFU = step FLOPs (from the jaxpr) / time / the GPU's bf16
+    peak (or `peak`). Without a GPU it returns {"skipped": why} at once (require_gpu=False runs it on the CPU, for
+    tests)."""
+    import jax
+
+    backend = jax.default_backend()
+    if require_gpu and backend != "gpu":
+        return {"skipped": f"no GPU: JAX's backend is {backend!r} (install jax[cuda12] and torch with CUDA on a GPU "
+                           f"machine)", "config": {"shapes": shapes or GPU_SHAPES}}
+    kind = jax.devices()[0].device_kind
+    if peak is not None:
+        source = "given"
+    else:
+        peak, source = gpu_bf16_peak(kind) if backend == "gpu" else (None, "cpu: no datasheet peak")
+    raw = run_rm_bench(pairs, steps, "bfloat16", torch_baseline=True, shapes=shapes or GPU_SHAPES, peak=peak,
+                       measure_peak=False, torch_device="cuda" if backend == "gpu" else "cpu")
+    out = {"device_kind": kind, "peak_flops_per_s": peak, "peak_source": source, **{
+        k: raw.get(k) for k in ("skyjax_s", "reference_s", "speedup", "flops_per_step", "layouts", "config")}}
+    for name, lay in raw["layouts"].items():
+        lay["mfu"] = lay["flops_per_step"] / lay["skyjax_s"] / peak if peak and lay["flops_per_step"] else None
+    if raw.get("reference_s") and peak:  # the reference does the two-row step's work
+        out["reference_mfu"] = raw["layouts"]["two_rows"]["flops_per_step"] / raw["reference_s"] / peak
+    out["mfu"] = raw["layouts"]["two_rows"]["mfu"]
+    return out
 
 
 def main(argv=None) -> int:
