@@ -139,7 +139,7 @@ def swiglu(x, w_gate, w_up, w_down, biases=(), precision=None, hidden_axes=None)
     """down(silu(x @ w_gate + b_gate) * (x @ w_up + b_up)) + b_down, with a hand-written backward pass.
 
     biases: () or (b_gate, b_up, b_down). hidden_axes: logical axes of the [..., hidden] activations (a sharding
-    constraint), or None. The backward pass equals autodiff's (tested) but is laid out for the CPU and GPU matmul
+    constraint), or None. The backward pass equals autodiff's (tested) but is laid out for the matmul
     libraries: every weight gradient is one [tokens, in]^T @ [tokens, out] matmul on the activations as saved, and
     the residuals are x and the two projections only. Autodiff's version of it, inside a scanned layer stack,
     fuses the silu derivative with a transposed copy of the stacked residuals, which XLA:CPU runs an order of
