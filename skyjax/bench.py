@@ -66,7 +66,7 @@ DEFAULT_SETTINGS: dict[str, dict[str, Any]] = {
     "matmul": dict(n=2048, repeats=10, dtype="float32"),
     "rm_train_step": dict(pairs=4, steps=5, dtype="float32", torch_baseline=True, shapes=None),  # None: BENCH_SHAPES
     "generate": dict(hidden=512, layers=8, heads=8, kv_heads=2, intermediate=1408, vocab=32000, batch=8,
-                     new_tokens=128, repeats=5),
+                     new_tokens=128, repeats=5, dtype="float32"),
     "compile": dict(hidden=512, heads=8, kv_heads=2, intermediate=1408, vocab=32000, seq=256, batch=2,
                     layers=[2, 28], repeats=2, dtype="float32", remat="none", warmup=True),
     "rm_train_step_gpu": dict(pairs=4, steps=5, shapes=None),  # None: GPU_SHAPES (a 1.5B decoder); no GPU: skipped
@@ -82,7 +82,7 @@ QUICK_SETTINGS: dict[str, dict[str, Any]] = {
         vision=dict(depth=2, hidden_size=128, num_heads=2, intermediate_size=352, fullatt_block_indexes=[1],
                     window_size=112))),
     "generate": dict(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=704, vocab=32000, batch=4,
-                     new_tokens=32, repeats=2),
+                     new_tokens=32, repeats=2, dtype="float32"),
     "compile": dict(hidden=512, heads=8, kv_heads=2, intermediate=1408, vocab=32000, seq=256, batch=2,
                     layers=[2, 28], repeats=1, dtype="float32", remat="none", warmup=True),
     "rm_train_step_gpu": dict(pairs=2, steps=2, shapes=None),

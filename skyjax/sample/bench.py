@@ -34,9 +34,17 @@ def _best(times):
 def run_generate_bench(hidden: int = 512, layers: int = 8, heads: int = 8, kv_heads: int = 2,
                        intermediate: int = 1408, vocab: int = 32000, batch: int = 8, new_tokens: int = 128,
                        min_prompt: int = 16, max_prompt: int = 64, repeats: int = 5, seed: int = 0,
-                       torch_threads: int | None = None, log=print) -> dict:
+                       torch_threads: int | None = None, dtype: str = "float32", device: str = "auto",
+                       log=print) -> dict:
     """The benchmark; returns the result dict (see the module docstring). torch_threads: torch's intra-op threads
-    (default: all cores). XLA's threads are fixed when JAX starts (XLA_FLAGS); `main --threads N` sets both."""
+    (default: all cores). XLA's threads are fixed when JAX starts (XLA_FLAGS); `main --threads N` sets both.
+
+    dtype: float32 or bfloat16, for both models (weights and activations). device: where transformers runs, "cpu",
+    "cuda" or "auto" (cuda when JAX's backend is a GPU and torch sees one, else cpu); skyjax runs on JAX's default
+    backend. In float32 both do full-precision matmuls (skyjax with matmul_precision=highest, since XLA on a GPU
+    would otherwise use TF32, which PyTorch does not by default)."""
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"generate benchmark dtype {dtype!r}: use float32 or bfloat16")
     import jax
     import numpy as np
     import torch
@@ -46,6 +54,8 @@ def run_generate_bench(hidden: int = 512, layers: int = 8, heads: int = 8, kv_he
     from skyjax.sample.adapters import adapter_for
     from skyjax.sample.decode import Sampling, generate, left_pad
 
+    if device == "auto":
+        device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
     torch.manual_seed(seed)
     torch.set_num_threads(torch_threads or os.cpu_count() or 1)
     config = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
@@ -59,6 +69,8 @@ def run_generate_bench(hidden: int = 512, layers: int = 8, heads: int = 8, kv_he
             p.copy_((1.0 if "norm" in name else 0.0) + std * torch.randn_like(p))
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
+    if dtype == "bfloat16":
+        hf = hf.to(torch.bfloat16)
     n_params = sum(p.numel() for p in hf.parameters())
 
     rng = np.random.RandomState(seed)
@@ -68,7 +80,9 @@ def run_generate_bench(hidden: int = 512, layers: int = 8, heads: int = 8, kv_he
 
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)
-        lm = load_hf(tmp)
+        lm = load_hf(tmp, dtype=dtype, param_dtype=dtype,
+                     **({"matmul_precision": "highest"} if dtype == "float32" and jax.default_backend() != "cpu" else {}))
+    hf = hf.to(device)
     adapter = adapter_for(lm)
     inputs = {"input_ids": ids, "attention_mask": mask}
     sampling = Sampling(max_new_tokens=new_tokens)
@@ -84,14 +98,14 @@ def run_generate_bench(hidden: int = 512, layers: int = 8, heads: int = 8, kv_he
         cpus.append(time.process_time() - c)
         return result
 
-    t_ids = torch.as_tensor(ids, dtype=torch.long)
-    t_mask = torch.as_tensor(mask.astype(np.int64))
+    t_ids = torch.as_tensor(ids, dtype=torch.long).to(device)
+    t_mask = torch.as_tensor(mask.astype(np.int64)).to(device)
 
     def reference():
         with torch.no_grad():
             out = hf.generate(input_ids=t_ids, attention_mask=t_mask, max_new_tokens=new_tokens,
                               min_new_tokens=new_tokens, do_sample=False)
-        return out[:, ids.shape[1]:].numpy()
+        return out[:, ids.shape[1]:].cpu().numpy()  # .cpu() waits for the GPU
 
     t = time.perf_counter()
     ours_tokens = ours()
@@ -115,7 +129,8 @@ def run_generate_bench(hidden: int = 512, layers: int = 8, heads: int = 8, kv_he
         "benchmark": "generate_decode_throughput",
         "config": dict(hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, intermediate=intermediate,
                        vocab=vocab, batch=batch, new_tokens=new_tokens, prompt_lengths=lengths.tolist(),
-                       dtype="float32", decoding="greedy", parameters=n_params, repeats=repeats, seed=seed),
+                       dtype=dtype, decoding="greedy", torch_device=device, parameters=n_params, repeats=repeats,
+                       seed=seed),
         "machine": dict(platform=platform.platform(), cpus=os.cpu_count(), jax=jax.__version__,
                         jax_devices=[str(d) for d in jax.devices()], torch=torch.__version__,
                         torch_threads=torch.get_num_threads(), xla_flags=os.environ.get("XLA_FLAGS", ""),

@@ -36,7 +36,10 @@ def matmul_peak(dtype: str = "float32", n: int = 2048, repeats: int = 10) -> flo
     import jax.numpy as jnp
 
     a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda x: x @ x)
+    # float32 on an accelerator: full precision, as the benchmarked steps use there (XLA's default would be TF32 /
+    # bf16 passes); on a CPU the two are the same
+    precision = jax.lax.Precision.HIGHEST if dtype == "float32" and jax.default_backend() != "cpu" else None
+    f = jax.jit(lambda x: jnp.matmul(x, x, precision=precision))
     f(a).block_until_ready()
     best = float("inf")
     for _ in range(repeats):
@@ -70,14 +73,18 @@ def mrope_section_for(head_dim: int) -> tuple[int, int, int]:
 
 def run_rm_bench(pairs: int = 4, steps: int = 5, dtype: str = "float32", torch_baseline: bool = True,
                  shapes: dict | None = None, peak: float | None = None, measure_peak: bool = True,
-                 layouts: Sequence[str] = ("two_rows", "shared_prompt"), torch_device: str = "cpu") -> dict:
+                 layouts: Sequence[str] = ("two_rows", "shared_prompt"), torch_device: str = "auto") -> dict:
     """shapes: {'text': Qwen2Config fields, 'vision': vision config fields} (default BENCH_SHAPES). peak: this
     machine's matmul FLOP/s if already measured; otherwise it is measured here unless measure_peak is False (then
     the FLOP fraction is None).
 
     layouts: the batch layouts timed, each its own compiled step on the same parameters: "two_rows" (a chosen and a
     rejected row per pair, the trainer's default) and "shared_prompt" (one row per pair, the prompt computed once:
-    data.share_prompt). The first one is the headline (`skyjax_s`, `speedup`); every one is in `layouts`."""
+    data.share_prompt). The first one is the headline (`skyjax_s`, `speedup`); every one is in `layouts`.
+
+    torch_device: where the reference runs ("auto": "cuda" when JAX's backend is a GPU, else "cpu"). In float32 on
+    an accelerator both sides do full-precision matmuls (matmul_precision=highest; PyTorch does not use TF32 by
+    default), so the comparison is of the same arithmetic."""
     layout_names = tuple(layouts)
     unknown = set(layout_names) - {"two_rows", "shared_prompt"}
     if unknown or not layout_names:
@@ -100,12 +107,16 @@ def run_rm_bench(pairs: int = 4, steps: int = 5, dtype: str = "float32", torch_b
     from skyjax.train.pairs import fit_bucket, shared_prompt_rows, split_rows
 
     shapes = shapes or BENCH_SHAPES
+    if torch_device == "auto":
+        torch_device = "cuda" if jax.default_backend() == "gpu" else "cpu"
+    precision = "highest" if dtype == "float32" and jax.default_backend() != "cpu" else "default"
     tok = build_tiny_tokenizer("qwen2_5_vl")
     ids = special_token_ids(tok)
-    text = Qwen2Config(**shapes["text"], dtype=dtype, param_dtype="float32", eos_token_id=ids["eos"],
-                       pad_token_id=ids["pad"])
+    text = Qwen2Config(**{"matmul_precision": precision, **shapes["text"]}, dtype=dtype, param_dtype="float32",
+                       eos_token_id=ids["eos"], pad_token_id=ids["pad"])
     image_cfg = QwenVLImageConfig(min_pixels=224 * 224, max_pixels=224 * 224)
-    vision = Qwen2_5_VLVisionConfig(**{"max_image_patches": image_cfg.max_patches, **shapes["vision"]},
+    vision = Qwen2_5_VLVisionConfig(**{"max_image_patches": image_cfg.max_patches, "matmul_precision": precision,
+                                       **shapes["vision"]},
                                     out_hidden_size=text.hidden_size, dtype=dtype, param_dtype="float32")
     cfg = Qwen2_5_VLConfig(text=text, vision=vision, image_token_id=ids["image_pad"], video_token_id=ids["video_pad"],
                            vision_start_token_id=ids["vision_start"], vision_end_token_id=ids["vision_end"],
@@ -144,20 +155,22 @@ def run_rm_bench(pairs: int = 4, steps: int = 5, dtype: str = "float32", torch_b
                                     **{k: batch[k] for k in ("pixel_values", "vision_meta", "pair_weight")},
                                     "image_grid_thw": jnp.asarray(slots)}
     layouts = {k: layouts[k] for k in layout_names}
-    state = {}
+    # one train state that every layout's step updates in turn (each donates it and the next reads the result):
+    # the same work as separate copies, without holding one copy per layout (a 1.5B model's fp32 weights and AdamW
+    # moments twice would not leave room for the reference on an 80 GB GPU)
+    state = [params, opt_state]
+    del params, opt_state
     runs, compile_s, flops, cost = {}, {}, {}, {}
     for name, b in layouts.items():
-        state[name] = [params, opt_state] if not state else jax.tree.map(jnp.copy, [params, opt_state])
         t = time.perf_counter()
-        compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, b).compile()
+        compiled = jax.jit(step, donate_argnums=(0, 1)).lower(*state, b).compile()
         compile_s[name] = time.perf_counter() - t
-        flops[name] = count_flops(step, params, opt_state, b)  # the jaxpr's matmuls, scan trip counts included
+        flops[name] = count_flops(step, *state, b)  # the jaxpr's matmuls, scan trip counts included
         c = compiled.cost_analysis()
         cost[name] = (c[0] if c else {}) if isinstance(c, (list, tuple)) else (c or {})
 
-        def run(name=name, compiled=compiled, b=b):
-            st = state[name]
-            st[0], st[1], loss = compiled(st[0], st[1], b)
+        def run(compiled=compiled, b=b):
+            state[0], state[1], loss = compiled(state[0], state[1], b)
             loss.block_until_ready()
 
         runs[name] = run
@@ -208,8 +221,9 @@ def _torch_step(cfg, batch, pairs: int, dtype: str, device: str = "cpu"):
 
     hf_cfg = HFConfig(**{k: v for k, v in cfg.to_hf().items() if k not in ("architectures", "torch_dtype")})
     torch.manual_seed(0)
-    model = Qwen2_5_VLForConditionalGeneration(hf_cfg)
-    head = torch.nn.Linear(cfg.text.hidden_size, 1)
+    with torch.device(device):  # built where it runs (a 2B model's random init on the host is slow)
+        model = Qwen2_5_VLForConditionalGeneration(hf_cfg)
+        head = torch.nn.Linear(cfg.text.hidden_size, 1)
     if dtype == "bfloat16":
         model = model.to(torch.bfloat16)
     model, head = model.to(device), head.to(device)
