@@ -14,6 +14,7 @@
 #   generate_bf16   decode throughput as above in bfloat16
 #   rm_gpu          the reward-model train step, Qwen2-1.5B decoder + Qwen2.5-VL vision tower, bf16, MFU
 #   rm_bf16         the issue-config train step in bfloat16
+# STAGES="rm_fp32 rm_gpu" runs only those (in the order above).
 set -u
 OUT_DIR=${1:-${OUT:-runs/gpu_bench}}
 PY=${PYTHON:-python3}
@@ -47,8 +48,10 @@ then
 fi
 tail -6 "$LOG"
 
+STAGES=" ${STAGES:-generate_fp32 rm_fp32 generate_bf16 rm_gpu rm_bf16} "
 stage() {  # stage NAME LIMIT_S ARGS...
   local name=$1 limit=$2; shift 2
+  [[ "$STAGES" == *" $name "* ]] || return 0
   say "stage $name (limit ${limit}s): skyjax bench $*"
   local t0=$SECONDS
   local log="$OUT_DIR/stages.log"  # every stage's full output, one after another (few files to copy back)
@@ -61,7 +64,7 @@ stage() {  # stage NAME LIMIT_S ARGS...
 }
 
 stage generate_fp32 110 --only generate ${QUICK:+--quick}
-stage rm_fp32 150 --only matmul,rm_train_step matmul.n=8192
+stage rm_fp32 170 --only matmul,rm_train_step matmul.n=8192
 stage generate_bf16 80 --only generate generate.dtype=bfloat16
 stage rm_gpu 210 --only rm_train_step_gpu
 stage rm_bf16 100 --only rm_train_step rm_train_step.dtype=bfloat16

@@ -288,7 +288,7 @@ def run_benchmarks(only=BENCHMARKS, settings: dict | None = None, log=print) -> 
 
         log("rm_train_step: skyjax vs transformers + PyTorch")
         t = time.perf_counter()
-        raw = run_rm_bench(**settings["rm_train_step"], peak=peak, measure_peak=False)
+        raw = run_rm_bench(**settings["rm_train_step"], peak=peak, measure_peak=False, log=log)
         entry = {"skyjax_s": raw["skyjax_s"], "reference_s": raw.get("reference_s"), "speedup": raw.get("speedup"),
                  "layouts": raw["layouts"], "config": raw["config"]}
         entry.update({k: raw[k] for k in ("compile_s", "flops_per_step", "flops_source", "xla_cost_analysis_flops")
@@ -317,7 +317,7 @@ def run_benchmarks(only=BENCHMARKS, settings: dict | None = None, log=print) -> 
 
         log("rm_train_step_gpu: skyjax vs transformers + PyTorch on the GPU, bf16, 1.5B decoder (MFU)")
         t = time.perf_counter()
-        entry = run_rm_gpu_bench(**settings["rm_train_step_gpu"])
+        entry = run_rm_gpu_bench(**settings["rm_train_step_gpu"], log=log)
         entry["wall_s"] = time.perf_counter() - t
         out["rm_train_step_gpu"] = entry
         if "skipped" in entry:

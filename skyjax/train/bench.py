@@ -73,7 +73,8 @@ def mrope_section_for(head_dim: int) -> tuple[int, int, int]:
 
 def run_rm_bench(pairs: int = 4, steps: int = 5, dtype: str = "float32", torch_baseline: bool = True,
                  shapes: dict | None = None, peak: float | None = None, measure_peak: bool = True,
-                 layouts: Sequence[str] = ("two_rows", "shared_prompt"), torch_device: str = "auto") -> dict:
+                 layouts: Sequence[str] = ("two_rows", "shared_prompt"), torch_device: str = "auto",
+                 log=None) -> dict:
     """shapes: {'text': Qwen2Config fields, 'vision': vision config fields} (default BENCH_SHAPES). peak: this
     machine's matmul FLOP/s if already measured; otherwise it is measured here unless measure_peak is False (then
     the FLOP fraction is None).
@@ -84,7 +85,11 @@ def run_rm_bench(pairs: int = 4, steps: int = 5, dtype: str = "float32", torch_b
 
     torch_device: where the reference runs ("auto": "cuda" when JAX's backend is a GPU, else "cpu"). In float32 on
     an accelerator both sides do full-precision matmuls (matmul_precision=highest; PyTorch does not use TF32 by
-    default), so the comparison is of the same arithmetic."""
+    default), so the comparison is of the same arithmetic. On a GPU the reference is timed first and freed before
+    skyjax's steps run (both in one process would not fit beside each other's allocator caches at a 1.5B shape; a
+    GPU's speed does not drift with the host's load, which is what alternating guards against on a CPU).
+    log: a callable for progress lines (compiles, reference), default silent."""
+    log = log or (lambda *_: None)
     layout_names = tuple(layouts)
     unknown = set(layout_names) - {"two_rows", "shared_prompt"}
     if unknown or not layout_names:
@@ -165,6 +170,7 @@ def run_rm_bench(pairs: int = 4, steps: int = 5, dtype: str = "float32", torch_b
         t = time.perf_counter()
         compiled = jax.jit(step, donate_argnums=(0, 1)).lower(*state, b).compile()
         compile_s[name] = time.perf_counter() - t
+        log(f"rm_train_step: {name} step compiled in {compile_s[name]:.1f}s")
         flops[name] = count_flops(step, *state, b)  # the jaxpr's matmuls, scan trip counts included
         c = compiled.cost_analysis()
         cost[name] = (c[0] if c else {}) if isinstance(c, (list, tuple)) else (c or {})
@@ -175,12 +181,25 @@ def run_rm_bench(pairs: int = 4, steps: int = 5, dtype: str = "float32", torch_b
 
         runs[name] = run
 
-    if torch_baseline:
+    times = {name: [] for name in runs}
+    if torch_baseline and torch_device != "cpu":  # reference first, then freed (see above)
+        import gc
+
+        import torch
+
+        reference = _torch_step(cfg, both, pairs, dtype, torch_device)
+        reference()
+        times["reference"] = [_timed(reference) for _ in range(steps)]
+        log(f"rm_train_step: reference on {torch_device}: {np.median(times['reference']):.4f}s per step")
+        del reference
+        gc.collect()
+        torch.cuda.empty_cache()
+    elif torch_baseline:
         runs["reference"] = _torch_step(cfg, both, pairs, dtype, torch_device)
+        times["reference"] = []
     # the steps alternate, so a change in the machine's load hits all alike (the ratios are what count)
     for run in runs.values():
         run()
-    times = {name: [] for name in runs}
     for _ in range(steps):
         for name, run in runs.items():
             times[name].append(_timed(run))
@@ -203,7 +222,9 @@ def run_rm_bench(pairs: int = 4, steps: int = 5, dtype: str = "float32", torch_b
                           for name in layouts}}
     if "reference" in median:
         result.update(reference_s=median["reference"], speedup=median["reference"] / ours,
-                      timing="alternating steps (each layout, then the reference), median of each")
+                      timing="alternating steps (each layout, then the reference), median of each"
+                      if torch_device == "cpu" else
+                      f"reference ({torch_device}) timed first and freed, then the layouts alternating; medians")
     return result
 
 
@@ -272,7 +293,7 @@ def gpu_bf16_peak(device_kind: str) -> tuple[float | None, str]:
 
 
 def run_rm_gpu_bench(pairs: int = 4, steps: int = 5, shapes: dict | None = None, require_gpu: bool = True,
-                     peak: float | None = None) -> dict:
+                     peak: float | None = None, log=None) -> dict:
     """The reward-model train step on the GPU in bf16 (fp32 master weights in skyjax; the PyTorch model in bf16 with
     its AdamW), at GPU_SHAPES, both batch layouts, with MFU = step FLOPs (from the jaxpr) / time / the GPU's bf16
     peak (or `peak`). Without a GPU it returns {"skipped": why} at once (require_gpu=False runs it on the CPU, for
@@ -289,7 +310,7 @@ def run_rm_gpu_bench(pairs: int = 4, steps: int = 5, shapes: dict | None = None,
     else:
         peak, source = gpu_bf16_peak(kind) if backend == "gpu" else (None, "cpu: no datasheet peak")
     raw = run_rm_bench(pairs, steps, "bfloat16", torch_baseline=True, shapes=shapes or GPU_SHAPES, peak=peak,
-                       measure_peak=False, torch_device="cuda" if backend == "gpu" else "cpu")
+                       measure_peak=False, torch_device="cuda" if backend == "gpu" else "cpu", log=log)
     out = {"device_kind": kind, "peak_flops_per_s": peak, "peak_source": source, **{
         k: raw.get(k) for k in ("skyjax_s", "reference_s", "speedup", "flops_per_step", "layouts", "config")}}
     for name, lay in raw["layouts"].items():
