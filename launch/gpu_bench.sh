@@ -10,10 +10,11 @@
 #
 # Stages, most important first (QUICK=1 makes the first one small, to try the script on a CPU):
 #   generate_fp32   decode throughput, Qwen2 hidden 512 x 8 layers, batch 8, 128 new tokens, float32 (full precision)
-#   rm_fp32         the reward-model train step at the issue's config, float32 (+ the GPU's fp32 matmul peak)
+#   rm_fp32         the reward-model train step at the issue's config, float32 (+ the GPU's fp32 matmul peak;
+#                   with jax 0.11.2 on an H100 this step's compile at full fp32 precision did not end in 170 s)
 #   generate_bf16   decode throughput as above in bfloat16
 #   rm_gpu          the reward-model train step, Qwen2-1.5B decoder + Qwen2.5-VL vision tower, bf16, MFU
-#   rm_bf16         the issue-config train step in bfloat16
+#   rm_bf16         the issue-config train step in bfloat16 (+ the GPU's bf16 matmul peak, measured)
 # STAGES="rm_fp32 rm_gpu" runs only those (in the order above).
 set -u
 OUT_DIR=${1:-${OUT:-runs/gpu_bench}}
@@ -67,5 +68,5 @@ stage generate_fp32 110 --only generate ${QUICK:+--quick}
 stage rm_fp32 170 --only matmul,rm_train_step matmul.n=8192
 stage generate_bf16 80 --only generate generate.dtype=bfloat16
 stage rm_gpu 210 --only rm_train_step_gpu
-stage rm_bf16 100 --only rm_train_step rm_train_step.dtype=bfloat16
+stage rm_bf16 110 --only matmul,rm_train_step matmul.dtype=bfloat16 matmul.n=8192 rm_train_step.dtype=bfloat16
 say "done"

@@ -137,3 +137,16 @@ def test_gpu_benchmark_arithmetic_on_the_cpu():
         assert lay["mfu"] == pytest.approx(lay["flops_per_step"] / lay["skyjax_s"] / 1e12, rel=1e-9)
     assert r["mfu"] == r["layouts"]["two_rows"]["mfu"]
     assert r["reference_mfu"] == pytest.approx(r["layouts"]["two_rows"]["flops_per_step"] / r["reference_s"] / 1e12)
+
+
+def test_generate_benchmark_in_bfloat16_and_its_device():
+    """The bf16 variant (both sides' weights and activations) and where the reference ran are recorded; an unknown
+    dtype is refused before anything is built."""
+    from skyjax.sample.bench import run_generate_bench
+
+    r = run_generate_bench(**{**TINY["generate"], "repeats": 1}, dtype="bfloat16", log=lambda _: None)
+    assert r["config"]["dtype"] == "bfloat16" and r["config"]["torch_device"] == "cpu"  # auto: JAX is on the CPU
+    assert _number(r["skyjax"]["tokens_per_s"]) and _number(r["transformers"]["tokens_per_s"])
+    assert r["ratio"] == pytest.approx(r["skyjax"]["tokens_per_s"] / r["transformers"]["tokens_per_s"], rel=1e-2)
+    with pytest.raises(ValueError, match="float16.*use float32 or bfloat16"):
+        run_generate_bench(**TINY["generate"], dtype="float16")

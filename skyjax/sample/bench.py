@@ -4,9 +4,10 @@
 
 A random Qwen2 (default: hidden 512, 8 layers, vocab 32000 -- small but not tiny) is built with transformers, saved,
 and loaded by skyjax from that folder, so both run the same weights. Both decode a left-padded batch of prompts of
-different lengths greedily in float32 for exactly `new_tokens` tokens (no stop token). Reported: new tokens per
-second (batch * new_tokens / wall time of a whole generate call, prefill included; best of `repeats` runs after a
-warm-up, ours and the reference interleaved so both see the same machine load; compile time reported separately),
+different lengths greedily in float32 (or `dtype=bfloat16`, weights and activations, both sides) for exactly
+`new_tokens` tokens (no stop token). Where JAX runs on a GPU, transformers runs on the same GPU (`device`).
+Reported: new tokens per second (batch * new_tokens / wall time of a whole generate call, prefill included; best of
+`repeats` runs after a warm-up, ours and the reference interleaved so both see the same machine load; compile time reported separately),
 the ratio ours / transformers, and how many rows agree token for token. On a busy machine the wall times are noisy:
 the process CPU time of each call is recorded too (`ratio_cpu_time`, best of each; meaningful with --threads 1,
 since idle worker threads that spin count as CPU time).
@@ -24,7 +25,7 @@ import time
 from pathlib import Path
 
 DEFAULTS = dict(hidden=512, layers=8, heads=8, kv_heads=2, intermediate=1408, vocab=32000, batch=8, new_tokens=128,
-                min_prompt=16, max_prompt=64, repeats=5, seed=0)
+                min_prompt=16, max_prompt=64, repeats=5, seed=0, dtype="float32", device="auto")
 
 
 def _best(times):
