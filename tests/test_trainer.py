@@ -1,6 +1,7 @@
 """The trainer: resume exactness, restore onto another mesh, frozen parts, NaN stop, SIGTERM, bad rows."""
 
 import json
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -155,3 +156,29 @@ def test_share_prompt_layout_trains_like_two_rows(tmp_path):
     for step in (1, 2):
         for key in ("loss", "accuracy", "margin", "grad_norm"):
             assert mb[step][key] == pytest.approx(ma[step][key], rel=1e-4, abs=1e-6), (step, key)
+
+
+def test_cpu_train_step_uses_xlas_own_dot_emitter(monkeypatch):
+    """On a CPU mesh the train step is compiled with XLA's own dot emitter (skyjax.nn.runtime.train_compiler_options):
+    the plain jit of the same step has YNNPACK fusions, the trainer's has none; a TPU target or a user's own YNN
+    setting in XLA_FLAGS gets no override."""
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from skyjax.nn.runtime import train_compiler_options
+    from skyjax.train.step import jit_train_step
+
+    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    state, batch = {"w": jnp.ones((256, 256))}, jnp.ones((256, 256))
+
+    def step(s, b):
+        return {"w": s["w"] - 0.1 * jnp.tanh(s["w"] @ b) @ b}, jnp.sum(s["w"])
+
+    plain = jax.jit(step).lower(state, batch).compile().as_text()
+    ours = jit_train_step(step, {"w": NamedSharding(mesh, P())}, mesh).lower(state, batch).compile().as_text()
+    ynn = re.compile(r"^\s*ROOT %ynn_fusion|^\s*%ynn_fusion[.\d]* = ", re.M)  # an instruction, not a name in metadata
+    assert ynn.search(plain) and not ynn.search(ours)
+    assert train_compiler_options("cpu") == {"xla_cpu_experimental_ynn_fusion_type": ""}
+    assert train_compiler_options("tpu") is None
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=individual_dot")
+    assert train_compiler_options("cpu") is None

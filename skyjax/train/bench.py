@@ -74,7 +74,7 @@ def mrope_section_for(head_dim: int) -> tuple[int, int, int]:
 def run_rm_bench(pairs: int = 4, steps: int = 5, dtype: str = "float32", torch_baseline: bool = True,
                  shapes: dict | None = None, peak: float | None = None, measure_peak: bool = True,
                  layouts: Sequence[str] = ("two_rows", "shared_prompt"), torch_device: str = "auto",
-                 log=None) -> dict:
+                 log=None, compiler_options: dict | None | str = "auto") -> dict:
     """shapes: {'text': Qwen2Config fields, 'vision': vision config fields} (default BENCH_SHAPES). peak: this
     machine's matmul FLOP/s if already measured; otherwise it is measured here unless measure_peak is False (then
     the FLOP fraction is None).
@@ -88,7 +88,8 @@ def run_rm_bench(pairs: int = 4, steps: int = 5, dtype: str = "float32", torch_b
     default), so the comparison is of the same arithmetic. On a GPU the reference is timed first and freed before
     skyjax's steps run (both in one process would not fit beside each other's allocator caches at a 1.5B shape; a
     GPU's speed does not drift with the host's load, which is what alternating guards against on a CPU).
-    log: a callable for progress lines (compiles, reference), default silent."""
+    log: a callable for progress lines (compiles, reference), default silent. compiler_options: XLA options of the
+    step's compile; "auto" = what the trainer uses (skyjax.nn.runtime.train_compiler_options)."""
     log = log or (lambda *_: None)
     layout_names = tuple(layouts)
     unknown = set(layout_names) - {"two_rows", "shared_prompt"}
@@ -114,6 +115,10 @@ def run_rm_bench(pairs: int = 4, steps: int = 5, dtype: str = "float32", torch_b
     shapes = shapes or BENCH_SHAPES
     if torch_device == "auto":
         torch_device = "cuda" if jax.default_backend() == "gpu" else "cpu"
+    if compiler_options == "auto":
+        from skyjax.nn.runtime import train_compiler_options
+
+        compiler_options = train_compiler_options(jax.default_backend())
     precision = "highest" if dtype == "float32" and jax.default_backend() != "cpu" else "default"
     tok = build_tiny_tokenizer("qwen2_5_vl")
     ids = special_token_ids(tok)
@@ -168,7 +173,7 @@ def run_rm_bench(pairs: int = 4, steps: int = 5, dtype: str = "float32", torch_b
     runs, compile_s, flops, cost = {}, {}, {}, {}
     for name, b in layouts.items():
         t = time.perf_counter()
-        compiled = jax.jit(step, donate_argnums=(0, 1)).lower(*state, b).compile()
+        compiled = jax.jit(step, donate_argnums=(0, 1), compiler_options=compiler_options).lower(*state, b).compile()
         compile_s[name] = time.perf_counter() - t
         log(f"rm_train_step: {name} step compiled in {compile_s[name]:.1f}s")
         flops[name] = count_flops(step, *state, b)  # the jaxpr's matmuls, scan trip counts included

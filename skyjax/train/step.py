@@ -93,5 +93,10 @@ def abstract_state(fn: Functional, optimizer: optax.GradientTransformation, is_f
 
 def jit_train_step(step, shardings: dict, mesh: Mesh):
     """The step under jit: the state is donated and comes back with exactly its input shardings (so the first and
-    every later step share one compiled program); the stats are replicated scalars."""
-    return jax.jit(step, donate_argnums=0, out_shardings=(shardings, NamedSharding(mesh, P())))
+    every later step share one compiled program); the stats are replicated scalars. On a CPU mesh the step is
+    compiled with `train_compiler_options` (XLA's own matmul emitter instead of YNNPACK fusions: faster for a train
+    step there, see skyjax.nn.runtime)."""
+    from skyjax.nn.runtime import train_compiler_options
+
+    return jax.jit(step, donate_argnums=0, out_shardings=(shardings, NamedSharding(mesh, P())),
+                   compiler_options=train_compiler_options(mesh.devices.flat[0].platform))
