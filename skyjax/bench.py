@@ -10,7 +10,8 @@ same machine, and the numbers that matter are the ratios.
 
 rm_train_step   The reward-model train step (skyjax.train.bench.run_rm_bench): Qwen2.5-VL reward model, text hidden
                 512 x 4 layers, vision hidden 256 x 4 blocks, 4 preference pairs with two 224x224 images each;
-                forward, Bradley-Terry loss, backward, AdamW. Reference: transformers + PyTorch doing the same step
+                forward, Bradley-Terry loss, backward, AdamW (the unused LM head frozen, as in every reward-model
+                config). Reference: transformers + PyTorch doing the same step
                 on the two rows of every pair. skyjax is timed in two batch layouts, each its own compiled step:
                 `two_rows` (a chosen and a rejected row per pair, the images encoded once per pair: the trainer's
                 default) and `shared_prompt` (one row per pair, prompt | chosen | rejected, the prompt computed

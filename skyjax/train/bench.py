@@ -110,6 +110,7 @@ def run_rm_bench(pairs: int = 4, steps: int = 5, dtype: str = "float32", torch_b
     from skyjax.nn.functional import Functional
     from skyjax.train.config import ObjectiveConfig
     from skyjax.train.objectives import reward_model_loss
+    from skyjax.train.optimizer import frozen_predicate, merge_params, split_params
     from skyjax.train.pairs import fit_bucket, shared_prompt_rows, split_rows
 
     shapes = shapes or BENCH_SHAPES
@@ -139,7 +140,9 @@ def run_rm_bench(pairs: int = 4, steps: int = 5, dtype: str = "float32", torch_b
     prompt_only = prepare_vl_batch(chosen, images, tok, image_cfg, vision, buckets=buckets)  # the pairs' images once
 
     fn = Functional.create(lambda r: Qwen2_5_VLRewardModel(cfg, rngs=r))
-    params = fn.init(seed=0)
+    # as every reward-model config trains it (trainer.freeze: [lm_head]): the LM head is unused by the score, so it
+    # is neither differentiated nor updated -- as in the reference, where its gradient is None and AdamW skips it
+    params, frozen = split_params(fn.init(seed=0), frozen_predicate("qwen2_5_vl_reward", ["lm_head"]))
     opt = optax.adamw(1e-5)
     opt_state = jax.jit(opt.init)(params)  # one compile, not one per parameter shape
     slots = prompt_only.image_grid_thw
@@ -148,8 +151,8 @@ def run_rm_bench(pairs: int = 4, steps: int = 5, dtype: str = "float32", torch_b
              "vision_meta": jax.tree.map(jnp.asarray, prompt_only.vision_meta),
              "image_grid_thw": jnp.asarray(np.concatenate([slots, slots])), "pair_weight": jnp.ones(pairs)}
 
-    def step(params, opt_state, batch):
-        loss_fn = lambda p: reward_model_loss(fn.bind(p), batch, ObjectiveConfig())  # noqa: E731
+    def step(params, opt_state, frozen, batch):
+        loss_fn = lambda p: reward_model_loss(fn.bind(merge_params(p, frozen)), batch, ObjectiveConfig())  # noqa: E731
         (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
@@ -173,15 +176,15 @@ def run_rm_bench(pairs: int = 4, steps: int = 5, dtype: str = "float32", torch_b
     runs, compile_s, flops, cost = {}, {}, {}, {}
     for name, b in layouts.items():
         t = time.perf_counter()
-        compiled = jax.jit(step, donate_argnums=(0, 1), compiler_options=compiler_options).lower(*state, b).compile()
+        compiled = jax.jit(step, donate_argnums=(0, 1), compiler_options=compiler_options).lower(*state, frozen, b).compile()
         compile_s[name] = time.perf_counter() - t
         log(f"rm_train_step: {name} step compiled in {compile_s[name]:.1f}s")
-        flops[name] = count_flops(step, *state, b)  # the jaxpr's matmuls, scan trip counts included
+        flops[name] = count_flops(step, *state, frozen, b)  # the jaxpr's matmuls, scan trip counts included
         c = compiled.cost_analysis()
         cost[name] = (c[0] if c else {}) if isinstance(c, (list, tuple)) else (c or {})
 
         def run(compiled=compiled, b=b):
-            state[0], state[1], loss = compiled(state[0], state[1], b)
+            state[0], state[1], loss = compiled(state[0], state[1], frozen, b)
             loss.block_until_ready()
 
         runs[name] = run
