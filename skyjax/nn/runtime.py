@@ -24,7 +24,7 @@ def check_runtime(cfg) -> None:
 
 # XLA:CPU compiles matmuls into YNNPACK fusions by default (jaxlib 0.10). For a train step's forward and backward on
 # the CPU that is slower than XLA's own dot emitter: the reward-model benchmark step (vision tower + decoder, fwd + bwd
-# + AdamW) took 10% longer and the vision tower's backward 20-25% longer with them, on a 2-core machine. Decoding
+# + AdamW) took 6-10% longer and the vision tower's backward 20-25% longer with them, on a 2-core machine. Decoding
 # (matrix-vector products) is the other way round (2x faster with them), so this is a per-program compiler option of
 # the train step, not a process-wide flag. A YNN setting of the user's own in XLA_FLAGS always wins.
 CPU_TRAIN_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}

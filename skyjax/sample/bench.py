@@ -7,8 +7,8 @@ and loaded by skyjax from that folder, so both run the same weights. Both decode
 different lengths greedily in float32 (or `dtype=bfloat16`, weights and activations, both sides) for exactly
 `new_tokens` tokens (no stop token). Where JAX runs on a GPU, transformers runs on the same GPU (`device`).
 Reported: new tokens per second (batch * new_tokens / wall time of a whole generate call, prefill included; best of
-`repeats` runs after a warm-up, ours and the reference interleaved so both see the same machine load; compile time reported separately),
-the ratio ours / transformers, and how many rows agree token for token. On a busy machine the wall times are noisy:
+`repeats` runs after a warm-up, ours and the reference interleaved so both see the same machine load; compile time
+reported separately), the ratio ours / transformers, and how many rows agree token for token. On a busy machine the wall times are noisy:
 the process CPU time of each call is recorded too (`ratio_cpu_time`, best of each; meaningful with --threads 1,
 since idle worker threads that spin count as CPU time).
 `run_generate_bench(...)` returns the same dict, for a later `skyjax bench`.
