@@ -8,9 +8,9 @@ different lengths greedily in float32 (or `dtype=bfloat16`, weights and activati
 `new_tokens` tokens (no stop token). Where JAX runs on a GPU, transformers runs on the same GPU (`device`).
 Reported: new tokens per second (batch * new_tokens / wall time of a whole generate call, prefill included; best of
 `repeats` runs after a warm-up, ours and the reference interleaved so both see the same machine load; compile time
-reported separately), the ratio ours / transformers, and how many rows agree token for token. On a busy machine the wall times are noisy:
-the process CPU time of each call is recorded too (`ratio_cpu_time`, best of each; meaningful with --threads 1,
-since idle worker threads that spin count as CPU time).
+reported separately), the ratio ours / transformers, and how many rows agree token for token. On a busy machine
+the wall times are noisy: the process CPU time of each call is recorded too (`ratio_cpu_time`, best of each;
+meaningful with --threads 1, since idle worker threads that spin count as CPU time).
 `run_generate_bench(...)` returns the same dict, for a later `skyjax bench`.
 """
 
@@ -81,8 +81,8 @@ def run_generate_bench(hidden: int = 512, layers: int = 8, heads: int = 8, kv_he
 
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)
-        lm = load_hf(tmp, dtype=dtype, param_dtype=dtype,
-                     **({"matmul_precision": "highest"} if dtype == "float32" and jax.default_backend() != "cpu" else {}))
+        full_precision = dtype == "float32" and jax.default_backend() != "cpu"
+        lm = load_hf(tmp, dtype=dtype, param_dtype=dtype, **({"matmul_precision": "highest"} if full_precision else {}))
     hf = hf.to(device)
     adapter = adapter_for(lm)
     inputs = {"input_ids": ids, "attention_mask": mask}

@@ -176,7 +176,8 @@ def run_rm_bench(pairs: int = 4, steps: int = 5, dtype: str = "float32", torch_b
     runs, compile_s, flops, cost = {}, {}, {}, {}
     for name, b in layouts.items():
         t = time.perf_counter()
-        compiled = jax.jit(step, donate_argnums=(0, 1), compiler_options=compiler_options).lower(*state, frozen, b).compile()
+        jitted = jax.jit(step, donate_argnums=(0, 1), compiler_options=compiler_options)
+        compiled = jitted.lower(*state, frozen, b).compile()
         compile_s[name] = time.perf_counter() - t
         log(f"rm_train_step: {name} step compiled in {compile_s[name]:.1f}s")
         flops[name] = count_flops(step, *state, frozen, b)  # the jaxpr's matmuls, scan trip counts included
