@@ -8,13 +8,14 @@
 # (default python3). Each stage is its own process with its own time limit, so one failing stage does not lose the
 # others; a first smoke stage (imports, one jitted matmul on the GPU) stops everything at once if the stack is broken.
 #
-# Stages, most important first (QUICK=1 makes the first one small, to try the script on a CPU):
-#   generate_fp32   decode throughput, Qwen2 hidden 512 x 8 layers, batch 8, 128 new tokens, float32 (full precision)
-#   rm_fp32         the reward-model train step at the issue's config, float32 (+ the GPU's fp32 matmul peak;
-#                   with jax 0.11.2 on an H100 this step's compile at full fp32 precision did not end in 170 s)
-#   generate_bf16   decode throughput as above in bfloat16
+# Stages in the order they run (QUICK=1 makes the generate stages small, to try the script on a CPU):
+#   rm_bf16         the reward-model train step at the benchmark config in bfloat16, with the GPU's bf16 matmul peak
+#                   measured in the same run (the FLOP fraction)
 #   rm_gpu          the reward-model train step, Qwen2-1.5B decoder + Qwen2.5-VL vision tower, bf16, MFU
-#   rm_bf16         the issue-config train step in bfloat16 (+ the GPU's bf16 matmul peak, measured)
+#   generate_fp32   decode throughput, Qwen2 hidden 512 x 8 layers, batch 8, 128 new tokens, float32 (full precision)
+#   generate_bf16   decode throughput as above in bfloat16
+#   rm_fp32         the train step in float32 at full precision (+ the fp32 matmul peak); last, because with jax
+#                   0.11.2 on an H100 its compile did not end within 170 s
 # STAGES="rm_fp32 rm_gpu" runs only those (in the order above).
 set -u
 OUT_DIR=${1:-${OUT:-runs/gpu_bench}}
@@ -49,7 +50,7 @@ then
 fi
 tail -6 "$LOG"
 
-STAGES=" ${STAGES:-generate_fp32 rm_fp32 generate_bf16 rm_gpu rm_bf16} "
+STAGES=" ${STAGES:-rm_bf16 rm_gpu generate_fp32 generate_bf16 rm_fp32} "
 stage() {  # stage NAME LIMIT_S ARGS...
   local name=$1 limit=$2; shift 2
   [[ "$STAGES" == *" $name "* ]] || return 0
@@ -64,9 +65,9 @@ stage() {  # stage NAME LIMIT_S ARGS...
   tail -n +"$((before + 1))" "$log" | grep -v "Writing model shards\|it/s]" | tail -n 15 | tee -a "$LOG"
 }
 
-stage generate_fp32 110 --only generate ${QUICK:+--quick}
-stage rm_fp32 170 --only matmul,rm_train_step matmul.n=8192
-stage generate_bf16 80 --only generate generate.dtype=bfloat16
-stage rm_gpu 210 --only rm_train_step_gpu
 stage rm_bf16 110 --only matmul,rm_train_step matmul.dtype=bfloat16 matmul.n=8192 rm_train_step.dtype=bfloat16
+stage rm_gpu 210 --only rm_train_step_gpu
+stage generate_fp32 110 --only generate ${QUICK:+--quick}
+stage generate_bf16 80 --only generate generate.dtype=bfloat16 ${QUICK:+--quick}
+stage rm_fp32 170 --only matmul,rm_train_step matmul.n=8192
 say "done"
