@@ -53,12 +53,18 @@ def test_every_benchmark_and_its_reference(result):
     for lay in rm["layouts"].values():
         assert _number(lay["skyjax_s"]) and lay["speedup"] == pytest.approx(rm["reference_s"] / lay["skyjax_s"])
     assert rm["config"]["rows"] == {"two_rows": 2, "shared_prompt": 1}
+    # by default the step trains what the reward-model stages train: the ViT and the unused LM head frozen (on both
+    # sides: the reference raises if it froze a different number of parameters)
+    assert rm["config"]["freeze"] == ["vision", "lm_head"] and rm["config"]["frozen_parameters"] > 0
     assert gen["speedup"] == pytest.approx(gen["skyjax_tokens_per_s"] / gen["reference_tokens_per_s"], rel=1e-9)
     assert comp["ratio"] == pytest.approx(comp["layers_28_s"] / comp["layers_2_s"], rel=1e-9)
     assert comp["pass"] is (comp["ratio"] <= 1.5) and comp["limit"] == 1.5
     assert rm["flops_source"] == "jaxpr"  # counted from the step's jaxpr, scanned layers included
     assert result["rm_train_step_flops_fraction"] == pytest.approx(
         rm["flops_per_step"] / rm["skyjax_s"] / result["matmul_peak_flops_per_s"], rel=1e-9)
+    # the peak is measured before and after the RM steps, and the higher one is the one divided by
+    samples = result["matmul"]["samples_flops_per_s"]
+    assert len(samples) == 2 and result["matmul_peak_flops_per_s"] == max(samples) == result["matmul"]["flops_per_s"]
     # each entry records the settings it ran with
     assert rm["config"]["text"]["hidden_size"] == 64 and rm["config"]["pairs"] == 1
     assert gen["config"]["batch"] == 2 and gen["config"]["new_tokens"] == 4
@@ -131,8 +137,9 @@ def test_gpu_benchmark_arithmetic_on_the_cpu():
 
     assert gpu_bf16_peak("NVIDIA H100 80GB HBM3")[0] == 989.4e12 and gpu_bf16_peak("NVIDIA H200")[0] == 989.4e12
     assert gpu_bf16_peak("NVIDIA A100-SXM4-80GB")[0] == 312e12 and gpu_bf16_peak("Some GPU")[0] is None
-    r = run_rm_gpu_bench(pairs=1, steps=1, shapes=TINY_RM_SHAPES, require_gpu=False, peak=1e12)
+    r = run_rm_gpu_bench(pairs=1, steps=1, shapes=TINY_RM_SHAPES, require_gpu=False, peak=1e12, freeze=["lm_head"])
     assert r["config"]["dtype"] == "bfloat16" and r["peak_source"] == "given"
+    assert r["config"]["freeze"] == ["lm_head"]  # the vision tower trained too, on both sides
     for lay in r["layouts"].values():
         assert lay["mfu"] == pytest.approx(lay["flops_per_step"] / lay["skyjax_s"] / 1e12, rel=1e-9)
     assert r["mfu"] == r["layouts"]["two_rows"]["mfu"]
@@ -150,3 +157,14 @@ def test_generate_benchmark_in_bfloat16_and_its_device():
     assert r["ratio"] == pytest.approx(r["skyjax"]["tokens_per_s"] / r["transformers"]["tokens_per_s"], rel=1e-2)
     with pytest.raises(ValueError, match="float16.*use float32 or bfloat16"):
         run_generate_bench(**TINY["generate"], dtype="float16")
+
+
+def test_reference_step_freezes_what_skyjax_freezes():
+    """The reference freezes the parameters of the same trainer.freeze presets (requires_grad False): its frozen
+    count is checked against skyjax's, and a preset it does not know is refused."""
+    from skyjax.train.bench import TORCH_FREEZE, _torch_step
+    from skyjax.train.optimizer import FREEZE_PRESETS
+
+    assert set(TORCH_FREEZE) <= set(FREEZE_PRESETS["qwen2_5_vl_reward"])
+    with pytest.raises(ValueError, match=r"freeze \['head'\]: the reference knows"):
+        _torch_step(None, None, 1, "float32", freeze=["head"])

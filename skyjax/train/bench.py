@@ -1,12 +1,16 @@
 """Benchmark (not a test): the reward-model train step, skyjax vs transformers + PyTorch on the same machine.
 
     python -m skyjax.train.bench --out rm_bench.json [--dtype float32|bfloat16] [--pairs 4] [--steps 5]
+                                 [--freeze vision,lm_head]
 
 Both sides do the same work on the same random weights: a batch of preference pairs, each prompt with two 224x224
 images; forward of chosen and rejected, the fp32 value head at the last real token, the Bradley-Terry loss, backward,
-an AdamW update. The PyTorch side runs the reference layout ([chosen; rejected] in one batch, images encoded for both
-rows, as the reference training code does); skyjax encodes each pair's images once. It prints the speedup and the step's
-achieved FLOP/s as a fraction of this machine's matmul peak, measured in the same run.
+an AdamW update of what is trained. By default that is what the reward-model stages train: the ViT frozen (the
+trainer's default, as in the paper), the merger, the LLM and the value head trained, the unused LM head frozen;
+`--freeze lm_head` trains the vision tower too. The PyTorch side runs the reference layout ([chosen; rejected] in
+one batch, images encoded for both rows, as the reference training code does); skyjax encodes each pair's images
+once. It prints the speedup and the step's achieved FLOP/s as a fraction of this machine's matmul peak, measured in
+the same run.
 
 FLOPs per step are counted from the step's jaxpr (`skyjax.bench.count_flops`: every matmul and convolution, scanned
 layers multiplied by their trip count). XLA's `cost_analysis()` is recorded beside it as `xla_cost_analysis_flops`,
@@ -74,7 +78,8 @@ def mrope_section_for(head_dim: int) -> tuple[int, int, int]:
 def run_rm_bench(pairs: int = 4, steps: int = 5, dtype: str = "float32", torch_baseline: bool = True,
                  shapes: dict | None = None, peak: float | None = None, measure_peak: bool = True,
                  layouts: Sequence[str] = ("two_rows", "shared_prompt"), torch_device: str = "auto",
-                 log=None, compiler_options: dict | None | str = "auto") -> dict:
+                 log=None, compiler_options: dict | None | str = "auto",
+                 freeze: Sequence[str] = ("vision", "lm_head")) -> dict:
     """shapes: {'text': Qwen2Config fields, 'vision': vision config fields} (default BENCH_SHAPES). peak: this
     machine's matmul FLOP/s if already measured; otherwise it is measured here unless measure_peak is False (then
     the FLOP fraction is None).
@@ -89,7 +94,12 @@ def run_rm_bench(pairs: int = 4, steps: int = 5, dtype: str = "float32", torch_b
     skyjax's steps run (both in one process would not fit beside each other's allocator caches at a 1.5B shape; a
     GPU's speed does not drift with the host's load, which is what alternating guards against on a CPU).
     log: a callable for progress lines (compiles, reference), default silent. compiler_options: XLA options of the
-    step's compile; "auto" = what the trainer uses (skyjax.nn.runtime.train_compiler_options)."""
+    step's compile; "auto" = what the trainer uses (skyjax.nn.runtime.train_compiler_options).
+
+    freeze: the parts not trained, as `trainer.freeze` names them (presets of qwen2_5_vl_reward), on both sides
+    alike. The default is what the reward-model stages train: the ViT frozen (the trainer's default and the
+    paper's), the merger, the LLM and the value head trained, the unused LM head frozen. ("lm_head",) alone trains
+    the vision tower too (the demo's setting)."""
     log = log or (lambda *_: None)
     layout_names = tuple(layouts)
     unknown = set(layout_names) - {"two_rows", "shared_prompt"}
@@ -140,9 +150,14 @@ def run_rm_bench(pairs: int = 4, steps: int = 5, dtype: str = "float32", torch_b
     prompt_only = prepare_vl_batch(chosen, images, tok, image_cfg, vision, buckets=buckets)  # the pairs' images once
 
     fn = Functional.create(lambda r: Qwen2_5_VLRewardModel(cfg, rngs=r))
-    # as every reward-model config trains it (trainer.freeze: [lm_head]): the LM head is unused by the score, so it
-    # is neither differentiated nor updated -- as in the reference, where its gradient is None and AdamW skips it
-    params, frozen = split_params(fn.init(seed=0), frozen_predicate("qwen2_5_vl_reward", ["lm_head"]))
+    # frozen parts are neither differentiated nor updated -- as in the reference, where they have requires_grad
+    # False, so autograd skips them and AdamW sees no gradient
+    freeze = tuple(freeze)
+    if torch_baseline and set(freeze) - set(TORCH_FREEZE):
+        raise ValueError(f"rm_train_step freeze {sorted(set(freeze) - set(TORCH_FREEZE))}: the reference knows "
+                         f"{sorted(TORCH_FREEZE)}")
+    params, frozen = split_params(fn.init(seed=0), frozen_predicate("qwen2_5_vl_reward", freeze))
+    frozen_count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(frozen))
     opt = optax.adamw(1e-5)
     opt_state = jax.jit(opt.init)(params)  # one compile, not one per parameter shape
     slots = prompt_only.image_grid_thw
@@ -196,7 +211,7 @@ def run_rm_bench(pairs: int = 4, steps: int = 5, dtype: str = "float32", torch_b
 
         import torch
 
-        reference = _torch_step(cfg, both, pairs, dtype, torch_device)
+        reference = _torch_step(cfg, both, pairs, dtype, torch_device, freeze, frozen_count)
         reference()
         times["reference"] = [_timed(reference) for _ in range(steps)]
         log(f"rm_train_step: reference on {torch_device}: {np.median(times['reference']):.4f}s per step")
@@ -204,7 +219,7 @@ def run_rm_bench(pairs: int = 4, steps: int = 5, dtype: str = "float32", torch_b
         gc.collect()
         torch.cuda.empty_cache()
     elif torch_baseline:
-        runs["reference"] = _torch_step(cfg, both, pairs, dtype, torch_device)
+        runs["reference"] = _torch_step(cfg, both, pairs, dtype, torch_device, freeze, frozen_count)
         times["reference"] = []
     # the steps alternate, so a change in the machine's load hits all alike (the ratios are what count)
     for run in runs.values():
@@ -218,7 +233,8 @@ def run_rm_bench(pairs: int = 4, steps: int = 5, dtype: str = "float32", torch_b
     if peak is None and measure_peak:
         peak = matmul_peak(dtype)
     result = {"config": {"pairs": pairs, "steps": steps, "images_per_pair": 2, "image_size": 224, "dtype": dtype,
-                         "layout": headline, **shapes, "mrope_section": list(cfg.mrope_section),
+                         "layout": headline, "freeze": list(freeze), "frozen_parameters": frozen_count, **shapes,
+                         "mrope_section": list(cfg.mrope_section),
                          "seq_len": {k: int(b["input_ids"].shape[1]) for k, b in layouts.items()},
                          "rows": {k: int(b["input_ids"].shape[0]) for k, b in layouts.items()},
                          "patches_per_step": int(both.real_grid_thw.prod(1).sum() // 2)},
@@ -243,9 +259,20 @@ def _timed(f) -> float:
     return time.perf_counter() - t
 
 
-def _torch_step(cfg, batch, pairs: int, dtype: str, device: str = "cpu"):
+# trainer.freeze presets -> the transformers module names they cover (the same parameters as FREEZE_PRESETS'
+# qwen2_5_vl regexes over skyjax paths; run_rm_bench checks the two sides freeze the same number of parameters)
+TORCH_FREEZE = {"vision": ("model.visual.patch_embed.", "model.visual.blocks."),
+                "projector": ("model.visual.merger.",), "llm": ("model.language_model.",), "lm_head": ("lm_head.",)}
+
+
+def _torch_step(cfg, batch, pairs: int, dtype: str, device: str = "cpu", freeze: Sequence[str] = (),
+                expect_frozen: int | None = None):
     """The same step in transformers + PyTorch (the reference): a callable running one optimizer step (on `device`,
-    waiting for it to finish)."""
+    waiting for it to finish). `freeze`: trainer.freeze presets whose parameters get requires_grad False;
+    `expect_frozen`: how many parameters skyjax froze (a mismatch is an error: the two would do different work)."""
+    unknown = [f for f in freeze if f not in TORCH_FREEZE]
+    if unknown:
+        raise ValueError(f"rm_train_step freeze {unknown}: the reference knows {sorted(TORCH_FREEZE)}")
     import torch
     from transformers import Qwen2_5_VLConfig as HFConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -257,7 +284,16 @@ def _torch_step(cfg, batch, pairs: int, dtype: str, device: str = "cpu"):
     if dtype == "bfloat16":
         model = model.to(torch.bfloat16)
     model, head = model.to(device), head.to(device)
-    params = list(model.parameters()) + list(head.parameters())
+    prefixes = tuple(p for f in freeze for p in TORCH_FREEZE[f])
+    frozen = 0
+    for name, p in model.named_parameters():
+        if name.startswith(prefixes):
+            p.requires_grad_(False)
+            frozen += p.numel()
+    if expect_frozen is not None and frozen != expect_frozen:
+        raise RuntimeError(f"rm_train_step freeze {list(freeze)}: the reference froze {frozen} parameters, skyjax "
+                           f"{expect_frozen}")
+    params = [p for p in list(model.parameters()) + list(head.parameters()) if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
     kw = dict(input_ids=torch.as_tensor(batch.input_ids, dtype=torch.long),
               attention_mask=torch.as_tensor(batch.attention_mask.astype(np.int64)),
@@ -302,11 +338,11 @@ def gpu_bf16_peak(device_kind: str) -> tuple[float | None, str]:
 
 
 def run_rm_gpu_bench(pairs: int = 4, steps: int = 5, shapes: dict | None = None, require_gpu: bool = True,
-                     peak: float | None = None, log=None) -> dict:
+                     peak: float | None = None, log=None, freeze: Sequence[str] = ("vision", "lm_head")) -> dict:
     """The reward-model train step on the GPU in bf16 (fp32 master weights in skyjax; the PyTorch model in bf16 with
     its AdamW), at GPU_SHAPES, both batch layouts, with MFU = step FLOPs (from the jaxpr) / time / the GPU's bf16
-    peak (or `peak`). Without a GPU it returns {"skipped": why} at once (require_gpu=False runs it on the CPU, for
-    tests)."""
+    peak (or `peak`). `freeze` as in run_rm_bench. Without a GPU it returns {"skipped": why} at once
+    (require_gpu=False runs it on the CPU, for tests)."""
     import jax
 
     backend = jax.default_backend()
@@ -319,7 +355,7 @@ def run_rm_gpu_bench(pairs: int = 4, steps: int = 5, shapes: dict | None = None,
     else:
         peak, source = gpu_bf16_peak(kind) if backend == "gpu" else (None, "cpu: no datasheet peak")
     raw = run_rm_bench(pairs, steps, "bfloat16", torch_baseline=True, shapes=shapes or GPU_SHAPES, peak=peak,
-                       measure_peak=False, torch_device="cuda" if backend == "gpu" else "cpu", log=log)
+                       measure_peak=False, torch_device="cuda" if backend == "gpu" else "cpu", log=log, freeze=freeze)
     out = {"device_kind": kind, "peak_flops_per_s": peak, "peak_source": source, **{
         k: raw.get(k) for k in ("skyjax_s", "reference_s", "speedup", "flops_per_step", "layouts", "config")}}
     for name, lay in raw["layouts"].items():
@@ -336,9 +372,13 @@ def main(argv=None) -> int:
     p.add_argument("--pairs", type=int, default=4)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--freeze", default="vision,lm_head",
+                   help="parts not trained, comma-separated trainer.freeze presets (default: vision,lm_head, as the "
+                        "reward-model stages train; lm_head alone trains the vision tower too)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
     args = p.parse_args(argv)
-    result = run_rm_bench(args.pairs, args.steps, args.dtype, torch_baseline=not args.no_torch)
+    freeze = [f for f in args.freeze.split(",") if f]
+    result = run_rm_bench(args.pairs, args.steps, args.dtype, torch_baseline=not args.no_torch, freeze=freeze)
     print(json.dumps(result, indent=2))
     if "speedup" in result:
         print(f"reward-model train step: skyjax {result['skyjax_s'] * 1e3:.1f} ms, transformers+PyTorch "
