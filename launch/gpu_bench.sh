@@ -16,6 +16,8 @@
 #   generate_bf16   decode throughput as above in bfloat16
 #   rm_fp32         the train step in float32 at full precision (+ the fp32 matmul peak); last, because with jax
 #                   0.11.2 on an H100 its compile did not end within 170 s
+#   rm_fp32_noautotune  (only when named in STAGES) the same with XLA_FLAGS=--xla_gpu_autotune_level=0: if this
+#                   one compiles in time and rm_fp32 does not, autotuning the fp32 fusions is what takes the time
 # STAGES="rm_fp32 rm_gpu" runs only those (in the order above).
 set -u
 OUT_DIR=${1:-${OUT:-runs/gpu_bench}}
@@ -54,7 +56,7 @@ STAGES=" ${STAGES:-rm_bf16 rm_gpu generate_fp32 generate_bf16 rm_fp32} "
 stage() {  # stage NAME LIMIT_S ARGS...
   local name=$1 limit=$2; shift 2
   [[ "$STAGES" == *" $name "* ]] || return 0
-  say "stage $name (limit ${limit}s): skyjax bench $*"
+  say "stage $name (limit ${limit}s): ${XLA_FLAGS:+XLA_FLAGS=$XLA_FLAGS }skyjax bench $*"
   local t0=$SECONDS
   local log="$OUT_DIR/stages.log"  # every stage's full output, one after another (few files to copy back)
   echo "===== $name: skyjax bench $*" >>"$log"
@@ -70,4 +72,6 @@ stage rm_gpu 210 --only rm_train_step_gpu
 stage generate_fp32 110 --only generate ${QUICK:+--quick}
 stage generate_bf16 80 --only generate generate.dtype=bfloat16 ${QUICK:+--quick}
 stage rm_fp32 170 --only matmul,rm_train_step matmul.n=8192
+XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_autotune_level=0" \
+  stage rm_fp32_noautotune 170 --only matmul,rm_train_step matmul.n=8192
 say "done"
