@@ -34,9 +34,10 @@ compile         Wall time of jit lower + compile (no execution) of a Qwen2 train
                 depth (something unrolled per layer would).
 matmul          This machine's matmul peak (skyjax.train.bench.matmul_peak: a square fp32 matmul through JAX, best
                 of several; with rm_train_step, measured before and after its steps and the higher kept, both in
-                `matmul.samples_flops_per_s`). `rm_train_step_flops_fraction` = the RM step's FLOPs / its time / this peak. The FLOPs
-                are counted from the step's jaxpr (count_flops: matmuls and convolutions, scanned layers times their
-                trip count), not from XLA's cost_analysis, which counts a scanned body once.
+                `matmul.samples_flops_per_s`). `rm_train_step_flops_fraction` = the RM step's FLOPs / its time /
+                this peak. The FLOPs are counted from the step's jaxpr (count_flops: matmuls and convolutions,
+                scanned layers times their trip count), not from XLA's cost_analysis, which counts a scanned body
+                once.
 rm_train_step_gpu  Only where JAX's backend is a GPU (otherwise recorded as skipped, at once): the reward-model train
                 step in bf16 at a ~1.5B-parameter decoder (Qwen2-1.5B's shape) with Qwen2.5-VL's own vision tower
                 (skyjax.train.bench.run_rm_gpu_bench, GPU_SHAPES), both layouts, against transformers + PyTorch on

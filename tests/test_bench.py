@@ -162,9 +162,11 @@ def test_generate_benchmark_in_bfloat16_and_its_device():
 def test_reference_step_freezes_what_skyjax_freezes():
     """The reference freezes the parameters of the same trainer.freeze presets (requires_grad False): its frozen
     count is checked against skyjax's, and a preset it does not know is refused."""
-    from skyjax.train.bench import TORCH_FREEZE, _torch_step
+    from skyjax.train.bench import TORCH_FREEZE, _torch_step, run_rm_bench
     from skyjax.train.optimizer import FREEZE_PRESETS
 
     assert set(TORCH_FREEZE) <= set(FREEZE_PRESETS["qwen2_5_vl_reward"])
     with pytest.raises(ValueError, match=r"freeze \['head'\]: the reference knows"):
         _torch_step(None, None, 1, "float32", freeze=["head"])
+    with pytest.raises(ValueError, match=r"freeze \['head'\]: the reference knows"):  # before anything compiles
+        run_rm_bench(pairs=1, steps=1, shapes=TINY_RM_SHAPES, freeze=["vision", "head"])

@@ -105,6 +105,9 @@ def run_rm_bench(pairs: int = 4, steps: int = 5, dtype: str = "float32", torch_b
     unknown = set(layout_names) - {"two_rows", "shared_prompt"}
     if unknown or not layout_names:
         raise ValueError(f"rm_train_step layouts {sorted(unknown) or '(none)'}: use two_rows and/or shared_prompt")
+    freeze = tuple(freeze)
+    if torch_baseline:
+        torch_frozen_prefixes(freeze)  # a preset the reference cannot freeze fails before anything is built
     import jax
     import jax.numpy as jnp
     import optax
@@ -152,10 +155,6 @@ def run_rm_bench(pairs: int = 4, steps: int = 5, dtype: str = "float32", torch_b
     fn = Functional.create(lambda r: Qwen2_5_VLRewardModel(cfg, rngs=r))
     # frozen parts are neither differentiated nor updated -- as in the reference, where they have requires_grad
     # False, so autograd skips them and AdamW sees no gradient
-    freeze = tuple(freeze)
-    if torch_baseline and set(freeze) - set(TORCH_FREEZE):
-        raise ValueError(f"rm_train_step freeze {sorted(set(freeze) - set(TORCH_FREEZE))}: the reference knows "
-                         f"{sorted(TORCH_FREEZE)}")
     params, frozen = split_params(fn.init(seed=0), frozen_predicate("qwen2_5_vl_reward", freeze))
     frozen_count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(frozen))
     opt = optax.adamw(1e-5)
@@ -265,14 +264,20 @@ TORCH_FREEZE = {"vision": ("model.visual.patch_embed.", "model.visual.blocks."),
                 "projector": ("model.visual.merger.",), "llm": ("model.language_model.",), "lm_head": ("lm_head.",)}
 
 
+def torch_frozen_prefixes(freeze: Sequence[str]) -> tuple[str, ...]:
+    """The transformers parameter-name prefixes of trainer.freeze presets; an unknown preset is an error."""
+    unknown = [f for f in freeze if f not in TORCH_FREEZE]
+    if unknown:
+        raise ValueError(f"rm_train_step freeze {unknown}: the reference knows {sorted(TORCH_FREEZE)}")
+    return tuple(p for f in freeze for p in TORCH_FREEZE[f])
+
+
 def _torch_step(cfg, batch, pairs: int, dtype: str, device: str = "cpu", freeze: Sequence[str] = (),
                 expect_frozen: int | None = None):
     """The same step in transformers + PyTorch (the reference): a callable running one optimizer step (on `device`,
     waiting for it to finish). `freeze`: trainer.freeze presets whose parameters get requires_grad False;
     `expect_frozen`: how many parameters skyjax froze (a mismatch is an error: the two would do different work)."""
-    unknown = [f for f in freeze if f not in TORCH_FREEZE]
-    if unknown:
-        raise ValueError(f"rm_train_step freeze {unknown}: the reference knows {sorted(TORCH_FREEZE)}")
+    prefixes = torch_frozen_prefixes(freeze)
     import torch
     from transformers import Qwen2_5_VLConfig as HFConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -284,7 +289,6 @@ def _torch_step(cfg, batch, pairs: int, dtype: str, device: str = "cpu", freeze:
     if dtype == "bfloat16":
         model = model.to(torch.bfloat16)
     model, head = model.to(device), head.to(device)
-    prefixes = tuple(p for f in freeze for p in TORCH_FREEZE[f])
     frozen = 0
     for name, p in model.named_parameters():
         if name.startswith(prefixes):
