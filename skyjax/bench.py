@@ -64,6 +64,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from skyjax.train.bench import RM_BENCH_FREEZE
+
 BENCHMARKS = ("rm_train_step", "generate", "compile", "matmul", "rm_train_step_gpu")
 COMPILE_RATIO_LIMIT = 1.5
 
@@ -71,20 +73,20 @@ COMPILE_RATIO_LIMIT = 1.5
 DEFAULT_SETTINGS: dict[str, dict[str, Any]] = {
     "matmul": dict(n=2048, repeats=10, dtype="float32"),
     "rm_train_step": dict(pairs=4, steps=5, dtype="float32", torch_baseline=True, shapes=None,  # None: BENCH_SHAPES
-                          freeze=["vision", "lm_head"]),
+                          freeze=list(RM_BENCH_FREEZE)),
     "generate": dict(hidden=512, layers=8, heads=8, kv_heads=2, intermediate=1408, vocab=32000, batch=8,
                      new_tokens=128, repeats=5, dtype="float32"),
     "compile": dict(hidden=512, heads=8, kv_heads=2, intermediate=1408, vocab=32000, seq=256, batch=2,
                     layers=[2, 28], repeats=2, dtype="float32", remat="none", warmup=True),
     "rm_train_step_gpu": dict(pairs=4, steps=5, shapes=None,  # None: GPU_SHAPES (a 1.5B decoder); no GPU: skipped
-                              freeze=["vision", "lm_head"]),
+                              freeze=list(RM_BENCH_FREEZE)),
 }
 
 # --quick: the same benchmarks, small enough that the whole command takes ~2-3 minutes on 2 CPU cores. The compile
 # benchmark keeps the named width (it is about depth, and its cost hardly depends on width); it only repeats less.
 QUICK_SETTINGS: dict[str, dict[str, Any]] = {
     "matmul": dict(n=1024, repeats=5, dtype="float32"),
-    "rm_train_step": dict(pairs=1, steps=2, dtype="float32", torch_baseline=True, freeze=["vision", "lm_head"],
+    "rm_train_step": dict(pairs=1, steps=2, dtype="float32", torch_baseline=True, freeze=list(RM_BENCH_FREEZE),
                           shapes=dict(
         text=dict(hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=32000),
@@ -94,7 +96,7 @@ QUICK_SETTINGS: dict[str, dict[str, Any]] = {
                      new_tokens=32, repeats=2, dtype="float32"),
     "compile": dict(hidden=512, heads=8, kv_heads=2, intermediate=1408, vocab=32000, seq=256, batch=2,
                     layers=[2, 28], repeats=1, dtype="float32", remat="none", warmup=True),
-    "rm_train_step_gpu": dict(pairs=2, steps=2, shapes=None, freeze=["vision", "lm_head"]),
+    "rm_train_step_gpu": dict(pairs=2, steps=2, shapes=None, freeze=list(RM_BENCH_FREEZE)),
 }
 
 

@@ -69,6 +69,11 @@ def _inputs(pairs: int, seed: int = 0):
     return images, chosen, rejected
 
 
+# what the reward-model stages train: the ViT frozen (trainer.freeze's default, the paper's), the unused LM head
+# frozen; the merger, the LLM and the value head trained
+RM_BENCH_FREEZE = ("vision", "lm_head")
+
+
 def mrope_section_for(head_dim: int) -> tuple[int, int, int]:
     """Qwen2.5-VL's (t, h, w) split of the rotary half, scaled to head_dim ((16, 24, 24) at head_dim 128)."""
     half = head_dim // 2
@@ -79,7 +84,7 @@ def run_rm_bench(pairs: int = 4, steps: int = 5, dtype: str = "float32", torch_b
                  shapes: dict | None = None, peak: float | None = None, measure_peak: bool = True,
                  layouts: Sequence[str] = ("two_rows", "shared_prompt"), torch_device: str = "auto",
                  log=None, compiler_options: dict | None | str = "auto",
-                 freeze: Sequence[str] = ("vision", "lm_head")) -> dict:
+                 freeze: Sequence[str] = RM_BENCH_FREEZE) -> dict:
     """shapes: {'text': Qwen2Config fields, 'vision': vision config fields} (default BENCH_SHAPES). peak: this
     machine's matmul FLOP/s if already measured; otherwise it is measured here unless measure_peak is False (then
     the FLOP fraction is None).
@@ -342,7 +347,7 @@ def gpu_bf16_peak(device_kind: str) -> tuple[float | None, str]:
 
 
 def run_rm_gpu_bench(pairs: int = 4, steps: int = 5, shapes: dict | None = None, require_gpu: bool = True,
-                     peak: float | None = None, log=None, freeze: Sequence[str] = ("vision", "lm_head")) -> dict:
+                     peak: float | None = None, log=None, freeze: Sequence[str] = RM_BENCH_FREEZE) -> dict:
     """The reward-model train step on the GPU in bf16 (fp32 master weights in skyjax; the PyTorch model in bf16 with
     its AdamW), at GPU_SHAPES, both batch layouts, with MFU = step FLOPs (from the jaxpr) / time / the GPU's bf16
     peak (or `peak`). `freeze` as in run_rm_bench. Without a GPU it returns {"skipped": why} at once
@@ -376,7 +381,7 @@ def main(argv=None) -> int:
     p.add_argument("--pairs", type=int, default=4)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--freeze", default="vision,lm_head",
+    p.add_argument("--freeze", default=",".join(RM_BENCH_FREEZE),
                    help="parts not trained, comma-separated trainer.freeze presets (default: vision,lm_head, as the "
                         "reward-model stages train; lm_head alone trains the vision tower too)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
