@@ -15,6 +15,16 @@ def rel_error(ours, ref) -> float:
     return float(np.max(np.abs(ours - ref)) / max(np.max(np.abs(ref)), 1e-30))
 
 
+def rotary_tolerance(angles) -> np.ndarray:
+    """How far our rotary cos/sin may be from the reference's at rotary angles `angles` (position * inv_freq, fp64).
+
+    Our inverse frequencies are correctly rounded; the reference's fp32 pow is within an ulp or two of them, on any
+    CPU or GPU, so the angles differ by at most ~3 * 2^-23 of themselves (the pow, the reciprocal and the product's
+    rounding), and cos/sin add an ulp each. The error grows with the position: docs/numerics.md.
+    """
+    return 3 * 2.0**-23 * np.abs(np.asarray(angles, np.float64)) + 5e-7
+
+
 def tiny_hf_qwen2(folder: Path, *, tied: bool = False, seed: int = 0, dtype: str = "float32", vocab: int = 320,
                   layers: int = 2, heads: int = 4, kv_heads: int = 2, hidden: int = 64, max_shard_size=None):
     """Build, randomise and save a tiny transformers Qwen2ForCausalLM; returns the torch model (eval mode)."""

@@ -13,8 +13,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from skyjax.nn.mrope import check_mrope_inputs, decode_positions, mm_token_types, mrope_cos_sin, mrope_positions
-from skyjax.nn.rotary import apply_rotary, rope_cos_sin
+from helpers import rotary_tolerance
+from skyjax.nn.mrope import (_section_axes, check_mrope_inputs, decode_positions, mm_token_types, mrope_cos_sin,
+                              mrope_positions)
+from skyjax.nn.rotary import apply_rotary, inverse_frequencies, rope_cos_sin, rotate_half
 
 PAD, VISION_START, VISION_END, IMAGE, VIDEO = 0, 58, 59, 60, 61
 MERGE = 2
@@ -238,11 +240,16 @@ def test_cos_sin_rotate_like_reference(head_dim, section, theta):
 
     cos, sin = mrope_cos_sin(jnp.asarray(positions), head_dim, theta, section)
     assert cos.dtype == jnp.float32 and cos.shape == (2, positions.shape[2], head_dim)
-    np.testing.assert_allclose(np.asarray(cos), cos_ref.numpy(), rtol=0, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(sin), sin_ref.numpy(), rtol=0, atol=1e-6)
+    # each frequency's angle: its section's position times its inverse frequency; the bound grows with it
+    per_freq = positions[_section_axes(head_dim, section)].transpose(1, 2, 0) * inverse_frequencies(head_dim, theta)
+    tol = rotary_tolerance(np.concatenate([per_freq, per_freq], axis=-1))  # [B, S, head_dim]
+    assert np.all(np.abs(np.asarray(cos, np.float64) - cos_ref.numpy()) <= tol)
+    assert np.all(np.abs(np.asarray(sin, np.float64) - sin_ref.numpy()) <= tol)
     for x, want in ((q, q_ref), (k, k_ref)):
         got = apply_rotary(jnp.asarray(x.transpose(0, 2, 1, 3)), cos, sin)  # ours: [B, S, H, D]
-        np.testing.assert_allclose(np.asarray(got).transpose(0, 2, 1, 3), want.numpy(), rtol=0, atol=1e-6)
+        xs = x.transpose(0, 2, 1, 3)
+        bound = (np.abs(xs) + np.abs(np.asarray(rotate_half(jnp.asarray(xs))))) * tol[:, :, None] + 1e-6
+        assert np.all(np.abs(np.asarray(got) - want.numpy().transpose(0, 2, 1, 3)) <= bound)
 
 
 def test_text_positions_reduce_to_1d_rope():
