@@ -185,9 +185,15 @@ def test_padding_pairs_change_nothing():
     assert not np.any(grad[b:b + bj]) and not np.any(grad[2 * b + bj:])
     for key in ("rewards/chosen", "rewards/margins", "rewards/accuracies"):
         close(metrics[key], t_metrics[key])
+    # the running BCO shift does not see the padding rows either
+    run_pad = skyjax_mpo(padded, MPOConfig(), state=init_bco_state(), pair_weight=weight)
+    run_real = skyjax_mpo(real, MPOConfig(), state=init_bco_state())
+    close(run_pad[2]["bco_delta"], run_real[2]["bco_delta"])
+    close(run_pad[0], run_real[0])
+    assert float(run_pad[3].batches) == 1.0
 
 
-# --- what TRL 1.16 no longer computes: numpy from the formulas ---------------------------------------------------------
+# --- what TRL 1.16 no longer computes: numpy from the formulas -----------------------------------------------------
 
 
 def np_logsig(x):
