@@ -67,6 +67,24 @@ def r1v_convention_ids(tok, question: str, tiles_per_image, tokens_per_tile: int
     return tok(query, add_special_tokens=False)["input_ids"]
 
 
+def test_r1v_tokenizer_and_template_structure(r1v_tok):
+    """The tiny R1V tokenizer: DeepSeek-R1-Distill's roles (bos, eos = pad) and single tokens; its template has the
+    real one's structure: system text right after bos, no separators, reasoning dropped from assistant turns."""
+    ids = special_token_ids(r1v_tok)
+    assert (r1v_tok.bos_token, r1v_tok.eos_token, r1v_tok.pad_token) == (
+        "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜end▁of▁sentence｜>")
+    assert ids["eos"] == ids["pad"] == ids["end_of_sentence"] and r1v_tok.bos_token_id == ids["begin_of_sentence"]
+    for token in ("<｜User｜>", "<｜Assistant｜>", "<img>", "</img>", "<IMG_CONTEXT>", "<think>", "</think>"):
+        assert r1v_tok.encode(token, add_special_tokens=False) == [r1v_tok.convert_tokens_to_ids(token)]
+    # <think> is not special (decoding with skip_special_tokens keeps the reasoning markers)
+    text = "<｜Assistant｜><think>x</think>y<｜end▁of▁sentence｜>"
+    assert r1v_tok.decode(r1v_tok.encode(text), skip_special_tokens=True) == "<think>x</think>y"
+    messages = [{"role": "system", "content": "S."}, {"role": "user", "content": "Q1"},
+                {"role": "assistant", "content": "<think>r</think>A1"}, {"role": "user", "content": "Q2"}]
+    assert r1v_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == (
+        "<｜begin▁of▁sentence｜>S.<｜User｜>Q1<｜Assistant｜>A1<｜end▁of▁sentence｜><｜User｜>Q2<｜Assistant｜><think>\n")
+
+
 # --- detection and the plain-text form ---------------------------------------------------------------------------
 
 
@@ -79,7 +97,8 @@ def test_probe_tells_typed_from_string_only_templates(r1v_tok):
         r1v_tok.apply_chat_template([user(None, "Q?")], tokenize=False)
     # a template that prints a list's repr instead of raising is string-only too
     repr_tok = build_tiny_tokenizer("qwen2")
-    repr_tok.chat_template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    repr_tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                              "{% endfor %}")
     assert not renders_typed_parts(repr_tok)
     # a string-only template that refuses a system turn is still recognised (the probe without one)
     no_system = build_tiny_tokenizer("qwen2")
@@ -240,7 +259,7 @@ def test_one_line_errors_name_the_row(r1v_tok):
         prepare_r1v_batch([[{"role": "user", "content": [{"type": "video"}]}]], [[]], r1v_tok, cfg)
     # a typed template that refuses a part keeps its own error (no silent fallback), in one line
     text_only = build_tiny_tokenizer("qwen2")
-    with pytest.raises(ChatTemplateError, match=r"cannot render this conversation \(TemplateError: .*no slot for image"):
+    with pytest.raises(ChatTemplateError, match=r"cannot render this conversation \(TemplateError: .*no slot for"):
         format_conversation(text_only, [user(None, "Q?")], num_image_tokens=[4])
 
 

@@ -74,7 +74,8 @@ class FormattedConversation:
 
     - input_ids (int32)
     - assistant_mask (bool): True on the tokens an SFT loss trains on: each assistant message's rendered content
-      plus the eos token (``<|im_end|>``) that closes it when the template puts it right after the content. The
+      plus the eos token (``<|im_end|>``; DeepSeek-R1's ``<｜end▁of▁sentence｜>``) that closes it when the template
+      puts it right after the content (a template that drops reasoning renders, and so trains, only the rest). The
       ``<|im_start|>assistant\\n`` header, the newline after ``<|im_end|>``, and image tokens are False. A token that
       straddles a span edge counts as assistant (HF's rule for ``return_assistant_tokens_mask``).
     - mm_token_type_ids (int32): 1 on expanded image tokens (``<|image_pad|>`` / ``<IMG_CONTEXT>``), 0 elsewhere.
