@@ -41,7 +41,7 @@ def internvl():
     return build_tiny_tokenizer("internvl")
 
 
-@pytest.mark.parametrize("kind", ["qwen2_5_vl", "qwen2", "internvl"])
+@pytest.mark.parametrize("kind", ["qwen2_5_vl", "qwen2", "internvl", "r1v"])
 def test_save_and_reload_is_identical(tmp_path, kind):
     tok = build_tiny_tokenizer(kind, out_dir=tmp_path)
     again = AutoTokenizer.from_pretrained(tmp_path)

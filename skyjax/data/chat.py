@@ -14,6 +14,23 @@ Qwen2.5-VL: the placeholder is ``<|image_pad|>`` (rendered as ``<|vision_start|>
 InternVL / R1V: pass ``image_token="<image>"``; the k-th ``<image>`` text marker becomes ``<img>`` +
 ``<IMG_CONTEXT>`` x num_image_tokens[k] + ``</img>`` (num_image_tokens[k] = tokens_per_tile * tiles), the same ids as
 `expand_internvl_images` followed by tokenization.
+
+Templates that take only plain-text content. Messages carry typed parts (``[{"type": "image"}, {"type": "text",
+...}]``, what the Qwen2-VL template renders). Many checkpoints' templates concatenate ``message['content']`` as a
+string instead (DeepSeek-R1-Distill's, which the Skywork-R1V checkpoints ship; Qwen2/Qwen2.5-Instruct's), and fail
+or print the list's repr on typed parts. `renders_typed_parts` finds out by rendering a probe conversation both ways
+(typed text parts and plain strings): a template takes typed parts when both renderings agree. Otherwise every
+typed content becomes a string, part by part in order: a text part is its text, an image part is the family's
+placeholder text (`image_placeholder_text`), what the typed templates render for an image part:
+``<image>\\n`` for InternVL / R1V, ``<|vision_start|><|image_pad|><|vision_end|>`` for Qwen2.5-VL.
+
+For R1V this is its own chat convention: Skywork-R1V's inference code builds the question as ``"<image>\\n" *
+n_images + question`` (InternVL's ``chat`` puts ``<image>\\n`` before a question that has none) and then replaces
+the k-th ``<image>`` with the k-th image's tokens. Rows whose images come before the text (the records' string
+shorthand, and most datasets) render exactly that; images placed between text parts keep their place, the same text
+the typed InternVL template renders, so a row means the same thing whichever kind of template the checkpoint has.
+We add no ``Image-k:`` labels (InternVL's multi-image README example writes them into the question itself; R1V's
+inference code does not); a row that wants them writes them as text.
 """
 
 from __future__ import annotations
@@ -26,11 +43,16 @@ import numpy as np
 from skyjax.data.tokenizer import INTERNVL_IMAGE_MARKER
 
 __all__ = [
+    "ChatTemplateError",
     "FormattedConversation",
     "SequenceTooLongError",
     "expand_internvl_images",
     "format_conversation",
+    "image_placeholder_text",
     "pad_batch",
+    "renderable_messages",
+    "renders_typed_parts",
+    "text_content_messages",
 ]
 
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
@@ -52,7 +74,8 @@ class FormattedConversation:
 
     - input_ids (int32)
     - assistant_mask (bool): True on the tokens an SFT loss trains on: each assistant message's rendered content
-      plus the eos token (``<|im_end|>``) that closes it when the template puts it right after the content. The
+      plus the eos token (``<|im_end|>``; DeepSeek-R1's ``<｜end▁of▁sentence｜>``) that closes it when the template
+      puts it right after the content (a template that drops reasoning renders, and so trains, only the rest). The
       ``<|im_start|>assistant\\n`` header, the newline after ``<|im_end|>``, and image tokens are False. A token that
       straddles a span edge counts as assistant (HF's rule for ``return_assistant_tokens_mask``).
     - mm_token_type_ids (int32): 1 on expanded image tokens (``<|image_pad|>`` / ``<IMG_CONTEXT>``), 0 elsewhere.
@@ -88,8 +111,102 @@ def expand_internvl_images(text: str, tiles_per_image: Sequence[int], tokens_per
     return "".join(out)
 
 
+class ChatTemplateError(ValueError):
+    """The checkpoint's chat template cannot render a conversation (one line: callers prefix the row)."""
+
+
+def _one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: " + " ".join(str(e).split())
+
+
 def _render(tokenizer, messages: Sequence[Mapping[str, Any]], **kwargs) -> str:
     return tokenizer.apply_chat_template(list(messages), tokenize=False, **kwargs)
+
+
+# Placeholder text of one image part in a plain-text rendering, per family (keyed by `format_conversation`'s
+# image_token): what the typed templates render for an image part.
+_IMAGE_TEXT = {INTERNVL_IMAGE_MARKER: INTERNVL_IMAGE_MARKER + "\n",
+               "<|image_pad|>": "<|vision_start|><|image_pad|><|vision_end|>"}
+# Probe turns; distinct texts so that a template which drops or moves a turn's content cannot agree by accident.
+_PROBE = (("system", "skyjax probe S"), ("user", "skyjax probe U"), ("assistant", "skyjax probe A"))
+_TYPED_SUPPORT: dict[str, bool] = {}  # chat template text -> renders typed parts
+
+
+def image_placeholder_text(image_token: str) -> str:
+    """The text one ``{"type": "image"}`` part becomes when content is rendered as plain text (see the module
+    docstring): ``<image>\\n`` for InternVL / R1V, ``<|vision_start|><|image_pad|><|vision_end|>`` for Qwen2.5-VL."""
+    return _IMAGE_TEXT.get(image_token, image_token)
+
+
+def renders_typed_parts(tokenizer) -> bool:
+    """Whether the tokenizer's chat template renders typed content parts: a probe conversation (system, user,
+    assistant; then user, assistant for templates that refuse a system turn) rendered with ``[{"type": "text",
+    "text": t}]`` contents must equal its rendering with the plain strings ``t``. A template that raises on typed
+    parts (string concatenation) or prints them differently (their repr) does not. When no probe renders even as
+    plain strings, typed parts are assumed, and the real rendering reports the template's own error."""
+    template = getattr(tokenizer, "chat_template", None)
+    key = template if isinstance(template, str) else None
+    if key is not None and key in _TYPED_SUPPORT:
+        return _TYPED_SUPPORT[key]
+    answer = True
+    for turns in (_PROBE, _PROBE[1:]):
+        try:
+            as_text = _render(tokenizer, [{"role": r, "content": t} for r, t in turns])
+        except Exception:  # noqa: BLE001 - any template failure: try the next probe
+            continue
+        try:
+            typed = _render(tokenizer, [{"role": r, "content": [{"type": "text", "text": t}]} for r, t in turns])
+        except Exception:  # noqa: BLE001
+            typed = None
+        answer = typed == as_text
+        break
+    if key is not None:
+        _TYPED_SUPPORT[key] = answer
+    return answer
+
+
+def text_content_messages(messages: Sequence[Mapping[str, Any]], image_token: str) -> list[dict]:
+    """`messages` with every list-valued content joined into one string, parts in order: a text part is its text,
+    an image part `image_placeholder_text(image_token)`. String contents are kept as they are."""
+    image_text = image_placeholder_text(image_token)
+    out = []
+    for i, message in enumerate(messages):
+        content = message.get("content")
+        if isinstance(content, (list, tuple)):
+            pieces = []
+            for part in content:
+                kind = part.get("type") if isinstance(part, Mapping) else None
+                if kind == "image":
+                    pieces.append(image_text)
+                elif kind == "text":
+                    pieces.append(part.get("text") or "")
+                else:
+                    raise ChatTemplateError(f"message {i}: content part {part!r} has no plain-text form (the chat "
+                                            "template takes only plain-text content)")
+            message = {**message, "content": "".join(pieces)}
+        out.append(dict(message))
+    return out
+
+
+def renderable_messages(tokenizer, messages: Sequence[Mapping[str, Any]], image_token: str,
+                        **kwargs) -> tuple[list[dict], str]:
+    """(the messages in the form the chat template takes, their rendering with `kwargs`): as they are when the
+    template renders typed parts, else with plain-text contents (`text_content_messages`). Any template failure
+    becomes a one-line `ChatTemplateError`."""
+    messages = [dict(m) for m in messages]
+    if renders_typed_parts(tokenizer):
+        try:
+            return messages, _render(tokenizer, messages, **kwargs)
+        except Exception as e:  # noqa: BLE001 - jinja errors, TypeErrors, ... become one line
+            raise ChatTemplateError(f"the chat template cannot render this conversation ({_one_line(e)})") from None
+    as_text = text_content_messages(messages, image_token)
+    try:
+        return as_text, _render(tokenizer, as_text, **kwargs)
+    except Exception as e:  # noqa: BLE001
+        raise ChatTemplateError(
+            "the chat template renders neither typed content parts nor plain-text content "
+            f"(plain text: {_one_line(e)})"
+        ) from None
 
 
 def _assistant_spans(tokenizer, messages: Sequence[Mapping[str, Any]], full: str,
@@ -165,8 +282,14 @@ def format_conversation(
         bad = [i for i in loss_messages if not (0 <= i < len(messages) and messages[i].get("role") == "assistant")]
         if bad:
             raise ValueError(f"loss_messages {bad} are not indices of assistant messages")
-    text = _render(tokenizer, messages, add_generation_prompt=add_generation_prompt)
-    spans = _assistant_spans(tokenizer, messages, text, loss_messages)
+    messages, text = renderable_messages(tokenizer, messages, image_token, add_generation_prompt=add_generation_prompt)
+    try:
+        spans = _assistant_spans(tokenizer, messages, text, loss_messages)
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the template failed on a prefix of the conversation
+        raise ChatTemplateError(f"the chat template cannot render a prefix of this conversation ({_one_line(e)})"
+                                ) from None
 
     vocab = tokenizer.get_vocab()
     if image_token == INTERNVL_IMAGE_MARKER:

@@ -19,6 +19,13 @@ Chat templates (`CHAT_TEMPLATES`):
   (InternVL's convention: images precede the question), which `skyjax.data.chat` later expands to
   ``<img><IMG_CONTEXT>...</img>``. ``<image>`` is deliberately *not* a token. ``add_generation_prompt`` appends
   ``<|im_start|>assistant\\n`` (no forced ``<think>``).
+- ``r1v``: the tokenizer Skywork-R1V checkpoints ship (DeepSeek-R1-Distill-Qwen's, plus InternVL's image tokens) with
+  the structure of its chat template, which takes only plain-text content (``'<｜User｜>' + message['content']``
+  raises on a list of parts; `skyjax.data.chat` then renders plain text): ``{bos}{system contents}``, then
+  ``<｜User｜>{content}`` per user turn and ``<｜Assistant｜>{content}<｜end▁of▁sentence｜>`` per assistant turn,
+  where an assistant content keeps only what follows its last ``</think>`` (the reasoning is dropped, every turn);
+  ``add_generation_prompt`` appends ``<｜Assistant｜><think>\\n``. bos is ``<｜begin▁of▁sentence｜>``, eos and pad
+  ``<｜end▁of▁sentence｜>``. The tool-call branches of the real template are left out.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ __all__ = [
     "CHAT_TEMPLATES",
     "QWEN_SPECIAL_TOKENS",
     "INTERNVL_SPECIAL_TOKENS",
+    "R1_DISTILL_SPECIAL_TOKENS",
     "THINK_TOKENS",
     "INTERNVL_IMAGE_MARKER",
     "bytes_to_unicode",
@@ -56,6 +64,9 @@ INTERNVL_SPECIAL_TOKENS = ("<img>", "</img>", "<IMG_CONTEXT>")
 # Reasoning markers are ordinary (non-special) added tokens, as in the R1-distilled tokenizers, so that
 # `decode(..., skip_special_tokens=True)` keeps them for answer extraction.
 THINK_TOKENS = ("<think>", "</think>")
+# DeepSeek-R1-Distill-Qwen's special tokens in their real relative order (they replace Qwen's first four);
+# Skywork-R1V appends InternVL's image tokens.
+R1_DISTILL_SPECIAL_TOKENS = ("<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<｜begin▁of▁sentence｜>")
 # InternVL's plain-text image marker (not a token).
 INTERNVL_IMAGE_MARKER = "<image>"
 
@@ -110,7 +121,27 @@ _INTERNVL_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-CHAT_TEMPLATES = {"qwen2_5_vl": _QWEN2_VL_TEMPLATE, "qwen2": _QWEN2_TEXT_TEMPLATE, "internvl": _INTERNVL_TEMPLATE}
+_R1_DISTILL_TEMPLATE = (
+    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
+    "{% set ns = namespace(system_prompt='') %}"
+    "{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{% set ns.system_prompt = message['content'] %}{% endif %}{% endfor %}"
+    "{{ bos_token }}{{ ns.system_prompt }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}{% endif %}"
+    "{% if message['role'] == 'assistant' and message['content'] is not none %}"
+    "{% set content = message['content'] %}"
+    "{% if '</think>' in content %}{% set content = content.split('</think>')[-1] %}{% endif %}"
+    "{{ '<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>' }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<｜Assistant｜><think>\\n' }}{% endif %}"
+)
+
+CHAT_TEMPLATES = {"qwen2_5_vl": _QWEN2_VL_TEMPLATE, "qwen2": _QWEN2_TEXT_TEMPLATE, "internvl": _INTERNVL_TEMPLATE,
+                  "r1v": _R1_DISTILL_TEMPLATE}
+# (bos, eos, pad) per kind.
+_ROLES = {"r1v": ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜end▁of▁sentence｜>")}
+_QWEN_ROLES = (None, "<|im_end|>", "<|endoftext|>")
 
 # A few merges so that the BPE path is exercised (not just byte fallback); each is (left, right) in byte symbols.
 _MERGES = (("Ġ", "t"), ("h", "e"), ("i", "n"), ("Ġt", "he"), ("Ġ", "a"), ("e", "r"), ("o", "n"), ("Ġ", "s"))
@@ -136,6 +167,8 @@ def _special_tokens_for(kind: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
         return QWEN_SPECIAL_TOKENS, ()
     if kind == "internvl":
         return QWEN_SPECIAL_TOKENS + INTERNVL_SPECIAL_TOKENS, THINK_TOKENS
+    if kind == "r1v":
+        return R1_DISTILL_SPECIAL_TOKENS + INTERNVL_SPECIAL_TOKENS, THINK_TOKENS
     raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {sorted(CHAT_TEMPLATES)}")
 
 
@@ -143,8 +176,10 @@ def build_tiny_tokenizer(kind: str = "qwen2_5_vl", out_dir: str | os.PathLike | 
     """Build a tiny byte-level Qwen2 tokenizer with Qwen's special tokens and the `kind`'s chat template.
 
     Ids: 0..255 are the byte symbols (GPT-2 order), then the merged symbols, then the special tokens in
-    `QWEN_SPECIAL_TOKENS` order (+ `INTERNVL_SPECIAL_TOKENS` and `THINK_TOKENS` for ``kind="internvl"``).
-    eos is ``<|im_end|>``, pad ``<|endoftext|>``, no bos, no unk (every byte is in the vocabulary).
+    `QWEN_SPECIAL_TOKENS` order (+ `INTERNVL_SPECIAL_TOKENS` and `THINK_TOKENS` for ``kind="internvl"``; for
+    ``kind="r1v"`` `R1_DISTILL_SPECIAL_TOKENS`, `INTERNVL_SPECIAL_TOKENS`, `THINK_TOKENS`).
+    Qwen kinds: eos is ``<|im_end|>``, pad ``<|endoftext|>``, no bos; ``r1v``: see the module docstring. No unk
+    (every byte is in the vocabulary).
     If `out_dir` is given the tokenizer is saved there and reloads with `AutoTokenizer.from_pretrained(out_dir)`.
     """
     specials, plain_added = _special_tokens_for(kind)
@@ -155,14 +190,15 @@ def build_tiny_tokenizer(kind: str = "qwen2_5_vl", out_dir: str | os.PathLike | 
     # numbers them in the order of its own special-token attributes (eos before pad), not Qwen's order.
     for token in specials + plain_added:
         vocab[token] = len(vocab)
+    bos, eos, pad = _ROLES.get(kind, _QWEN_ROLES)
     tokenizer = Qwen2Tokenizer(
         vocab=vocab,
         merges=list(_MERGES),  # tuples: "a b" strings are not accepted as merges by tokenizers' BPE here
         unk_token=None,
-        bos_token=None,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        extra_special_tokens=[t for t in specials if t not in ("<|im_end|>", "<|endoftext|>")],
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=pad,
+        extra_special_tokens=[t for t in specials if t not in (bos, eos, pad)],
     )
     tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in specials], special_tokens=True)
     if plain_added:
@@ -191,6 +227,10 @@ _NAMED_TOKENS = {
     "img_context": "<IMG_CONTEXT>",
     "think_start": "<think>",
     "think_end": "</think>",
+    "begin_of_sentence": "<｜begin▁of▁sentence｜>",
+    "end_of_sentence": "<｜end▁of▁sentence｜>",
+    "user": "<｜User｜>",
+    "assistant": "<｜Assistant｜>",
 }
 
 
