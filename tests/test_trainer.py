@@ -54,7 +54,12 @@ def test_resume_is_exact_frozen_parts_stay_and_restore_onto_another_mesh(tmp_pat
     for k in before:
         np.testing.assert_array_equal(before[k], after[k], err_msg=k)  # frozen: bit-identical
     changed = host(a.state["trainable"])
-    assert all(not np.array_equal(trainable_before[k], changed[k]) for k in trainable_before), "all trainable move"
+    # every trainable tensor moves, except the value head's bias: a shared offset cancels in r+ - r-, so its gradient
+    # is zero up to rounding, and whether Adam moves it depends on the rounding of this machine's kernels
+    offset = "v_head/summary/bias"
+    assert offset in trainable_before
+    assert all(not np.array_equal(trainable_before[k], changed[k]) for k in trainable_before if k != offset), \
+        [k for k in trainable_before if np.array_equal(trainable_before[k], changed[k])]
     assert "lm_head/kernel" in before  # unused by the score: frozen, so it costs no optimizer state
 
     b = Trainer(cfg, tmp_path / "b")
