@@ -97,10 +97,11 @@ def overlong_reward(rows: Sequence[Rollout], *, max_len: int | None = None, cach
     if not 0 <= cache <= max_len:
         raise ValueError(f"overlong reward: cache {cache} is not within [0, max_len={max_len}]")
     out: list[float | None] = []
-    for i, row in enumerate(rows):
+    for row in rows:
         n = len(row.completion_ids)
         if n == 0 and row.completion:
-            raise ValueError(f"row {i} has completion text but no completion_ids; overlong counts tokens")
+            # the Reward wrapper names the row: it reruns the function row by row when it fails
+            raise ValueError("a completion has text but no completion_ids; overlong counts tokens")
         if n <= max_len - cache:
             out.append(0.0)
         elif n <= max_len:
