@@ -1,4 +1,4 @@
-"""Adaptive-length CoT scores: image clarity, question heuristics, min-max normalisation, DRLC (skyjax/rl/distill.py)."""
+"""Adaptive-length CoT scores: image clarity, question heuristics, min-max normalisation, DRLC (rl/distill.py)."""
 
 import math
 

@@ -93,8 +93,8 @@ def test_overlong_option_errors():
     with pytest.raises(RewardError, match=r"'overlong'.*cache 200 is not within"):
         load_reward("overlong", max_len=100, cache=200)(rows_for(["x"], ids=[[1]]))
     rows = rows_for(["ok", "no ids"], ids=[[1, 2], []])
-    with pytest.raises(RewardError, match=r"^reward function 'overlong' raised ValueError: a completion has text but no completion_ids; "
-                                          r"overlong counts tokens on row 1 of 2$"):
+    with pytest.raises(RewardError, match=r"^reward function 'overlong' raised ValueError: a completion has text but "
+                                          r"no completion_ids; overlong counts tokens on row 1 of 2$"):
         load_reward("overlong", max_len=100, cache=20)(rows)
 
 

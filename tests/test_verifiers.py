@@ -317,3 +317,17 @@ def test_check_format_with_think_opened_by_prompt():
     assert not check_format("<think>reasoning</think>\n\\boxed{3}", think_opened=True)  # a second opening tag
     with pytest.raises(ValueError, match="format mode"):
         check_format("x", mode="loose")
+
+
+def test_round_to_truth():
+    assert not answers_match("3.1416", "3.14")[0]
+    assert answers_match("3.1416", "3.14", round_to_truth=True) == (True, "numeric match after rounding")
+    assert answers_match("3.135", "3.14", round_to_truth=True)[0]  # exactly half a unit below
+    assert not answers_match("3.1349", "3.14", round_to_truth=True)[0]
+    assert not answers_match("2.4", "2", round_to_truth=True)[0]  # integers stay exact
+    assert verify("<think>pi r^2</think> \\boxed{78.5398}", "78.54", round_to_truth=True).correct
+
+
+def test_superscript_units():
+    assert answers_match("25 cm²", "25 cm^2")[0]
+    assert not answers_match("25 cm²", "25 cm^3")[0]

@@ -263,7 +263,7 @@ def normalize_answer(text: str, *, lowercase: bool = True) -> str:
     s = re.sub(r"\\frac\s*(\d)\s*(\d)", r"\\frac{\1}{\2}", s)  # \frac34
     s = re.sub(r"\\sqrt\s*(\d+|[a-zA-Z])", r"\\sqrt{\1}", s)  # \sqrt3
     s = re.sub(r"\^\s*\{?\\circ\}?|°|\\degree", "°", s)
-    s = s.replace("\\%", "%").replace("{,}", ",")
+    s = s.replace("\\%", "%").replace("{,}", ",").replace("²", "^2").replace("³", "^3")
     s = re.sub(r"\s+", " ", s).strip()
     while s.endswith(".") and not s.endswith(".."):
         s = s[:-1].rstrip()
@@ -364,12 +364,16 @@ def numbers_close(a: float, b: float, *, rel_tol: float = 1e-4, abs_tol: float =
 
 
 def answers_match(predicted: str, truth: str, *, rel_tol: float = 1e-4, abs_tol: float = 1e-8,
-                  units_optional: bool = True, percent_as_fraction: bool = True) -> tuple[bool, str]:
+                  units_optional: bool = True, percent_as_fraction: bool = True,
+                  round_to_truth: bool = False) -> tuple[bool, str]:
     """(equal, reason) for two answer strings.
 
     Equal when the normalised strings agree (spaces ignored), or both are numbers within the tolerance.
     units_optional: "5 cm" equals "5" (a unit on one side only is ignored); two different units never match.
     percent_as_fraction: "75%" also equals "0.75" (it always equals "75").
+    round_to_truth: a ground truth written with k >= 1 decimals ("3.14") also accepts any value within half a unit
+      of its last digit ("3.1416"), for benchmarks whose answers are rounded; integers stay exact (a count of 2
+      must not accept 2.4).
     """
     p_norm, t_norm = normalize_answer(predicted), normalize_answer(truth)
     if p_norm.replace(" ", "") == t_norm.replace(" ", ""):
@@ -383,12 +387,17 @@ def answers_match(predicted: str, truth: str, *, rel_tol: float = 1e-4, abs_tol:
     t_values = {t.value} | ({t.value / 100.0} if t.percent and percent_as_fraction else set())
     if any(numbers_close(a, b, rel_tol=rel_tol, abs_tol=abs_tol) for a in p_values for b in t_values):
         return True, "numeric match"
+    decimals = re.match(r"^[-+−]?[\d,]*\.(\d+)$", normalize_answer(truth))
+    if round_to_truth and decimals and not t.percent:
+        half_unit = 0.5 * 10.0 ** -len(decimals.group(1)) * (1 + 1e-9)  # the slack absorbs binary rounding
+        if any(abs(a - t.value) <= half_unit for a in p_values):
+            return True, "numeric match after rounding"
     return False, "numeric mismatch"
 
 
 def verify(completion: str, answer: str, *, choices: Sequence[str] | Mapping[str, str] | None = None,
            rel_tol: float = 1e-4, abs_tol: float = 1e-8, units_optional: bool = True,
-           percent_as_fraction: bool = True) -> VerifyResult:
+           percent_as_fraction: bool = True, round_to_truth: bool = False) -> VerifyResult:
     """Whether the completion's final answer equals ``answer``.
 
     Multiple choice when ``choices`` are given, or when ``answer`` is a bare letter ("B", "(B)"): the ground
@@ -416,7 +425,7 @@ def verify(completion: str, answer: str, *, choices: Sequence[str] | Mapping[str
     if extracted is None:
         return VerifyResult(False, None, "no answer found")
     ok, reason = answers_match(extracted, answer, rel_tol=rel_tol, abs_tol=abs_tol, units_optional=units_optional,
-                               percent_as_fraction=percent_as_fraction)
+                               percent_as_fraction=percent_as_fraction, round_to_truth=round_to_truth)
     return VerifyResult(ok, extracted, reason)
 
 

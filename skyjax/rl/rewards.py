@@ -64,7 +64,7 @@ class RewardError(ValueError):
 
 
 def accuracy_reward(rows: Sequence[Rollout], *, rel_tol: float = 1e-4, abs_tol: float = 1e-8,
-                    units_optional: bool = True, percent_as_fraction: bool = True,
+                    units_optional: bool = True, percent_as_fraction: bool = True, round_to_truth: bool = False,
                     choices_key: str = "choices") -> list[float | None]:
     """1.0 when the completion's final answer equals the row's ground truth, else 0.0; None without a ground truth.
     Multiple choice when ``meta[choices_key]`` holds the options (or the answer is a bare letter). A think block
@@ -75,7 +75,8 @@ def accuracy_reward(rows: Sequence[Rollout], *, rel_tol: float = 1e-4, abs_tol: 
             out.append(None)
             continue
         result = verify(row.completion, str(row.answer), choices=row.meta.get(choices_key), rel_tol=rel_tol,
-                        abs_tol=abs_tol, units_optional=units_optional, percent_as_fraction=percent_as_fraction)
+                        abs_tol=abs_tol, units_optional=units_optional, percent_as_fraction=percent_as_fraction,
+                        round_to_truth=round_to_truth)
         out.append(1.0 if result.correct else 0.0)
     return out
 
