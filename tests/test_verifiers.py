@@ -67,6 +67,8 @@ def test_boxed_answers_balance_braces(text, expected):
     ("Adding them up, the answer is 3.5.", "3.5"),
     ("So the final answer is: 1,024. Done.", "1,024"),
     ("ANSWER: red\nANSWER: blue", "blue"),
+    ("Summary:\n- Answer: 5\n", "5"),
+    ("\\boxed{\\$12.50}", "\\$12.50"),
     # R1-distilled templates open <think> in the prompt: only the closing tag is in the completion
     ("reasoning that says \\boxed{1}\n</think>\n\\boxed{2}", "2"),
     # a short marker-less answer after the think block
@@ -158,6 +160,8 @@ def test_not_a_number(text):
     ("(1,2)", "( 1, 2 )"),
     ("x = -2", "-2"),
     ("0.33333", "1/3"),
+    ("\\$12.50", "12.5"),
+    ("5\\ \\text{cm}", "5 cm"),
 ])
 def test_answers_match(pred, truth):
     assert answers_match(pred, truth)[0]

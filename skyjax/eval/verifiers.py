@@ -100,9 +100,10 @@ def boxed_answers(text: str) -> list[str]:
 
 
 _ANSWER_TAG_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
-# "Answer: X", "**Final Answer:** X", "ANSWER：X" at the start of a line; the rest of the line is the answer
+# "Answer: X", "**Final Answer:** X", "- Answer: X", "ANSWER：X" at the start of a line; the rest of the line is the
+# answer
 _ANSWER_LINE_RE = re.compile(
-    r"^[ \t>#*_]*(?:the\s+)?(?:final\s+|correct\s+)?answer[ \t*_]*[:：][ \t*_]*(.*?)[ \t*_]*$",
+    r"^[ \t>#*_-]*(?:the\s+)?(?:final\s+|correct\s+)?answer[ \t*_]*[:：][ \t*_]*(.*?)[ \t*_]*$",
     re.IGNORECASE | re.MULTILINE)
 # "... the answer is X." / "the final answer is: X" inside a sentence, up to the end of the sentence or line
 _ANSWER_IS_RE = re.compile(
