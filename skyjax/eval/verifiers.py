@@ -112,7 +112,8 @@ _ANSWER_IS_RE = re.compile(
 
 
 def _strip_answer(text: str) -> str:
-    """Trim what surrounds an answer in prose: markdown emphasis, a trailing period, enclosing $...$."""
+    """Trim what surrounds an answer in prose: markdown emphasis and a trailing period ($ signs go later, in
+    normalize_answer, so the extracted answer is shown as written)."""
     text = text.strip().strip("*_").strip()
     while text.endswith(".") and not text.endswith(".."):
         text = text[:-1].rstrip()  # "3." is 3 and "red." is red: a sentence's period is never part of the answer
