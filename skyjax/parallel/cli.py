@@ -2,7 +2,7 @@
 `lm_forward_backward` kind: one Qwen2 causal-LM training step (next-token cross entropy, gradients, AdamW update).
 
 The lm step lives here rather than in aot.py because it needs a model, and `skyjax.parallel` must not import
-`skyjax.models` (DESIGN: dependencies point one way). The trainer registers its own kinds (reward_model, sft) the same
+`skyjax.models` (docs/architecture.md: imports point one way). The trainer registers its own kinds (reward_model, sft) the same
 way, in skyjax/train/aot.py.
 
     kind: lm_forward_backward
