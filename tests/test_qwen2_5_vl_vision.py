@@ -8,9 +8,10 @@ from jax.sharding import PartitionSpec as P
 
 from helpers import rel_error
 from skyjax.convert.hf_params import CheckpointMismatchError, export_params, load_params
+from skyjax.convert.keymap import qwen2_5_vl_vision_rules
 from skyjax.convert.safetensors_io import SafetensorsReader, SafetensorsWriter
 from skyjax.models.qwen2_5_vl_vision import (Qwen2_5_VLVisionConfig, Qwen2_5_VLVisionModel, pad_pixel_values,
-                                             vision_inputs, vision_rules)
+                                             vision_inputs)
 from skyjax.nn.functional import Functional
 from skyjax.parallel import make_mesh, use_mesh
 
@@ -40,7 +41,7 @@ def tower(tmp_path_factory):
     save_file({f"visual.{k}": v.contiguous() for k, v in hf.state_dict().items()}, str(folder / "model.safetensors"))
 
     fn = Functional.create(lambda r: Qwen2_5_VLVisionModel(cfg, rngs=r))
-    params = load_params(SafetensorsReader(folder), vision_rules(ours=""), fn.shapes)
+    params = load_params(SafetensorsReader(folder), qwen2_5_vl_vision_rules(ours=""), fn.shapes)
     traces = []
 
     def forward(p, pixel_values, meta):
@@ -247,11 +248,11 @@ def test_key_map_aliases_and_export_round_trip(tower, tmp_path):
     # transformers >= 4.52 in-memory names (model.visual.*) load through the alias, under a 'visual' prefix
     (tmp_path / "alias").mkdir()
     save_file({f"model.{k}": v for k, v in original.items()}, str(tmp_path / "alias" / "model.safetensors"))
-    nested = load_params(SafetensorsReader(tmp_path / "alias"), vision_rules(), {"visual": fn.shapes})
+    nested = load_params(SafetensorsReader(tmp_path / "alias"), qwen2_5_vl_vision_rules(), {"visual": fn.shapes})
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(nested["visual"]), jax.tree.leaves(params)))
     # export writes the HF layout back, Conv3d kernel shape included
     with SafetensorsWriter(tmp_path / "export") as writer:
-        export_params(params, vision_rules(ours=""), writer,
+        export_params(params, qwen2_5_vl_vision_rules(ours=""), writer,
                       hf_shapes=Qwen2_5_VLVisionModel.hf_tensor_shapes(tower["cfg"]))
     reader = SafetensorsReader(tmp_path / "export")
     assert sorted(reader.keys()) == sorted(original)
@@ -262,7 +263,7 @@ def test_key_map_aliases_and_export_round_trip(tower, tmp_path):
     save_file({k: v for k, v in original.items() if k != "visual.blocks.2.attn.qkv.bias"},
               str(tmp_path / "broken" / "model.safetensors"))
     with pytest.raises(CheckpointMismatchError, match=r"visual\.blocks\.2\.attn\.qkv\.bias"):
-        load_params(SafetensorsReader(tmp_path / "broken"), vision_rules(ours=""), fn.shapes)
+        load_params(SafetensorsReader(tmp_path / "broken"), qwen2_5_vl_vision_rules(ours=""), fn.shapes)
 
 
 def test_full_attention_by_image_bound_matches_transformers(tower):

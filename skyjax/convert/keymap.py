@@ -120,3 +120,28 @@ def qwen2_causal_lm_rules(tied: bool) -> list[KeyRule]:
     if not tied:
         rules += linear("lm_head", "lm_head")
     return rules
+
+
+def qwen2_5_vl_vision_rules(ours: str = "visual", hf: str = "visual", aliases: Sequence[str] = ("model.visual",)) -> list[KeyRule]:
+    """The Qwen2.5-VL vision tower: our parameters under prefix `ours` ('' for a bare tower) <- HF tensors under `hf` (or `aliases`)."""
+
+    def p(suffix: str) -> str:
+        return f"{ours}/{suffix}" if ours else suffix
+
+    def al(suffix: str) -> list[str]:
+        return [f"{a}.{suffix}" for a in aliases]
+
+    rules = [KeyRule(p("patch_embed/proj/kernel"), f"{hf}.patch_embed.proj.weight", CONV_DENSE,
+                     tuple(al("patch_embed.proj.weight")))]
+    blk = "blocks.{i}"
+    rules += norm(p("blocks/norm1"), f"{hf}.{blk}.norm1", aliases=al(f"{blk}.norm1"))
+    rules += norm(p("blocks/norm2"), f"{hf}.{blk}.norm2", aliases=al(f"{blk}.norm2"))
+    for name in ("qkv", "proj"):
+        rules += linear(p(f"blocks/attn/{name}"), f"{hf}.{blk}.attn.{name}", bias=True,
+                        aliases=al(f"{blk}.attn.{name}"))
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        rules += linear(p(f"blocks/mlp/{name}"), f"{hf}.{blk}.mlp.{name}", bias=True, aliases=al(f"{blk}.mlp.{name}"))
+    rules += norm(p("merger/ln_q"), f"{hf}.merger.ln_q", aliases=al("merger.ln_q"))
+    for i in (0, 2):
+        rules += linear(p(f"merger/mlp_{i}"), f"{hf}.merger.mlp.{i}", bias=True, aliases=al(f"merger.mlp.{i}"))
+    return rules

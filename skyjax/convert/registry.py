@@ -13,10 +13,10 @@ from flax import nnx
 
 from pathlib import Path
 
-from skyjax.convert.keymap import COPY, LINEAR, KeyRule, linear, qwen2_causal_lm_rules, qwen2_decoder_rules
+from skyjax.convert.keymap import (COPY, LINEAR, KeyRule, linear, qwen2_5_vl_vision_rules, qwen2_causal_lm_rules,
+                                   qwen2_decoder_rules)
 from skyjax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
 from skyjax.models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-from skyjax.models.qwen2_5_vl_vision import vision_rules
 from skyjax.models.reward import VALUE_HEAD_FILE, Qwen2_5_VLRewardModel
 
 
@@ -48,7 +48,7 @@ def _is_qwen2_5_vl(c: dict) -> bool:
 def qwen2_5_vl_rules(cfg: Qwen2_5_VLConfig) -> list[KeyRule]:
     """Hub layout (`visual.*`, `model.*`) with the transformers >= 4.52 in-memory names as aliases
     (`model.visual.*`, `model.language_model.*`). Export writes the hub layout."""
-    rules = vision_rules("visual", "visual", aliases=("model.visual",))
+    rules = qwen2_5_vl_vision_rules("visual", "visual", aliases=("model.visual",))
     rules += qwen2_decoder_rules("model", "model", aliases=("model.language_model",))
     if not cfg.text.tie_word_embeddings:
         rules += linear("lm_head", "lm_head")

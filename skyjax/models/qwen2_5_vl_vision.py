@@ -22,7 +22,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from skyjax.convert.keymap import CONV_DENSE, KeyRule, linear, norm
 from skyjax.nn.attention import attention_mask, dot_product_attention
 from skyjax.nn.layers import Linear, RMSNorm, SwiGLU
 from skyjax.nn.rotary import apply_rotary, inverse_frequencies
@@ -508,28 +507,3 @@ def _runs(flags: Sequence[bool]) -> list[tuple[int, int, bool]]:
             runs.append((start, i, bool(flags[start])))
             start = i
     return runs
-
-
-def vision_rules(ours: str = "visual", hf: str = "visual", aliases: Sequence[str] = ("model.visual",)) -> list[KeyRule]:
-    """Our vision parameters under prefix `ours` ('' for a bare tower) <- HF tensors under `hf` (or `aliases`)."""
-
-    def p(suffix: str) -> str:
-        return f"{ours}/{suffix}" if ours else suffix
-
-    def al(suffix: str) -> list[str]:
-        return [f"{a}.{suffix}" for a in aliases]
-
-    rules = [KeyRule(p("patch_embed/proj/kernel"), f"{hf}.patch_embed.proj.weight", CONV_DENSE,
-                     tuple(al("patch_embed.proj.weight")))]
-    blk = "blocks.{i}"
-    rules += norm(p("blocks/norm1"), f"{hf}.{blk}.norm1", aliases=al(f"{blk}.norm1"))
-    rules += norm(p("blocks/norm2"), f"{hf}.{blk}.norm2", aliases=al(f"{blk}.norm2"))
-    for name in ("qkv", "proj"):
-        rules += linear(p(f"blocks/attn/{name}"), f"{hf}.{blk}.attn.{name}", bias=True,
-                        aliases=al(f"{blk}.attn.{name}"))
-    for name in ("gate_proj", "up_proj", "down_proj"):
-        rules += linear(p(f"blocks/mlp/{name}"), f"{hf}.{blk}.mlp.{name}", bias=True, aliases=al(f"{blk}.mlp.{name}"))
-    rules += norm(p("merger/ln_q"), f"{hf}.merger.ln_q", aliases=al("merger.ln_q"))
-    for i in (0, 2):
-        rules += linear(p(f"merger/mlp_{i}"), f"{hf}.merger.mlp.{i}", bias=True, aliases=al(f"merger.mlp.{i}"))
-    return rules
