@@ -70,7 +70,8 @@ def test_prompts_multiple_choice_and_free_form(mathvista):
     items, skipped = load_items("mathvista", mathvista)
     assert skipped == [] and [it.id for it in items] == ["1", "2", "3", "4"]
     mc, free, _, unit = items
-    assert mc.question_type == "multiple_choice" and mc.answer == "C" and mc.choices == ("135°", "140°", "145°", "150°")
+    assert mc.question_type == "multiple_choice" and mc.answer == "C"
+    assert mc.choices == ("135°", "140°", "145°", "150°")
     assert mc.prompt_text == ("What is the measure of angle ABC?\nOptions:\nA. 135°\nB. 140°\nC. 145°\nD. 150°\n\n"
                               + MC_INSTRUCTION)
     assert "The last line of your response should follow this format: 'Answer: \\boxed{$LETTER}' (without quotes)" \
@@ -177,8 +178,8 @@ def test_pass_at_1_and_groups_equal_a_hand_computation(mathvista):
     first = rows[0]["samples"]
     assert [x["extracted"] for x in first] == ["C", "C", "A"] and [x["correct"] for x in first] == [True, True, False]
     assert first[0]["num_tokens"] == 7 and first[0]["text"] == texts["1"][0]
-    assert rows[1]["samples"][2] == {"text": "Hmm.\nI am not sure.", "num_tokens": 7, "extracted": None, "correct": False,
-                                     "reason": "no answer found"}
+    assert rows[1]["samples"][2] == {"text": "Hmm.\nI am not sure.", "num_tokens": 7, "extracted": None,
+                                     "correct": False, "reason": "no answer found"}
     # an item the completer could not run (None) is left out of the rows and the means
     partial = evaluate(items, lambda b: [None if it.id == "4" else texts[it.id] for it in b], 3)
     assert partial["summary"]["num_rows"] == 3 and partial["summary"]["pass@1"] == pytest.approx(1 / 3)

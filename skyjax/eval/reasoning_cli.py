@@ -13,7 +13,6 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 from skyjax.eval.common import BenchmarkFormatError
 
