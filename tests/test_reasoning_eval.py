@@ -196,6 +196,8 @@ def test_bad_input_names_file_and_line(tmp_path, capsys):
     bad = [MATHVISTA[0], {k: v for k, v in MATHVISTA[1].items() if k != "answer"}]
     path = write_rows(tmp_path, "a.jsonl", bad, ["images/1.png", "images/2.png"])
     _expect_error("mathvista", path, r"a\.jsonl, line 2: missing key 'answer'")
+    path = write_rows(tmp_path, "a2.jsonl", [dict(MMMU[1], answer="  ")], ["images/m3.png"])
+    _expect_error("mmmu", path, r"a2\.jsonl, line 1: missing key 'answer'")
     path = write_rows(tmp_path, "b.jsonl", [dict(MATHVISTA[0], image="images/nope.png")], [])
     _expect_error("mathvista", path, r"b\.jsonl, line 1: image 'images/nope.png' not found")
     path = write_rows(tmp_path, "c.jsonl", [MATHVISTA[0], dict(MATHVISTA[0], answer="160°")], [])

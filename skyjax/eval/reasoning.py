@@ -124,10 +124,11 @@ def build_prompt(question: str, choices: Sequence[str] | None) -> str:
 
 
 def _require(row: dict, key: str, where: str) -> Any:
-    if row.get(key) is None:
-        present = sorted(k for k, v in row.items() if v is not None)
+    value = row.get(key)
+    if value is None or (isinstance(value, str) and not value.strip()):  # parquet has every column, null or ""
+        present = sorted(k for k, v in row.items() if v is not None and v != "")
         raise BenchmarkFormatError(f"{where}: missing key {key!r} (present: {present})")
-    return row[key]
+    return value
 
 
 def _text(row: dict, key: str, where: str) -> str:
