@@ -284,8 +284,11 @@ def test_command_end_to_end_on_a_tiny_r1v(tiny_r1v, mathvista, mmmu, capsys):
     assert s["pass@1"] == pytest.approx(sum(r["pass@1"] for r in result["rows"]) / 4)
     assert set(s["groups"]) >= {"category", "task", "skills", "question_type"}
     assert s["groups"]["category"]["math-targeted-vqa"]["count"] == 3
-    err = capsys.readouterr().err
-    assert "mathvista: 100%" in err  # the job's progress bar reached the end
+    captured = capsys.readouterr()
+    assert "mathvista: 100%" in captured.err  # the job's progress bar reached the end
+    table = captured.out.splitlines()
+    assert table[0].startswith("pass@1 %") and f"{100 * s['pass@1']:5.1f}" in table[0] and "4 rows x 2" in table[0]
+    assert any(line.strip().startswith("category: math-targeted-vqa") for line in table)
 
     # MMMU with several images per row; the draws depend on the seed and the row only, not on the batch size
     out_a, out_b = data / "mmmu_a.json", data / "mmmu_b.json"
