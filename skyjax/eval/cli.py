@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from skyjax.cli import add_mesh_arg
+from skyjax.eval import reasoning_cli
 
 
 def _common(p: argparse.ArgumentParser):
@@ -34,19 +35,23 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run_score)
 
     p = sub.add_parser(
-        "eval", help="reward-model benchmarks: VL-RewardBench, RewardBench",
+        "eval", help="benchmarks: VL-RewardBench, RewardBench (reward models); MathVista, MMMU (policies)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Score a benchmark in its own format and report its accuracies exactly as it defines them.\n\n"
                     "example:\n  skyjax eval vl-rewardbench --model ckpt/ --data vl_rewardbench/data.jsonl "
                     "--images vl_rewardbench/ --out vlrb.json\n"
-                    "  skyjax eval rewardbench --model ckpt/ --data rewardbench/filtered.jsonl --out rb.json")
-    p.add_argument("benchmark", choices=["vl-rewardbench", "rewardbench"])
+                    "  skyjax eval rewardbench --model ckpt/ --data rewardbench/filtered.jsonl --out rb.json\n"
+                    "  skyjax eval mathvista --model r1v/ --data mathvista/testmini.jsonl --out mv.json "
+                    "--num-samples 5")
+    p.add_argument("benchmark", choices=["vl-rewardbench", "rewardbench", "mathvista", "mmmu"])
     _common(p)
     p.add_argument("--data", required=True, type=Path, help="the benchmark's data.jsonl or parquet file/folder")
     p.add_argument("--images", type=Path, default=None,
                    help="VL-RewardBench: folder the rows' image_path are relative to (images from parquet bytes "
-                        "are written here)")
+                        "are written here); MathVista / MMMU: folder image paths are relative to (default: the "
+                        "data file's)")
     p.add_argument("--out", type=Path, default=None, help="write the summary and every row's scores (JSON)")
+    reasoning_cli.add_arguments(p)
     p.set_defaults(func=run_eval)
 
 
@@ -91,6 +96,8 @@ def run_eval(args) -> int:
     from skyjax.eval.common import write_json
     from skyjax.eval.scorer import RewardScorer
 
+    if args.benchmark in ("mathvista", "mmmu"):
+        return reasoning_cli.run(args)
     scorer = RewardScorer(args.model, mesh_shape=args.mesh, dtype=args.dtype, batch_size=args.batch_size)
     if args.benchmark == "vl-rewardbench":
         items = vl_rewardbench.load_vl_rewardbench(args.data, args.images)
