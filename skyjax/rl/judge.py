@@ -1,0 +1,308 @@
+"""Judges of the adaptive-length CoT sampler: raw vision (S_v), text (S_t) and integration (S_I) scores per query.
+
+    judge.score(queries) -> [JudgeScores]     one call per batch of queries, in order
+
+Three built-ins (``make_judge``):
+
+- ``heuristic``: local computation only (``skyjax.rl.distill.HeuristicJudge``): image clarity, keyword heuristics.
+- ``model``: the policy itself. S_v = mean(clarity, sigmoid(image necessity)), where image necessity is the mean
+  per-token log-probability of the reference answer WITH the row's images minus WITHOUT them (a context-ablation
+  test: the answer becomes more likely when the picture matters). S_t and S_I stay the heuristics: a rating asked
+  of a small policy is mostly noise, while the log-prob difference is well defined for any model.
+- ``endpoint``: an OpenAI-compatible ``/chat/completions`` service (URL, model name, API key from an environment
+  variable). It returns a JSON object of 0..10 ratings (``ENDPOINT_KEYS``); S_v = mean(clarity, necessity/10,
+  relevance/10), S_t = mean(quality, difficulty, reasoning demand)/10, S_I = integration/10. Timeouts and HTTP 429 /
+  5xx are retried with exponential backoff up to ``max_retries`` times; a malformed answer is a ``JudgeError``
+  naming the row, never a default score.
+
+Raw scores are min-max normalised over the data set afterwards (``skyjax.rl.distill.minmax_normalise``), so only
+their ranking within one column matters.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import os
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from skyjax.rl.distill import HeuristicJudge, image_clarity
+
+JUDGES = ("heuristic", "model", "endpoint")
+
+
+class JudgeError(ValueError):
+    """A judge could not score a row (service down, malformed answer, missing reference answer)."""
+
+
+@dataclass(frozen=True)
+class Query:
+    """One row to score. images: decoded PIL images; where: "file:line", for errors."""
+
+    question: str
+    images: tuple[Any, ...] = ()
+    answer: str | None = None
+    conversation: tuple[dict, ...] = ()  # the row's chat messages (the model judge feeds them to the policy)
+    where: str = "<memory>"
+
+
+@dataclass(frozen=True)
+class JudgeScores:
+    s_v: float
+    s_t: float
+    s_i: float
+    clarity: float  # the local image-clarity part of s_v (0 for a row without an image)
+    details: dict[str, float] = field(default_factory=dict)  # sub-scores the judge used, for the output rows
+
+
+class Judge(Protocol):
+    name: str
+
+    def score(self, queries: Sequence[Query]) -> list[JudgeScores]: ...
+
+
+def clarity_of(images: Sequence[Any]) -> float:
+    """Mean clarity of a row's images; 0 without images (nothing to see clearly)."""
+    return float(np.mean([image_clarity(im) for im in images])) if images else 0.0
+
+
+@dataclass(frozen=True)
+class HeuristicQueryJudge:
+    """``HeuristicJudge`` over rows: S_v is the mean clarity of the row's images."""
+
+    base: HeuristicJudge = HeuristicJudge()
+    name: str = "heuristic"
+
+    def score(self, queries: Sequence[Query]) -> list[JudgeScores]:
+        out = []
+        for q in queries:
+            c = clarity_of(q.images)
+            out.append(JudgeScores(c, self.base.text_score(q.question),
+                                   self.base.integration_score(q.images[0] if q.images else None, q.question), c))
+        return out
+
+
+# ------------------------------------------------------------------------------------------------------ model judge
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+class ModelJudge:
+    """Image necessity from the policy: mean log p(answer | images, question) - mean log p(answer | question).
+
+    Rows without an image have necessity 0 (sigmoid 0.5) and S_v = their clarity 0 averaged with it. Rows without
+    a reference answer cannot be ablated: a JudgeError names them. The text-only prompt is the row's
+    conversation with the image parts removed (the text itself unchanged).
+    """
+
+    name = "model"
+
+    def __init__(self, loaded, tokenizer, adapter=None, heuristic: HeuristicJudge = HeuristicJudge()):
+        from skyjax.sample.adapters import adapter_for
+
+        self.loaded, self.tokenizer = loaded, tokenizer
+        self.adapter = adapter if adapter is not None else adapter_for(loaded)
+        self.heuristic = heuristic
+        self._forward = None
+
+    def answer_logprob(self, conversation: Sequence[dict], images: Sequence[Any], answer: str) -> float:
+        """Mean per-token log-probability of `answer` as the assistant's reply to `conversation` (teacher forced)."""
+        import jax
+
+        inputs = self.adapter.prepare([list(conversation)], [list(images)], self.tokenizer)
+        self.adapter.check(inputs)
+        target = np.asarray(self.tokenizer.encode(answer, add_special_tokens=False), np.int32)
+        if target.size == 0:
+            raise ValueError("the reference answer encodes to no tokens")
+        prompt_ids = np.asarray(inputs["input_ids"])
+        width = prompt_ids.shape[1]
+        ids = np.concatenate([prompt_ids, target[None]], axis=1)
+        mask = np.concatenate([np.asarray(inputs["attention_mask"], bool), np.ones((1, target.size), bool)], axis=1)
+        kw = {k: v for k, v in self.adapter.device_inputs(inputs).items() if k not in ("input_ids", "attention_mask")}
+        if self._forward is None:
+            fn = self.loaded.fn
+            self._forward = jax.jit(lambda p, i, m, kw: jax.nn.log_softmax(
+                fn.bind(p)(i, attention_mask=m, **kw)[0].astype("float32"), axis=-1))
+        logp = np.asarray(self._forward(self.loaded.params, ids, mask, kw))[0]
+        # position t's logits predict token t + 1: the answer's tokens are scored from column width - 1 on
+        picked = logp[width - 1: width - 1 + target.size][np.arange(target.size), target]
+        return float(picked.mean())
+
+    def score(self, queries: Sequence[Query]) -> list[JudgeScores]:
+        out = []
+        for q in queries:
+            c = clarity_of(q.images)
+            necessity = 0.0
+            if q.images:
+                if not q.answer:
+                    raise JudgeError(f"{q.where}: the model judge needs the row's 'answer' to test image necessity")
+                try:
+                    with_img = self.answer_logprob(q.conversation, q.images, q.answer)
+                    without = self.answer_logprob(strip_images(q.conversation), [], q.answer)
+                except ValueError as e:
+                    raise JudgeError(f"{q.where}: {e}") from e
+                necessity = with_img - without
+            s_v = 0.5 * (c + sigmoid(necessity))
+            out.append(JudgeScores(s_v, self.heuristic.text_score(q.question),
+                                   self.heuristic.integration_score(None, q.question), c,
+                                   {"image_necessity": round(necessity, 6)}))
+        return out
+
+
+def strip_images(conversation: Sequence[dict]) -> list[dict]:
+    """The conversation with every image part removed (text parts and their order unchanged)."""
+    out = []
+    for m in conversation:
+        content = m["content"]
+        if not isinstance(content, str):
+            content = [p for p in content if p.get("type") != "image"]
+        out.append({**m, "content": content})
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- endpoint judge
+
+ENDPOINT_KEYS = ("image_necessity", "image_relevance", "question_quality", "difficulty", "reasoning_demand",
+                 "integration")
+
+ENDPOINT_PROMPT = """You rate one exam question (with its image(s), if any) for a training-data filter.
+Give each criterion an integer from 0 (lowest) to 10 (highest):
+- image_necessity: how much answering needs the image (0 if there is no image, or the text alone suffices)
+- image_relevance: how relevant the image is to the question (0 if there is no image)
+- question_quality: how clear and well posed the question is
+- difficulty: how hard the question is
+- reasoning_demand: how many reasoning steps the answer takes
+- integration: how much the answer needs the image and the text together (causal why/how questions, several
+  objects in spatial relation and domain terms score high; what/where look-ups score low)
+Reply with ONLY a JSON object with exactly these keys, e.g.
+{"image_necessity": 7, "image_relevance": 8, "question_quality": 9, "difficulty": 4, "reasoning_demand": 5, "integration": 6}
+
+Question:
+"""
+
+
+def _image_url(image: Any) -> str:
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def parse_endpoint_answer(body: bytes, where: str) -> dict[str, float]:
+    """The ratings in a chat-completions response body; JudgeError naming `where` when anything is off."""
+    try:
+        content = json.loads(body)["choices"][0]["message"]["content"]
+    except (ValueError, KeyError, IndexError, TypeError) as e:
+        raise JudgeError(f"{where}: judge response is not a chat completion ({type(e).__name__}: {e}): "
+                         f"{body[:200]!r}") from None
+    text = str(content).strip()
+    if text.startswith("```"):  # a fenced block: ```json ... ```
+        text = text.strip("`").removeprefix("json").strip()
+    try:
+        ratings = json.loads(text)
+    except ValueError as e:
+        raise JudgeError(f"{where}: judge answer is not JSON ({e}): {text[:200]!r}") from None
+    if not isinstance(ratings, dict):
+        raise JudgeError(f"{where}: judge answer must be a JSON object, got {text[:200]!r}")
+    missing = [k for k in ENDPOINT_KEYS if k not in ratings]
+    if missing:
+        raise JudgeError(f"{where}: judge answer lacks {missing}: {text[:200]!r}")
+    out = {}
+    for k in ENDPOINT_KEYS:
+        v = ratings[k]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 10:
+            raise JudgeError(f"{where}: judge rating {k}={v!r} is not a number in 0..10")
+        out[k] = float(v)
+    return out
+
+
+@dataclass
+class EndpointJudge:
+    """OpenAI-compatible chat completions judge. `url` is the full endpoint (``.../v1/chat/completions``); the key
+    is read from the environment variable `api_key_env` (unset or empty: no Authorization header, for local
+    servers). Every request is bounded: at most 1 + max_retries attempts of `timeout` seconds each."""
+
+    url: str
+    model: str
+    api_key_env: str = "OPENAI_API_KEY"
+    timeout: float = 60.0
+    max_retries: int = 3
+    backoff: float = 1.0  # seconds before the first retry, doubled after each
+    sleep: Callable[[float], None] = time.sleep
+    name: str = "endpoint"
+
+    def __post_init__(self) -> None:
+        if not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"--judge-url must be an http(s) URL, got {self.url!r}")
+        if self.timeout <= 0 or self.max_retries < 0 or self.backoff < 0:
+            raise ValueError("timeout must be > 0, max_retries and backoff >= 0")
+
+    def request(self, query: Query) -> bytes:
+        content: list[dict] = [{"type": "image_url", "image_url": {"url": _image_url(im)}} for im in query.images]
+        content.append({"type": "text", "text": ENDPOINT_PROMPT + query.question})
+        payload = {"model": self.model, "temperature": 0, "response_format": {"type": "json_object"},
+                   "messages": [{"role": "user", "content": content}]}
+        headers = {"Content-Type": "application/json"}
+        key = os.environ.get(self.api_key_env, "")
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        data = json.dumps(payload).encode("utf-8")
+        delay, last = self.backoff, ""
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                self.sleep(delay)
+                delay *= 2
+            req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                    return resp.read()
+            except urllib.error.HTTPError as e:
+                last = f"HTTP {e.code} {e.reason}"
+                if e.code != 429 and e.code < 500:  # a bad request stays bad: do not retry
+                    raise JudgeError(f"{query.where}: judge endpoint answered {last}") from None
+            except (socket.timeout, TimeoutError) as e:
+                last = f"timed out after {self.timeout}s ({e})"
+            except urllib.error.URLError as e:
+                if isinstance(e.reason, (socket.timeout, TimeoutError)):
+                    last = f"timed out after {self.timeout}s"
+                else:
+                    last = f"cannot reach {self.url}: {e.reason}"
+        raise JudgeError(f"{query.where}: judge endpoint failed {self.max_retries + 1} time(s); last: {last}")
+
+    def score(self, queries: Sequence[Query]) -> list[JudgeScores]:
+        out = []
+        for q in queries:
+            r = parse_endpoint_answer(self.request(q), q.where)
+            c = clarity_of(q.images)
+            s_v = (c + r["image_necessity"] / 10 + r["image_relevance"] / 10) / 3
+            s_t = (r["question_quality"] + r["difficulty"] + r["reasoning_demand"]) / 30
+            out.append(JudgeScores(s_v, s_t, r["integration"] / 10, c, r))
+        return out
+
+
+def make_judge(name: str, *, loaded=None, tokenizer=None, adapter=None, url: str | None = None,
+               model: str | None = None, api_key_env: str = "OPENAI_API_KEY", timeout: float = 60.0,
+               max_retries: int = 3) -> Judge:
+    """A built-in judge by name (see the module docstring)."""
+    if name == "heuristic":
+        return HeuristicQueryJudge()
+    if name == "model":
+        if loaded is None or tokenizer is None:
+            raise ValueError("the model judge needs the loaded model and its tokenizer")
+        return ModelJudge(loaded, tokenizer, adapter)
+    if name == "endpoint":
+        if not url or not model:
+            raise ValueError("--judge endpoint needs --judge-url and --judge-model")
+        return EndpointJudge(url, model, api_key_env, timeout, max_retries)
+    raise ValueError(f"unknown judge {name!r}; choose one of {JUDGES}")
