@@ -133,6 +133,7 @@ class Completion:
     num_tokens: int
     finish_reason: str  # "stop" | "length"
     think_opened: bool = False  # the prompt ended with <think> (R1-distilled templates): the text starts inside it
+    token_ids: tuple[int, ...] = ()
 
 
 GenerateFn = Callable[[Sequence[GenRequest], int], list[list[Completion]]]
@@ -320,7 +321,7 @@ def model_generator(loaded, tokenizer, adapter, sampling, *, batch_size: int = 8
                 comps = []
                 for j in range(i * g, i * g + g):
                     d = _completion(tokenizer, toks[j, : lens[j]].tolist(), bool(stopped[j]))
-                    comps.append(Completion(d["text"], d["num_tokens"], d["finish_reason"], think))
+                    comps.append(Completion(d["text"], d["num_tokens"], d["finish_reason"], think, tuple(d["token_ids"])))
                 out.append(comps)
         return out
 
