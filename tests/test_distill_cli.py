@@ -5,15 +5,13 @@ answer dropped after hinted rewrites), and the model judge's teacher-forced log-
 
 import json
 import math
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 from helpers import random_image, spread_weights, tiny_hf_qwen2, tiny_hf_qwen2_5_vl
-from skyjax.cli import main
+from skyjax.cli import build_parser, main
 from skyjax.data.records import parse_record
 from skyjax.rl.distill import drlc_penalty
 from skyjax.rl.distill_run import (HINT_INSTRUCTION, THINK_INSTRUCTION, Completion, GenRequest, model_generator,
@@ -143,10 +141,9 @@ def test_self_distill_keep_rewrite_drop_accounting(tmp_path):
             in enumerate(zip(QUESTIONS, [{0}, {2}, set(), {1, 2}]))}
     calls = []
     out = tmp_path / "sft.jsonl"
-    args = SimpleNamespace(data=tmp_path / "in.jsonl", out=out, judge="heuristic", judge_url=None, judge_model=None,
-                           judge_api_key_env="K", judge_timeout=1.0, judge_retries=0, alpha=math.log(2), beta=1.0,
-                           gamma=1.0, self_distill=True, max_rewrites=2, choices_key="choices", quantiles=2,
-                           batch_size=3, model=None, no_progress=True, mesh=(1, 1, 1))
+    args = build_parser().parse_args(["distill", "--data", str(tmp_path / "in.jsonl"), "--out", str(out),
+                                      "--self-distill", "--max-rewrites", "2", "--quantiles", "2", "--batch-size",
+                                      "3", "--no-progress"])
     from skyjax.rl.cli import run
 
     assert run(args, generate_fn=scripted_generator(plan, calls)) == 0
@@ -249,6 +246,8 @@ def test_self_distill_tiny_model_drops_what_it_cannot_answer(qwen2_folder, tmp_p
 
 
 def test_model_judge_answer_logprob_matches_transformers(qwen2_folder):
+    """Teacher-forced mean log-prob of each reference answer, two rows of different prompt and answer lengths in
+    one batch (left- and right-padded), == a transformers forward on each row alone."""
     from skyjax.convert.checkpoint import load_hf
     from skyjax.data.tokenizer import load_tokenizer
 
@@ -256,15 +255,19 @@ def test_model_judge_answer_logprob_matches_transformers(qwen2_folder):
     lm = load_hf(folder)
     tok = load_tokenizer(folder)
     judge = ModelJudge(lm, tok)
-    conv = [{"role": "user", "content": "What is two plus two?"}]
-    got = judge.answer_logprob(conv, [], "four, of course")
-    prompt = prompt_ids(judge.adapter, tok, conv).tolist()
-    target = tok.encode("four, of course", add_special_tokens=False)
-    with torch.no_grad():
-        logits = hf(torch.as_tensor([prompt + target])).logits[0].float()
-    lp = torch.log_softmax(logits, -1)[len(prompt) - 1: len(prompt) - 1 + len(target)]
-    ref = lp[torch.arange(len(target)), torch.as_tensor(target)].mean().item()
-    assert got == pytest.approx(ref, abs=1e-4)
+    convs = [[{"role": "user", "content": "What is two plus two?"}],
+             [{"role": "user", "content": "Name the largest planet of the solar system, please, in one word."}]]
+    answers = ["four, of course", "Jupiter"]
+    got = judge.answer_logprobs(convs, [[], []], answers)
+    for conv, answer, value in zip(convs, answers, got):
+        prompt = prompt_ids(judge.adapter, tok, conv).tolist()
+        target = tok.encode(answer, add_special_tokens=False)
+        with torch.no_grad():
+            logits = hf(torch.as_tensor([prompt + target])).logits[0].float()
+        lp = torch.log_softmax(logits, -1)[len(prompt) - 1: len(prompt) - 1 + len(target)]
+        ref = lp[torch.arange(len(target)), torch.as_tensor(target)].mean().item()
+        assert value == pytest.approx(ref, abs=1e-4)
+    assert judge.answer_logprob(convs[1], [], answers[1]) == pytest.approx(got[1], abs=1e-5)
 
 
 def test_model_judge_image_necessity_on_qwen2_5_vl(tmp_path):

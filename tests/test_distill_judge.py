@@ -23,7 +23,8 @@ def completion(content: str) -> bytes:
 
 class Stub:
     """A chat-completions server that plays `script` (one action per request; the last repeats):
-    ("ok", ratings) | ("slow", seconds) | ("raw", content string) | ("status", code)."""
+    ("ok", ratings) | ("slow", seconds) | ("raw", content string) | ("map", request json -> ratings) |
+    ("status", code)."""
 
     def __init__(self):
         self.script, self.requests = [], []
@@ -46,6 +47,8 @@ class Stub:
                         out, code = completion(json.dumps(arg)), 200
                     elif kind == "raw":
                         out, code = completion(arg), 200
+                    elif kind == "map":  # ratings computed from the request (order-free, for parallel requests)
+                        out, code = completion(json.dumps(arg(stub.requests[-1]["json"]))), 200
                     else:
                         out, code = b'{"error": "boom"}', arg
                     self.send_response(code)
@@ -76,7 +79,7 @@ def stub():
 
 def judge_for(stub, **kw):
     sleeps = []
-    kw = {"timeout": 2.0, "max_retries": 2, "backoff": 0.5, **kw}
+    kw = {"timeout": 2.0, "max_retries": 2, "backoff": 0.5, "workers": 1, **kw}
     return EndpointJudge(stub.url, "judge-model", api_key_env="SKYJAX_TEST_JUDGE_KEY", sleep=sleeps.append, **kw), \
         sleeps
 
@@ -170,6 +173,17 @@ def test_http_400_is_not_retried(stub):
     assert len(stub.requests) == 1 and sleeps == []
 
 
+def test_parallel_requests_keep_row_order(stub):
+    def by_question(body):  # integration = the number in the question
+        text = body["messages"][0]["content"][-1]["text"]
+        return dict(GOOD, integration=int(text.rsplit(" ", 1)[-1]))
+
+    stub.script = [("map", by_question)]
+    judge, _ = judge_for(stub, workers=4)
+    got = judge.score([Query(f"Question number {i}", where=f"x:{i}") for i in range(10)])
+    assert [s.s_i for s in got] == [pytest.approx(i / 10) for i in range(10)] and len(stub.requests) == 10
+
+
 def test_distill_cli_with_endpoint_judge(stub, tmp_path, capsys):
     (tmp_path / "img").mkdir()
     random_image(3, 96, 96).save(tmp_path / "img" / "a.png")
@@ -182,7 +196,7 @@ def test_distill_cli_with_endpoint_judge(stub, tmp_path, capsys):
     out = tmp_path / "out.jsonl"
     args = ["distill", "--data", str(tmp_path / "in.jsonl"), "--out", str(out), "--judge", "endpoint",
             "--judge-url", stub.url, "--judge-model", "m", "--judge-api-key-env", "SKYJAX_TEST_JUDGE_KEY",
-            "--no-progress"]
+            "--judge-workers", "1", "--no-progress"]
     assert main(args) == 0
     got = [json.loads(line) for line in out.read_text().splitlines()]
     assert [g["distill"]["judge"] for g in got] == ["endpoint"] * 3

@@ -10,6 +10,7 @@ samples <think> chains with each row's P, keeps the verified ones, resamples wro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -49,6 +50,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="endpoint judge: environment variable holding the API key (default OPENAI_API_KEY)")
     p.add_argument("--judge-timeout", type=float, default=60.0, help="endpoint judge: seconds per request (60)")
     p.add_argument("--judge-retries", type=int, default=3, help="endpoint judge: retries after a failure (3)")
+    p.add_argument("--judge-workers", type=int, default=4, help="endpoint judge: requests in flight at once (4)")
     d = DRLCConfig()
     p.add_argument("--alpha", type=float, default=d.alpha, help=f"DRLC alpha (default ln 2 = {d.alpha:.4f})")
     p.add_argument("--beta", type=float, default=d.beta, help="weight of the text score (default 1)")
@@ -92,9 +94,22 @@ def report_path(out: Path) -> Path:
     return out.with_name(out.stem + ".report.json")
 
 
+def _model_generate_fn(args, loaded, tokenizer, adapter):
+    from skyjax.rl.distill_run import model_generator
+    from skyjax.sample.cli import default_stop_ids
+    from skyjax.sample.decode import Sampling
+
+    stop = args.stop_token_ids if args.stop_token_ids is not None else default_stop_ids(loaded, tokenizer)
+    sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, stop_token_ids=tuple(stop), num_samples=args.num_samples)
+    if args.temperature == 0 and (args.num_samples > 1 or args.max_rewrites > 0):
+        _log("warning: greedy decoding repeats the same chain; hinted rewrites differ only by the hint")
+    return model_generator(loaded, tokenizer, adapter, sampling, batch_size=args.batch_size, seed=args.seed)
+
+
 def run(args, generate_fn=None) -> int:
     """The command; `generate_fn` replaces the model's generator (tests script the chains with it)."""
-    from skyjax.rl.distill_run import model_generator, read_rows, score_rows, self_distill
+    from skyjax.rl.distill_run import read_rows, score_rows, self_distill
     from skyjax.rl.judge import make_judge
 
     if args.batch_size < 1:
@@ -127,7 +142,7 @@ def run(args, generate_fn=None) -> int:
         _log(f"{loaded.arch.name} from {args.model} on mesh {dict(mesh.shape)}")
     judge = make_judge(args.judge, loaded=loaded, tokenizer=tokenizer, adapter=adapter, url=args.judge_url,
                        model=args.judge_model, api_key_env=args.judge_api_key_env, timeout=args.judge_timeout,
-                       max_retries=args.judge_retries)
+                       max_retries=args.judge_retries, workers=args.judge_workers)
 
     total = len(rows) * (2 if args.self_distill else 1)  # one bar for the job: scoring, then generation
     bar = None
@@ -138,33 +153,21 @@ def run(args, generate_fn=None) -> int:
     tick = bar.update if bar is not None else (lambda n: None)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        scores = score_rows(rows, judge, config, args.batch_size, tick)
-        if not args.self_distill:
+        with contextlib.ExitStack() as stack:
+            if mesh is not None:  # the model's programs (judge forward, generation) run on the model's mesh
+                from skyjax.parallel import use_mesh
+
+                stack.enter_context(use_mesh(mesh))
+            scores = score_rows(rows, judge, config, args.batch_size, tick)
+            if not args.self_distill:
+                with open(args.out, "w", encoding="utf-8") as f:
+                    for r, s in zip(rows, scores):
+                        f.write(json.dumps({**r.obj, "distill": s}, ensure_ascii=False) + "\n")
+                _log(f"wrote {len(rows)} scored rows to {args.out} in {time.time() - t0:.1f}s")
+                return 0
+            if generate_fn is None:
+                generate_fn = _model_generate_fn(args, loaded, tokenizer, adapter)
             with open(args.out, "w", encoding="utf-8") as f:
-                for r, s in zip(rows, scores):
-                    f.write(json.dumps({**r.obj, "distill": s}, ensure_ascii=False) + "\n")
-            _log(f"wrote {len(rows)} scored rows to {args.out} in {time.time() - t0:.1f}s")
-            return 0
-        if generate_fn is None:
-            from skyjax.sample.cli import default_stop_ids
-            from skyjax.sample.decode import Sampling
-
-            stop = args.stop_token_ids if args.stop_token_ids is not None else default_stop_ids(loaded, tokenizer)
-            sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                                top_p=args.top_p, stop_token_ids=tuple(stop), num_samples=args.num_samples)
-            if args.temperature == 0 and (args.num_samples > 1 or args.max_rewrites > 0):
-                _log("warning: greedy decoding repeats the same chain; hinted rewrites still differ by the hint")
-            generate_fn = model_generator(loaded, tokenizer, adapter, sampling, batch_size=args.batch_size,
-                                          seed=args.seed)
-        from skyjax.parallel import use_mesh
-
-        with open(args.out, "w", encoding="utf-8") as f:
-            if mesh is not None:
-                with use_mesh(mesh):
-                    report = self_distill(rows, scores, generate_fn, f, max_rewrites=args.max_rewrites,
-                                          batch_size=args.batch_size, choices_key=args.choices_key,
-                                          quantiles=args.quantiles, tick=tick)
-            else:
                 report = self_distill(rows, scores, generate_fn, f, max_rewrites=args.max_rewrites,
                                       batch_size=args.batch_size, choices_key=args.choices_key,
                                       quantiles=args.quantiles, tick=tick)

@@ -13,7 +13,7 @@ Three built-ins (``make_judge``):
   variable). It returns a JSON object of 0..10 ratings (``ENDPOINT_KEYS``); S_v = mean(clarity, necessity/10,
   relevance/10), S_t = mean(quality, difficulty, reasoning demand)/10, S_I = integration/10. Timeouts and HTTP 429 /
   5xx are retried with exponential backoff up to ``max_retries`` times; a malformed answer is a ``JudgeError``
-  naming the row, never a default score.
+  naming the row, never a default score. Up to ``workers`` requests are in flight at once.
 
 Raw scores are min-max normalised over the data set afterwards (``skyjax.rl.distill.minmax_normalise``), so only
 their ranking within one column matters.
@@ -26,6 +26,7 @@ import io
 import json
 import math
 import os
+import re
 import socket
 import time
 import urllib.error
@@ -117,47 +118,72 @@ class ModelJudge:
         self.heuristic = heuristic
         self._forward = None
 
-    def answer_logprob(self, conversation: Sequence[dict], images: Sequence[Any], answer: str) -> float:
-        """Mean per-token log-probability of `answer` as the assistant's reply to `conversation` (teacher forced)."""
+    def answer_logprobs(self, conversations: Sequence[Sequence[dict]], images: Sequence[Sequence[Any]],
+                        answers: Sequence[str]) -> np.ndarray:
+        """Mean per-token log-probability of each answer as the assistant's reply to its conversation (teacher
+        forced), for a batch [B]. Prompts are left-padded to a sequence bucket by the adapter and the answers
+        right-padded to a power of two (at least 8), so a data set compiles a handful of programs, not one per
+        row."""
         import jax
 
-        inputs = self.adapter.prepare([list(conversation)], [list(images)], self.tokenizer)
+        inputs = self.adapter.prepare([list(c) for c in conversations], [list(i) for i in images], self.tokenizer)
         self.adapter.check(inputs)
-        target = np.asarray(self.tokenizer.encode(answer, add_special_tokens=False), np.int32)
-        if target.size == 0:
-            raise ValueError("the reference answer encodes to no tokens")
+        targets = [self.tokenizer.encode(a, add_special_tokens=False) for a in answers]
+        for i, t in enumerate(targets):
+            if not t:
+                raise ValueError(f"row {i}: the reference answer encodes to no tokens")
+        width = 1 << max(3, (max(len(t) for t in targets) - 1).bit_length())
         prompt_ids = np.asarray(inputs["input_ids"])
-        width = prompt_ids.shape[1]
-        ids = np.concatenate([prompt_ids, target[None]], axis=1)
-        mask = np.concatenate([np.asarray(inputs["attention_mask"], bool), np.ones((1, target.size), bool)], axis=1)
+        b, s = prompt_ids.shape
+        tgt = np.zeros((b, width), np.int32)
+        tmask = np.zeros((b, width), bool)
+        for i, t in enumerate(targets):
+            tgt[i, : len(t)], tmask[i, : len(t)] = t, True
+        ids = np.concatenate([prompt_ids, tgt], axis=1)
+        mask = np.concatenate([np.asarray(inputs["attention_mask"], bool), tmask], axis=1)
         kw = {k: v for k, v in self.adapter.device_inputs(inputs).items() if k not in ("input_ids", "attention_mask")}
         if self._forward is None:
             fn = self.loaded.fn
-            self._forward = jax.jit(lambda p, i, m, kw: jax.nn.log_softmax(
-                fn.bind(p)(i, attention_mask=m, **kw)[0].astype("float32"), axis=-1))
-        logp = np.asarray(self._forward(self.loaded.params, ids, mask, kw))[0]
-        # position t's logits predict token t + 1: the answer's tokens are scored from column width - 1 on
-        picked = logp[width - 1: width - 1 + target.size][np.arange(target.size), target]
-        return float(picked.mean())
+
+            def forward(params, ids, mask, kw, s):
+                # position t's logits predict token t + 1: the answer is scored from column s - 1 on
+                logits = fn.bind(params)(ids, attention_mask=mask, **kw)[0][:, s - 1: -1].astype("float32")
+                return jax.numpy.take_along_axis(jax.nn.log_softmax(logits, -1), ids[:, s:, None], -1)[..., 0]
+
+            self._forward = jax.jit(forward, static_argnums=4)
+        picked = np.asarray(self._forward(self.loaded.params, ids, mask, kw, s))
+        return (picked * tmask).sum(1) / tmask.sum(1)
+
+    def answer_logprob(self, conversation: Sequence[dict], images: Sequence[Any], answer: str) -> float:
+        """`answer_logprobs` of one row."""
+        return float(self.answer_logprobs([conversation], [images], [answer])[0])
 
     def score(self, queries: Sequence[Query]) -> list[JudgeScores]:
+        necessity = np.zeros(len(queries))
+        with_images = [i for i, q in enumerate(queries) if q.images]
+        for i in with_images:
+            if not queries[i].answer:
+                raise JudgeError(f"{queries[i].where}: the model judge needs the row's 'answer' to test image "
+                                 "necessity")
+        if with_images:
+            qs = [queries[i] for i in with_images]
+            answers = [str(q.answer) for q in qs]
+            try:
+                with_img = self.answer_logprobs([q.conversation for q in qs], [q.images for q in qs], answers)
+                without = self.answer_logprobs([strip_images(q.conversation) for q in qs], [[] for _ in qs],
+                                               answers)
+            except ValueError as e:  # name the row: its index in the batch maps back to its file:line
+                m = re.match(r"row (\d+): (.*)", str(e), re.S)
+                where = qs[int(m.group(1))].where if m and int(m.group(1)) < len(qs) else \
+                    ", ".join(q.where for q in qs)
+                raise JudgeError(f"{where}: {m.group(2) if m else e}") from e
+            necessity[with_images] = with_img - without
         out = []
-        for q in queries:
+        for q, nec in zip(queries, necessity):
             c = clarity_of(q.images)
-            necessity = 0.0
-            if q.images:
-                if not q.answer:
-                    raise JudgeError(f"{q.where}: the model judge needs the row's 'answer' to test image necessity")
-                try:
-                    with_img = self.answer_logprob(q.conversation, q.images, q.answer)
-                    without = self.answer_logprob(strip_images(q.conversation), [], q.answer)
-                except ValueError as e:
-                    raise JudgeError(f"{q.where}: {e}") from e
-                necessity = with_img - without
-            s_v = 0.5 * (c + sigmoid(necessity))
-            out.append(JudgeScores(s_v, self.heuristic.text_score(q.question),
+            out.append(JudgeScores(0.5 * (c + sigmoid(float(nec))), self.heuristic.text_score(q.question),
                                    self.heuristic.integration_score(None, q.question), c,
-                                   {"image_necessity": round(necessity, 6)}))
+                                   {"image_necessity": round(float(nec), 6)}))
         return out
 
 
@@ -239,14 +265,15 @@ class EndpointJudge:
     timeout: float = 60.0
     max_retries: int = 3
     backoff: float = 1.0  # seconds before the first retry, doubled after each
+    workers: int = 4  # requests in flight at once (rows are independent; the service is the bottleneck)
     sleep: Callable[[float], None] = time.sleep
     name: str = "endpoint"
 
     def __post_init__(self) -> None:
         if not self.url.startswith(("http://", "https://")):
             raise ValueError(f"--judge-url must be an http(s) URL, got {self.url!r}")
-        if self.timeout <= 0 or self.max_retries < 0 or self.backoff < 0:
-            raise ValueError("timeout must be > 0, max_retries and backoff >= 0")
+        if self.timeout <= 0 or self.max_retries < 0 or self.backoff < 0 or self.workers < 1:
+            raise ValueError("judge timeout must be > 0, retries and backoff >= 0, workers >= 1")
 
     def request(self, query: Query) -> bytes:
         content: list[dict] = [{"type": "image_url", "image_url": {"url": _image_url(im)}} for im in query.images]
@@ -280,20 +307,26 @@ class EndpointJudge:
                     last = f"cannot reach {self.url}: {e.reason}"
         raise JudgeError(f"{query.where}: judge endpoint failed {self.max_retries + 1} time(s); last: {last}")
 
+    def score_one(self, q: Query) -> JudgeScores:
+        r = parse_endpoint_answer(self.request(q), q.where)
+        c = clarity_of(q.images)
+        s_v = (c + r["image_necessity"] / 10 + r["image_relevance"] / 10) / 3
+        s_t = (r["question_quality"] + r["difficulty"] + r["reasoning_demand"]) / 30
+        return JudgeScores(s_v, s_t, r["integration"] / 10, c, r)
+
     def score(self, queries: Sequence[Query]) -> list[JudgeScores]:
-        out = []
-        for q in queries:
-            r = parse_endpoint_answer(self.request(q), q.where)
-            c = clarity_of(q.images)
-            s_v = (c + r["image_necessity"] / 10 + r["image_relevance"] / 10) / 3
-            s_t = (r["question_quality"] + r["difficulty"] + r["reasoning_demand"]) / 30
-            out.append(JudgeScores(s_v, s_t, r["integration"] / 10, c, r))
-        return out
+        if self.workers == 1 or len(queries) <= 1:
+            return [self.score_one(q) for q in queries]
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(self.workers, len(queries))) as pool:
+            futures = [pool.submit(self.score_one, q) for q in queries]
+            return [f.result() for f in futures]  # in row order; the first failing row's error is raised
 
 
 def make_judge(name: str, *, loaded=None, tokenizer=None, adapter=None, url: str | None = None,
                model: str | None = None, api_key_env: str = "OPENAI_API_KEY", timeout: float = 60.0,
-               max_retries: int = 3) -> Judge:
+               max_retries: int = 3, workers: int = 4) -> Judge:
     """A built-in judge by name (see the module docstring)."""
     if name == "heuristic":
         return HeuristicQueryJudge()
@@ -304,5 +337,5 @@ def make_judge(name: str, *, loaded=None, tokenizer=None, adapter=None, url: str
     if name == "endpoint":
         if not url or not model:
             raise ValueError("--judge endpoint needs --judge-url and --judge-model")
-        return EndpointJudge(url, model, api_key_env, timeout, max_retries)
+        return EndpointJudge(url, model, api_key_env, timeout, max_retries, workers=workers)
     raise ValueError(f"unknown judge {name!r}; choose one of {JUDGES}")
