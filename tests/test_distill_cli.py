@@ -290,3 +290,36 @@ def test_model_judge_image_necessity_on_qwen2_5_vl(tmp_path):
     assert nec[1] == 0.0 and nec[0] != 0.0 and all(g["distill"]["judge"] == "model" for g in got)
     s_v = got[0]["distill"]["s_v"]
     assert s_v == pytest.approx(0.5 * (got[0]["distill"]["clarity"] + 1 / (1 + math.exp(-nec[0]))), abs=1e-5)
+
+
+def test_row_penalty_r1v_image_rows_and_opened_think(tmp_path):
+    """A tiny Skywork R1V (R1-distill chat template, which opens <think> itself): an image row and a text row with
+    different P in one batch == transformers generate(repetition_penalty=P) on each row alone; the completions
+    know that they start inside the think block, and the SFT chain gets the opening tag back."""
+    from skyjax.convert.checkpoint import load_hf
+    from skyjax.data.tokenizer import build_tiny_tokenizer, load_tokenizer
+    from skyjax.rl.distill_run import full_chain
+    from skyjax.sample.adapters import adapter_for
+    from skyjax.sample.decode import Sampling
+    from helpers import tiny_hf_internvl
+
+    folder = tmp_path / "r1v"
+    hf = spread_weights(tiny_hf_internvl(folder, build_tiny_tokenizer("r1v")), folder, std=0.3)
+    lm = load_hf(folder)
+    tok, ad = load_tokenizer(folder), adapter_for(lm)
+    img = random_image(3, 90, 60)
+    convs = [({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]},),
+             ({"role": "user", "content": "Count: one two three"},)]
+    images, penalties, new = [(img,), ()], (1.5, 1.3), 8
+    gen = model_generator(lm, tok, ad, Sampling(max_new_tokens=new), batch_size=2)
+    got = gen([GenRequest(c, i, p, k) for k, (c, i, p) in enumerate(zip(convs, images, penalties))], 0)
+    for conv, imgs, p, [c] in zip(convs, images, penalties, got):
+        one = ad.prepare([list(conv)], [list(imgs)], tok)
+        kw = {"input_ids": torch.as_tensor(one["input_ids"][:, one["attention_mask"][0]], dtype=torch.long)}
+        if imgs:
+            kw["pixel_values"] = torch.as_tensor(one["pixel_values"][: int(np.sum(one["tiles_per_row"]))])
+        with torch.no_grad():
+            ref = hf.generate(**kw, max_new_tokens=new, do_sample=False, repetition_penalty=p, eos_token_id=None,
+                              pad_token_id=tok.pad_token_id)[0, kw["input_ids"].shape[1]:]
+        assert list(c.token_ids) == ref.tolist()
+        assert c.think_opened and full_chain(c) == "<think>\n" + c.text

@@ -296,7 +296,10 @@ def model_generator(loaded, tokenizer, adapter, sampling, *, batch_size: int = 8
     g = int(sampling.num_samples)
 
     def opened(conversation) -> bool:
-        text = tokenizer.apply_chat_template(list(conversation), tokenize=False, add_generation_prompt=True)
+        """Whether the rendered prompt ends inside an opened think block (R1-distilled templates)."""
+        from skyjax.data.chat import renderable_messages
+
+        _, text = renderable_messages(tokenizer, list(conversation), "<image>", add_generation_prompt=True)
         return text.rstrip().endswith("<think>")
 
     def run(requests: Sequence[GenRequest], rnd: int) -> list[list[Completion]]:
