@@ -207,3 +207,28 @@ def test_distill_cli_with_endpoint_judge(stub, tmp_path, capsys):
     stub.script = [("ok", GOOD), ("raw", "not json")]
     assert main(args) == 2
     assert f"{tmp_path / 'in.jsonl'}:2: judge answer is not JSON" in capsys.readouterr().err
+
+
+def test_user_judge_by_dotted_path(tmp_path, monkeypatch, capsys):
+    (tmp_path / "my_judges.py").write_text(
+        "class LengthJudge:\n"
+        "    def vision_score(self, image, question):\n"
+        "        return 0.0 if image is None else image.size[0] / 100\n"
+        "    def text_score(self, question):\n"
+        "        return len(question)\n"
+        "    def integration_score(self, image, question):\n"
+        "        return question.count('?')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "img").mkdir()
+    random_image(1, 50, 40).save(tmp_path / "img" / "a.png")
+    rows = [{"prompt": "Why?", "images": ["img/a.png"]}, {"prompt": "What is it?? Tell me."}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out.jsonl"
+    common = ["distill", "--data", str(tmp_path / "in.jsonl"), "--out", str(out), "--no-progress", "--judge"]
+    assert main(common + ["my_judges:LengthJudge"]) == 0
+    got = [json.loads(line)["distill"] for line in out.read_text().splitlines()]
+    assert [g["judge"] for g in got] == ["my_judges:LengthJudge"] * 2
+    assert [g["s_v"] for g in got] == [0.5, 0.0] and [g["s_t"] for g in got] == [4, 21]
+    assert [g["s_i_norm"] for g in got] == [0.0, 1.0]
+    assert main(common + ["my_judges:Nope"]) == 2
+    assert "judge 'my_judges:Nope': module 'my_judges' has no attribute 'Nope'" in capsys.readouterr().err

@@ -42,8 +42,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="Hugging Face folder or skyjax checkpoint (needed by --self-distill and --judge model)")
     p.add_argument("--data", required=True, type=Path, help="input JSONL (prompt, optional images / answer / meta)")
     p.add_argument("--out", required=True, type=Path, help="output JSONL")
-    p.add_argument("--judge", choices=["heuristic", "model", "endpoint"], default="heuristic",
-                   help="who scores the queries (default heuristic: local, no model)")
+    p.add_argument("--judge", default="heuristic",
+                   help="who scores the queries: heuristic (default; local, no model), model (the --model policy), "
+                        "endpoint (an OpenAI-compatible service), or package.module:MyJudge")
     p.add_argument("--judge-url", default=None, help="endpoint judge: full chat-completions URL")
     p.add_argument("--judge-model", default=None, help="endpoint judge: model name sent in the request")
     p.add_argument("--judge-api-key-env", default="OPENAI_API_KEY",

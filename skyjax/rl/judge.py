@@ -15,6 +15,9 @@ Three built-ins (``make_judge``):
   5xx are retried with exponential backoff up to ``max_retries`` times; a malformed answer is a ``JudgeError``
   naming the row, never a default score. Up to ``workers`` requests are in flight at once.
 
+A user judge is given by dotted path (``package.module:MyJudge``): a class or object with ``score(queries)`` or the
+three ``QueryJudge`` methods of ``skyjax.rl.distill``.
+
 Raw scores are min-max normalised over the data set afterwards (``skyjax.rl.distill.minmax_normalise``), so only
 their ranking within one column matters.
 """
@@ -37,7 +40,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from skyjax.rl.distill import HeuristicJudge, image_clarity
+from skyjax.rl.distill import HeuristicJudge, QueryJudge, image_clarity
 
 JUDGES = ("heuristic", "model", "endpoint")
 
@@ -77,20 +80,30 @@ def clarity_of(images: Sequence[Any]) -> float:
     return float(np.mean([image_clarity(im) for im in images])) if images else 0.0
 
 
-@dataclass(frozen=True)
-class HeuristicQueryJudge:
-    """``HeuristicJudge`` over rows: S_v is the mean clarity of the row's images."""
+class ProtocolJudge:
+    """Any ``skyjax.rl.distill.QueryJudge`` (per-query ``vision_score`` / ``text_score`` / ``integration_score``) as a
+    batch ``Judge``. S_v of a row with several images is the mean over its images; a row without one asks
+    ``vision_score(None, question)``."""
 
-    base: HeuristicJudge = HeuristicJudge()
-    name: str = "heuristic"
+    def __init__(self, base: QueryJudge, name: str):
+        self.base, self.name = base, name
 
     def score(self, queries: Sequence[Query]) -> list[JudgeScores]:
         out = []
         for q in queries:
-            c = clarity_of(q.images)
-            out.append(JudgeScores(c, self.base.text_score(q.question),
-                                   self.base.integration_score(q.images[0] if q.images else None, q.question), c))
+            if q.images:
+                s_v = float(np.mean([self.base.vision_score(im, q.question) for im in q.images]))
+            else:
+                s_v = float(self.base.vision_score(None, q.question))
+            out.append(JudgeScores(s_v, float(self.base.text_score(q.question)),
+                                   float(self.base.integration_score(q.images[0] if q.images else None, q.question)),
+                                   clarity_of(q.images)))
         return out
+
+
+def HeuristicQueryJudge() -> ProtocolJudge:  # noqa: N802 -- reads as the judge it builds
+    """The local heuristics (``HeuristicJudge``): S_v = mean image clarity, keyword heuristics for S_t and S_I."""
+    return ProtocolJudge(HeuristicJudge(), "heuristic")
 
 
 # ------------------------------------------------------------------------------------------------------ model judge
@@ -324,6 +337,27 @@ class EndpointJudge:
             return [f.result() for f in futures]  # in row order; the first failing row's error is raised
 
 
+def load_user_judge(spec: str) -> Judge:
+    """A judge from a dotted path ``package.module:attr``: an object with ``score(queries)`` (a ``Judge``) or the
+    three ``QueryJudge`` methods, or a class / factory called without arguments that returns one."""
+    from skyjax.rl.rewards import _import_object
+
+    try:
+        obj = _import_object(spec)
+    except ValueError as e:
+        raise ValueError(str(e).replace("reward ", "judge ", 1)) from None
+    if isinstance(obj, type) or (callable(obj) and not hasattr(obj, "score") and not hasattr(obj, "text_score")):
+        obj = obj()
+    if hasattr(obj, "score"):
+        if not getattr(obj, "name", None):
+            obj.name = spec
+        return obj
+    if all(hasattr(obj, m) for m in ("vision_score", "text_score", "integration_score")):
+        return ProtocolJudge(obj, spec)
+    raise ValueError(f"judge {spec!r}: {type(obj).__name__} has neither score(queries) nor the QueryJudge methods "
+                     "vision_score / text_score / integration_score")
+
+
 def make_judge(name: str, *, loaded=None, tokenizer=None, adapter=None, url: str | None = None,
                model: str | None = None, api_key_env: str = "OPENAI_API_KEY", timeout: float = 60.0,
                max_retries: int = 3, workers: int = 4) -> Judge:
@@ -338,4 +372,6 @@ def make_judge(name: str, *, loaded=None, tokenizer=None, adapter=None, url: str
         if not url or not model:
             raise ValueError("--judge endpoint needs --judge-url and --judge-model")
         return EndpointJudge(url, model, api_key_env, timeout, max_retries, workers=workers)
-    raise ValueError(f"unknown judge {name!r}; choose one of {JUDGES}")
+    if ":" in name or "." in name:
+        return load_user_judge(name)
+    raise ValueError(f"unknown judge {name!r}; choose one of {JUDGES} or give package.module:Judge")
