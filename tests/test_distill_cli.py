@@ -111,6 +111,14 @@ def test_self_distill_needs_answers_and_a_model(tmp_path, capsys):
     scores = score_rows(rows, HeuristicQueryJudge())
     with pytest.raises(ValueError, match=r"in\.jsonl:2: self-distillation needs each row's 'answer'"):
         self_distill(rows, scores, lambda reqs, rnd: [], open(tmp_path / "x.jsonl", "w"))
+    # a multiple-choice answer that names none of the options is a data error naming the row, not a dropped row
+    write_jsonl(tmp_path / "mc.jsonl", [{"prompt": "Pick one of these.", "answer": "Z",
+                                         "meta": {"choices": ["red", "blue"]}}])
+    rows = read_rows(tmp_path / "mc.jsonl")
+    chain = Completion("<think>hm</think>\nAnswer: \\boxed{A}", 8, "stop")
+    with pytest.raises(ValueError, match=r"mc\.jsonl:1: ground truth 'Z' names none of the options"):
+        self_distill(rows, score_rows(rows, HeuristicQueryJudge()), lambda reqs, rnd: [[chain] for _ in reqs],
+                     open(tmp_path / "x.jsonl", "w"))
 
 
 def scripted_generator(plan, calls):

@@ -227,7 +227,11 @@ def self_distill(rows: Sequence[Row], scores: Sequence[dict], generate_fn: Gener
                 samples += len(comps)
                 row = chunk[i]
                 for c in comps:  # the first verified sample; sample order is the generator's (seeded) order
-                    if accepted(c, row.record.answer, _choices(row, choices_key)):
+                    try:
+                        ok = accepted(c, row.record.answer, _choices(row, choices_key))
+                    except ValueError as e:  # a data error (an answer naming no option), not a wrong chain
+                        raise ValueError(f"{row.where}: {e}") from e
+                    if ok:
                         chosen[i] = (c, "kept" if rnd == 0 else "rewritten", rnd + 1)
                         break
         for row, sc, pick in zip(chunk, chunk_scores, chosen):
