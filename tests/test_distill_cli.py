@@ -1,20 +1,22 @@
 """`skyjax distill`: heuristic scores end to end on PIL-drawn rows (fields in range, penalty = the formula on the
 norms), bad input naming file:line, self-distillation accounting (kept / rewritten / dropped) with a scripted
-generator, the real generator on a tiny Qwen2 (per-row penalty P token-identical to transformers, rows it cannot
-answer dropped after hinted rewrites), and the model judge's teacher-forced log-prob against transformers."""
+generator, the real generator (per-row penalty P token-identical to transformers on a tiny Qwen2 and on a tiny R1V
+with an image; rows a tiny model cannot answer dropped after hinted rewrites), and the model judge (teacher-forced
+log-probs against transformers, image necessity on a tiny Qwen2.5-VL)."""
 
 import json
 import math
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-from helpers import random_image, spread_weights, tiny_hf_qwen2, tiny_hf_qwen2_5_vl
+from helpers import random_image, spread_weights, tiny_hf_internvl, tiny_hf_qwen2, tiny_hf_qwen2_5_vl
 from skyjax.cli import build_parser, main
 from skyjax.data.records import parse_record
 from skyjax.rl.distill import drlc_penalty
-from skyjax.rl.distill_run import (HINT_INSTRUCTION, THINK_INSTRUCTION, Completion, GenRequest, model_generator,
+from skyjax.rl.distill_run import (THINK_INSTRUCTION, Completion, GenRequest, model_generator,
                                    read_rows, score_rows, self_distill)
 from skyjax.rl.judge import HeuristicQueryJudge, ModelJudge
 
@@ -309,7 +311,6 @@ def test_row_penalty_r1v_image_rows_and_opened_think(tmp_path):
     from skyjax.rl.distill_run import full_chain
     from skyjax.sample.adapters import adapter_for
     from skyjax.sample.decode import Sampling
-    from helpers import tiny_hf_internvl
 
     folder = tmp_path / "r1v"
     hf = spread_weights(tiny_hf_internvl(folder, build_tiny_tokenizer("r1v")), folder, std=0.3)

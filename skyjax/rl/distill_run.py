@@ -265,7 +265,8 @@ def build_report(outcome: Sequence[str], penalties: Sequence[float], tokens: Seq
         sel = bins == b
         lengths = t[sel & np.isfinite(t)]
         per_bin.append({
-            "quantile": b + 1, "penalty_min": round(float(p[sel].min()), 6), "penalty_max": round(float(p[sel].max()), 6),
+            "quantile": b + 1, "penalty_min": round(float(p[sel].min()), 6),
+            "penalty_max": round(float(p[sel].max()), 6),
             "rows": int(sel.sum()),
             **{k: int(sum(1 for o, s in zip(outcome, sel) if s and o == k)) for k in ("kept", "rewritten", "dropped")},
             "mean_tokens": round(float(lengths.mean()), 3) if lengths.size else None,
@@ -328,7 +329,8 @@ def model_generator(loaded, tokenizer, adapter, sampling, *, batch_size: int = 8
                 comps = []
                 for j in range(i * g, i * g + g):
                     d = _completion(tokenizer, toks[j, : lens[j]].tolist(), bool(stopped[j]))
-                    comps.append(Completion(d["text"], d["num_tokens"], d["finish_reason"], think, tuple(d["token_ids"])))
+                    comps.append(Completion(d["text"], d["num_tokens"], d["finish_reason"], think,
+                                            tuple(d["token_ids"])))
                 out.append(comps)
         return out
 
