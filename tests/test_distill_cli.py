@@ -332,3 +332,43 @@ def test_row_penalty_r1v_image_rows_and_opened_think(tmp_path):
                               pad_token_id=tok.pad_token_id)[0, kw["input_ids"].shape[1]:]
         assert list(c.token_ids) == ref.tolist()
         assert c.think_opened and full_chain(c) == "<think>\n" + c.text
+
+
+def test_model_judge_ratings(qwen2_folder, tmp_path, capsys):
+    """--judge-rate: the policy's answer to the fixed rating prompt sets S_t and S_I (thinking first and prose
+    around the JSON are fine); an answer cut off by the token budget stops the job naming the row."""
+    from skyjax.convert.checkpoint import load_hf
+    from skyjax.data.tokenizer import load_tokenizer
+    from skyjax.rl.judge import ENDPOINT_PROMPT, JudgeError, Query
+
+    folder, _ = qwen2_folder
+    lm = load_hf(folder)
+    tok = load_tokenizer(folder)
+    answers = ['<think>It asks for a sum.</think>\n{"image_necessity": 0, "image_relevance": 0, '
+               '"question_quality": 9, "difficulty": 3, "reasoning_demand": 6, "integration": 2}',
+               'Here you go: {"image_necessity": 1, "image_relevance": 2, "question_quality": 4, "difficulty": 5, '
+               '"reasoning_demand": 6, "integration": 10} Hope it helps.',
+               "I would rate it highly."]
+    seen = []
+
+    def fake(requests, rnd):
+        seen.extend(requests)
+        return [[Completion(answers[r.key], 30, "stop")] for r in requests]
+
+    judge = ModelJudge(lm, tok, rate=True, generate_fn=fake)
+    queries = [Query("What is 2 + 2?", where="a:1"), Query("Why is the sky blue?", where="a:2")]
+    s = judge.score(queries)
+    assert [r.conversation[0]["content"][-1]["text"] for r in seen] == [ENDPOINT_PROMPT + q.question
+                                                                       for q in queries]
+    assert s[0].s_t == pytest.approx(18 / 30) and s[0].s_i == pytest.approx(0.2)
+    assert s[1].s_t == pytest.approx(15 / 30) and s[1].s_i == pytest.approx(1.0)
+    assert s[1].s_v == pytest.approx((0 + 0.5 + 0.2) / 3) and s[1].details["rated_integration"] == 10.0
+    with pytest.raises(JudgeError, match=r"^a:5: judge answer is not JSON"):  # the third answer is prose
+        judge.score([Query("Explain.", where=f"a:{i}") for i in (3, 4, 5)])
+
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": "What is 2 + 2?", "answer": "4"}])
+    assert main(["distill", "--model", str(folder), "--data", str(tmp_path / "in.jsonl"), "--out",
+                 str(tmp_path / "o.jsonl"), "--judge", "model", "--judge-rate", "--judge-max-new-tokens", "3",
+                 "--mesh", "1,1,1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "in.jsonl:1: the model's rating was cut off after 3 tokens" in err, err

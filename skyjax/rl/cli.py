@@ -52,6 +52,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--judge-timeout", type=float, default=60.0, help="endpoint judge: seconds per request (60)")
     p.add_argument("--judge-retries", type=int, default=3, help="endpoint judge: retries after a failure (3)")
     p.add_argument("--judge-workers", type=int, default=4, help="endpoint judge: requests in flight at once (4)")
+    p.add_argument("--judge-rate", action="store_true",
+                   help="model judge: also ask the policy for 0..10 ratings (S_t, S_I, image relevance) instead of "
+                        "the text heuristics")
+    p.add_argument("--judge-max-new-tokens", type=int, default=1024,
+                   help="model judge with --judge-rate: tokens for the rating answer (1024)")
     d = DRLCConfig()
     p.add_argument("--alpha", type=float, default=d.alpha, help=f"DRLC alpha (default ln 2 = {d.alpha:.4f})")
     p.add_argument("--beta", type=float, default=d.beta, help="weight of the text score (default 1)")
@@ -143,7 +148,8 @@ def run(args, generate_fn=None) -> int:
         _log(f"{loaded.arch.name} from {args.model} on mesh {dict(mesh.shape)}")
     judge = make_judge(args.judge, loaded=loaded, tokenizer=tokenizer, adapter=adapter, url=args.judge_url,
                        model=args.judge_model, api_key_env=args.judge_api_key_env, timeout=args.judge_timeout,
-                       max_retries=args.judge_retries, workers=args.judge_workers)
+                       max_retries=args.judge_retries, workers=args.judge_workers, rate=args.judge_rate,
+                       rate_tokens=args.judge_max_new_tokens)
 
     total = len(rows) * (2 if args.self_distill else 1)  # one bar for the job: scoring, then generation
     bar = None

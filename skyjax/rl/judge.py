@@ -7,8 +7,9 @@ Three built-ins (``make_judge``):
 - ``heuristic``: local computation only (``skyjax.rl.distill.HeuristicJudge``): image clarity, keyword heuristics.
 - ``model``: the policy itself. S_v = mean(clarity, sigmoid(image necessity)), where image necessity is the mean
   per-token log-probability of the reference answer WITH the row's images minus WITHOUT them (a context-ablation
-  test: the answer becomes more likely when the picture matters). S_t and S_I stay the heuristics: a rating asked
-  of a small policy is mostly noise, while the log-prob difference is well defined for any model.
+  test: the answer becomes more likely when the picture matters). S_t and S_I stay the heuristics by default: a
+  rating asked of a small policy is mostly noise, while the log-prob difference is well defined for any model;
+  ``rate=True`` asks the policy the endpoint's rating prompt instead (see ``ModelJudge``).
 - ``endpoint``: an OpenAI-compatible ``/chat/completions`` service (URL, model name, API key from an environment
   variable). It returns a JSON object of 0..10 ratings (``ENDPOINT_KEYS``); S_v = mean(clarity, necessity/10,
   relevance/10), S_t = mean(quality, difficulty, reasoning demand)/10, S_I = integration/10. Timeouts and HTTP 429 /
@@ -119,17 +120,51 @@ class ModelJudge:
     Rows without an image have necessity 0 (sigmoid 0.5) and S_v = their clarity 0 averaged with it. Rows without
     a reference answer cannot be ablated: a JudgeError names them. The text-only prompt is the row's
     conversation with the image parts removed (the text itself unchanged).
+
+    rate=True also asks the policy the endpoint's fixed rating prompt (greedy, `rate_tokens` new tokens; text
+    after the last ``</think>`` is read, so R1-style models may think first): S_t and S_I come from its ratings
+    as for the endpoint judge, and S_v = (clarity + sigmoid(necessity) + relevance / 10) / 3 (the measured
+    necessity replaces the rated one). An answer that does not parse is a JudgeError naming the row.
+    `generate_fn` (a ``skyjax.rl.distill_run.GenerateFn``) replaces the model's greedy generator.
     """
 
     name = "model"
 
-    def __init__(self, loaded, tokenizer, adapter=None, heuristic: HeuristicJudge = HeuristicJudge()):
+    def __init__(self, loaded, tokenizer, adapter=None, heuristic: HeuristicJudge = HeuristicJudge(), *,
+                 rate: bool = False, rate_tokens: int = 1024, generate_fn=None):
         from skyjax.sample.adapters import adapter_for
 
         self.loaded, self.tokenizer = loaded, tokenizer
         self.adapter = adapter if adapter is not None else adapter_for(loaded)
         self.heuristic = heuristic
+        self.rate, self.rate_tokens, self._generate = rate, rate_tokens, generate_fn
         self._forward = None
+
+    def ratings(self, queries: Sequence[Query]) -> list[dict[str, float]]:
+        """The policy's 0..10 ratings of each query (greedy answers to the fixed rating prompt)."""
+        from skyjax.rl.distill_run import GenRequest
+
+        if self._generate is None:
+            from skyjax.rl.distill_run import model_generator
+            from skyjax.sample.cli import default_stop_ids
+            from skyjax.sample.decode import Sampling
+
+            sampling = Sampling(max_new_tokens=self.rate_tokens, temperature=0.0,
+                                stop_token_ids=tuple(default_stop_ids(self.loaded, self.tokenizer)))
+            self._generate = model_generator(self.loaded, self.tokenizer, self.adapter, sampling,
+                                             batch_size=max(len(queries), 1))
+        results = self._generate([GenRequest(rating_conversation(q), q.images, 1.0, i)
+                                  for i, q in enumerate(queries)], 0)
+        out = []
+        for q, comps in zip(queries, results):
+            text = comps[0].text
+            if comps[0].finish_reason != "stop":
+                raise JudgeError(f"{q.where}: the model's rating was cut off after {comps[0].num_tokens} tokens "
+                                 "(raise --judge-max-new-tokens)")
+            answer = text.rsplit("</think>", 1)[-1]
+            start, end = answer.find("{"), answer.rfind("}")  # the JSON object inside any surrounding prose
+            out.append(parse_ratings(answer[start: end + 1] if 0 <= start < end else answer, q.where))
+        return out
 
     def answer_logprobs(self, conversations: Sequence[Sequence[dict]], images: Sequence[Sequence[Any]],
                         answers: Sequence[str]) -> np.ndarray:
@@ -191,12 +226,19 @@ class ModelJudge:
                     ", ".join(q.where for q in qs)
                 raise JudgeError(f"{where}: {m.group(2) if m else e}") from e
             necessity[with_images] = with_img - without
+        rated = self.ratings(queries) if self.rate else [None] * len(queries)
         out = []
-        for q, nec in zip(queries, necessity):
+        for q, nec, r in zip(queries, necessity, rated):
             c = clarity_of(q.images)
-            out.append(JudgeScores(0.5 * (c + sigmoid(float(nec))), self.heuristic.text_score(q.question),
-                                   self.heuristic.integration_score(None, q.question), c,
-                                   {"image_necessity": round(float(nec), 6)}))
+            details = {"image_necessity": round(float(nec), 6)}
+            if r is None:
+                out.append(JudgeScores(0.5 * (c + sigmoid(float(nec))), self.heuristic.text_score(q.question),
+                                       self.heuristic.integration_score(None, q.question), c, details))
+                continue
+            details.update({f"rated_{k}": v for k, v in r.items()})
+            out.append(JudgeScores((c + sigmoid(float(nec)) + r["image_relevance"] / 10) / 3,
+                                   (r["question_quality"] + r["difficulty"] + r["reasoning_demand"]) / 30,
+                                   r["integration"] / 10, c, details))
         return out
 
 
@@ -238,14 +280,10 @@ def _image_url(image: Any) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def parse_endpoint_answer(body: bytes, where: str) -> dict[str, float]:
-    """The ratings in a chat-completions response body; JudgeError naming `where` when anything is off."""
-    try:
-        content = json.loads(body)["choices"][0]["message"]["content"]
-    except (ValueError, KeyError, IndexError, TypeError) as e:
-        raise JudgeError(f"{where}: judge response is not a chat completion ({type(e).__name__}: {e}): "
-                         f"{body[:200]!r}") from None
-    text = str(content).strip()
+def parse_ratings(text: str, where: str) -> dict[str, float]:
+    """The 0..10 ratings of ``ENDPOINT_KEYS`` in a judge's answer text (a fenced ```json block is accepted);
+    JudgeError naming `where` when anything is off."""
+    text = str(text).strip()
     if text.startswith("```"):  # a fenced block: ```json ... ```
         text = text.strip("`").removeprefix("json").strip()
     try:
@@ -264,6 +302,22 @@ def parse_endpoint_answer(body: bytes, where: str) -> dict[str, float]:
             raise JudgeError(f"{where}: judge rating {k}={v!r} is not a number in 0..10")
         out[k] = float(v)
     return out
+
+
+def parse_endpoint_answer(body: bytes, where: str) -> dict[str, float]:
+    """The ratings in a chat-completions response body; JudgeError naming `where` when anything is off."""
+    try:
+        content = json.loads(body)["choices"][0]["message"]["content"]
+    except (ValueError, KeyError, IndexError, TypeError) as e:
+        raise JudgeError(f"{where}: judge response is not a chat completion ({type(e).__name__}: {e}): "
+                         f"{body[:200]!r}") from None
+    return parse_ratings(content, where)
+
+
+def rating_conversation(query: Query) -> tuple[dict, ...]:
+    """The fixed rating prompt with the query's images, as one user turn."""
+    parts = [{"type": "image"} for _ in query.images] + [{"type": "text", "text": ENDPOINT_PROMPT + query.question}]
+    return ({"role": "user", "content": parts},)
 
 
 @dataclass
@@ -360,14 +414,14 @@ def load_user_judge(spec: str) -> Judge:
 
 def make_judge(name: str, *, loaded=None, tokenizer=None, adapter=None, url: str | None = None,
                model: str | None = None, api_key_env: str = "OPENAI_API_KEY", timeout: float = 60.0,
-               max_retries: int = 3, workers: int = 4) -> Judge:
+               max_retries: int = 3, workers: int = 4, rate: bool = False, rate_tokens: int = 1024) -> Judge:
     """A built-in judge by name (see the module docstring)."""
     if name == "heuristic":
         return HeuristicQueryJudge()
     if name == "model":
         if loaded is None or tokenizer is None:
             raise ValueError("the model judge needs the loaded model and its tokenizer")
-        return ModelJudge(loaded, tokenizer, adapter)
+        return ModelJudge(loaded, tokenizer, adapter, rate=rate, rate_tokens=rate_tokens)
     if name == "endpoint":
         if not url or not model:
             raise ValueError("--judge endpoint needs --judge-url and --judge-model")
