@@ -123,6 +123,21 @@ def test_self_distill_needs_answers_and_a_model(tmp_path, capsys):
                      open(tmp_path / "x.jsonl", "w"))
 
 
+def test_accepted_chains():
+    from skyjax.rl.distill_run import accepted
+
+    good = Completion("<think>3 + 4 = 7</think>\nAnswer: \\boxed{7}", 12, "stop")
+    assert accepted(good, "7", None) and accepted(good, "7", None, hinted=True)
+    assert not accepted(good, "8", None)  # wrong answer
+    assert not accepted(Completion(good.text, 12, "length"), "7", None)  # cut off by the budget
+    assert not accepted(Completion("Answer: \\boxed{7}", 5, "stop"), "7", None)  # no think block
+    assert accepted(Completion("3 + 4 = 7</think>\n\\boxed{7}", 9, "stop", think_opened=True), "7", None)
+    leak = Completion("<think>The correct final answer is 7, so 3 + 4 = 7.</think>\nAnswer: \\boxed{7}", 20, "stop")
+    assert accepted(leak, "7", None) and not accepted(leak, "7", None, hinted=True)  # mentions the hint
+    mc = Completion("<think>red it is</think>\nAnswer: \\boxed{A}", 9, "stop")
+    assert accepted(mc, "red", ["red", "blue"]) and not accepted(mc, "B", ["red", "blue"])
+
+
 def scripted_generator(plan, calls):
     """A GenerateFn: plan[id] = the rounds (0 = first pass, 1.. = hinted) whose first sample is correct."""
     def run(requests, rnd):

@@ -163,12 +163,19 @@ def full_chain(c: Completion) -> str:
     return ("<think>\n" + c.text) if c.think_opened else c.text
 
 
-def accepted(c: Completion, answer: str, choices) -> bool:
+# A rewritten chain that mentions the hint would teach the model to expect one: such chains are not kept.
+HINT_LEAKS = ("correct final answer is", "was given", "been given", "the hint", "given answer", "answer provided")
+
+
+def accepted(c: Completion, answer: str, choices, hinted: bool = False) -> bool:
     """A kept chain: it ended (not cut off by the token budget), has a closed think block followed by an answer,
-    and the verifier accepts the answer."""
+    the verifier accepts the answer, and (for a chain sampled with the answer hinted) it does not mention the
+    hint."""
     from skyjax.eval.verifiers import check_format, verify
 
     if c.finish_reason != "stop":
+        return False
+    if hinted and any(p in c.text.lower() for p in HINT_LEAKS):
         return False
     if not check_format(c.text, mode="lenient", think_opened=c.think_opened):
         return False
@@ -228,7 +235,7 @@ def self_distill(rows: Sequence[Row], scores: Sequence[dict], generate_fn: Gener
                 row = chunk[i]
                 for c in comps:  # the first verified sample; sample order is the generator's (seeded) order
                     try:
-                        ok = accepted(c, row.record.answer, _choices(row, choices_key))
+                        ok = accepted(c, row.record.answer, _choices(row, choices_key), hinted=rnd > 0)
                     except ValueError as e:  # a data error (an answer naming no option), not a wrong chain
                         raise ValueError(f"{row.where}: {e}") from e
                     if ok:
