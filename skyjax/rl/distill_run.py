@@ -1,0 +1,344 @@
+"""The adaptive-length CoT distillation job behind `skyjax distill` (docs/distill.md).
+
+    rows = read_rows(path)                                  records + decoded images; errors name file:line
+    scores = score_rows(rows, judge, DRLCConfig(...))       clarity, S_v, S_t, S_I, normalised, penalty P
+    report = self_distill(rows, scores, generate_fn, ...)   <think> chains sampled with P, verified, rewritten
+
+`generate_fn(requests, round) -> [[Completion] * G per request]` is the only model-facing part of self-distillation:
+`model_generator` builds it on `skyjax.sample.decode.generate` (each request's P is its row's repetition penalty, in
+one batch); tests pass a scripted one to check the keep / rewrite / drop accounting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from skyjax.rl.distill import DRLCConfig, drlc_penalty, minmax_normalise
+from skyjax.rl.judge import Judge, Query
+
+THINK_INSTRUCTION = ("\n\nThink step by step inside <think> and </think> before answering. The last line of your "
+                     "response should follow this format: 'Answer: \\boxed{$FINAL_ANSWER}'. Avoid repeating steps "
+                     "indefinitely.")
+HINT_INSTRUCTION = ("\n\nThe correct final answer is {answer}. Think step by step inside <think> and </think> and "
+                    "reach it by your own reasoning, without saying that it was given. The last line of your "
+                    "response should be 'Answer: \\boxed{{{answer}}}'.")
+
+
+@dataclass(frozen=True)
+class Row:
+    line: int
+    obj: dict  # the input object, written back unchanged
+    record: Any  # skyjax.data.records.Record
+    images: tuple[Any, ...]  # decoded PIL images
+    question: str
+
+    @property
+    def where(self) -> str:
+        return f"{self.record.source}:{self.line}"
+
+
+def question_text(record) -> str:
+    """The text of the prompt's user turns (image parts dropped), what the judges read."""
+    parts = []
+    for m in record.prompt:
+        if m.role != "user":
+            continue
+        if isinstance(m.content, str):
+            parts.append(m.content)
+        else:
+            parts.extend(p.text for p in m.content if p.type == "text" and p.text)
+    return "\n".join(parts).strip()
+
+
+def read_rows(path: Path) -> list[Row]:
+    """Every row of a generate-kind JSONL file with its images decoded. The first bad row stops the job with an
+    error naming file:line: scores are normalised over the whole data set, so a silently skipped row would move
+    every other row's penalty."""
+    from skyjax.data.qwen_vl_image import load_image
+    from skyjax.data.records import RecordError, parse_record
+
+    rows: list[Row] = []
+    base = path.resolve().parent
+    with open(path, encoding="utf-8") as f:
+        for line, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise RecordError(str(path), line, None, "json", f"malformed JSON: {e.msg} (column {e.colno})")
+            record = parse_record(obj, kind="generate", base_dir=base, source=str(path), line=line)
+            try:
+                images = tuple(load_image(p) for p in record.images)
+            except Exception as e:  # noqa: BLE001 -- a missing or corrupt image, named with its row
+                raise ValueError(f"{path}:{line}: {e}") from e
+            question = question_text(record)
+            if not question:
+                raise ValueError(f"{path}:{line}: the prompt has no user text to judge")
+            rows.append(Row(line, obj, record, images, question))
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+def score_rows(rows: Sequence[Row], judge: Judge, config: DRLCConfig = DRLCConfig(), batch_size: int = 8,
+               tick: Callable[[int], None] = lambda n: None) -> list[dict]:
+    """One `distill` dict per row: raw scores from the judge, min-max normalised over `rows`, the DRLC penalty."""
+    raw = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start: start + batch_size]
+        queries = [Query(r.question, r.images, r.record.answer, tuple(r.record.conversation()), r.where)
+                   for r in chunk]
+        raw.extend(judge.score(queries))
+        tick(len(chunk))
+    table = np.array([[s.s_v, s.s_t, s.s_i] for s in raw], np.float64)
+    bad = np.argwhere(~np.isfinite(table))
+    if bad.size:
+        raise ValueError(f"{rows[bad[0][0]].where}: the {judge.name} judge gave a non-finite score")
+    norm = minmax_normalise(table)
+    penalty = np.atleast_1d(drlc_penalty(norm[:, 0], norm[:, 1], norm[:, 2], config.alpha, config.beta,
+                                         config.gamma, config.cap))
+    out = []
+    for s, n, p in zip(raw, norm, penalty):
+        d = {"clarity": s.clarity, "s_v": s.s_v, "s_t": s.s_t, "s_i": s.s_i, "s_v_norm": float(n[0]),
+             "s_t_norm": float(n[1]), "s_i_norm": float(n[2]), "penalty": float(p), "judge": judge.name}
+        d = {k: round(v, 6) if isinstance(v, float) else v for k, v in d.items()}
+        if s.details:
+            d["judge_details"] = dict(s.details)
+        out.append(d)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ self-distillation
+
+
+@dataclass(frozen=True)
+class GenRequest:
+    conversation: tuple[dict, ...]  # chat messages, instruction (and hint) already added
+    images: tuple[Any, ...]
+    penalty: float  # the row's repetition penalty P
+    key: int  # the input line: a row's samples do not depend on its batch
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    num_tokens: int
+    finish_reason: str  # "stop" | "length"
+    think_opened: bool = False  # the prompt ended with <think> (R1-distilled templates): the text starts inside it
+    token_ids: tuple[int, ...] = ()
+
+
+GenerateFn = Callable[[Sequence[GenRequest], int], list[list[Completion]]]
+
+
+def with_instruction(conversation: Sequence[dict], extra: str) -> tuple[dict, ...]:
+    """`extra` appended to the last user turn's text (a text part added when the turn has only images)."""
+    msgs = [dict(m) for m in conversation]
+    for m in reversed(msgs):
+        if m["role"] != "user":
+            continue
+        if isinstance(m["content"], str):
+            m["content"] = m["content"] + extra
+        else:
+            parts = [dict(p) for p in m["content"]]
+            texts = [i for i, p in enumerate(parts) if p.get("type") == "text"]
+            if texts:
+                parts[texts[-1]]["text"] = parts[texts[-1]]["text"] + extra
+            else:
+                parts.append({"type": "text", "text": extra.strip()})
+            m["content"] = parts
+        return tuple(msgs)
+    raise ValueError("the prompt has no user turn")
+
+
+def full_chain(c: Completion) -> str:
+    return ("<think>\n" + c.text) if c.think_opened else c.text
+
+
+# A rewritten chain that mentions the hint would teach the model to expect one: such chains are not kept.
+HINT_LEAKS = ("correct final answer is", "was given", "been given", "the hint", "given answer", "answer provided")
+
+
+def accepted(c: Completion, answer: str, choices, hinted: bool = False) -> bool:
+    """A kept chain: it ended (not cut off by the token budget), has a closed think block followed by an answer,
+    the verifier accepts the answer, and (for a chain sampled with the answer hinted) it does not mention the
+    hint."""
+    from skyjax.eval.verifiers import check_format, verify
+
+    if c.finish_reason != "stop":
+        return False
+    if hinted and any(p in c.text.lower() for p in HINT_LEAKS):
+        return False
+    if not check_format(c.text, mode="lenient", think_opened=c.think_opened):
+        return False
+    return verify(c.text, answer, choices=choices).correct
+
+
+def _choices(row: Row, choices_key: str):
+    meta = row.record.meta or {}
+    return meta.get(choices_key)
+
+
+def sft_record(row: Row, scores: dict, c: Completion, source: str, attempts: int) -> dict:
+    """An SFT prompt/completion record (skyjax.data.records kind "sft"): the ORIGINAL prompt (no instruction, no
+    hint: the chain must stand without them), the chain as completion; images as absolute paths, since the output
+    may live in another folder than the input."""
+    meta = dict(row.record.meta or {})
+    meta["distill"] = {**scores, "source": source, "attempts": attempts, "num_tokens": c.num_tokens}
+    out: dict[str, Any] = {}
+    if row.record.images:
+        out["images"] = list(row.record.images)
+    out.update(prompt=row.obj["prompt"], completion=full_chain(c), answer=row.record.answer)
+    if row.record.id is not None:
+        out["id"] = row.record.id
+    out["meta"] = meta
+    return out
+
+
+def self_distill(rows: Sequence[Row], scores: Sequence[dict], generate_fn: GenerateFn, out_file: TextIO, *,
+                 max_rewrites: int = 2, batch_size: int = 8, choices_key: str = "choices", quantiles: int = 4,
+                 tick: Callable[[int], None] = lambda n: None) -> dict:
+    """Sample chains with each row's penalty, keep verified ones, resample wrong rows with the answer hinted up to
+    `max_rewrites` times, append SFT records to `out_file` batch by batch. Returns the report dict."""
+    if max_rewrites < 0:
+        raise ValueError(f"--max-rewrites must be >= 0, got {max_rewrites}")
+    missing = [r.where for r in rows if not r.record.answer]
+    if missing:
+        raise ValueError(f"{missing[0]}: self-distillation needs each row's 'answer' ({len(missing)} row(s) lack one)")
+    outcome: list[str] = []
+    tokens: list[float] = []
+    samples = 0
+    for start in range(0, len(rows), batch_size):
+        chunk, chunk_scores = rows[start: start + batch_size], scores[start: start + batch_size]
+        convs = [r.record.conversation() for r in chunk]
+        chosen: list[tuple[Completion, str, int] | None] = [None] * len(chunk)
+        for rnd in range(max_rewrites + 1):
+            todo = [i for i in range(len(chunk)) if chosen[i] is None]
+            if not todo:
+                break
+            reqs = [GenRequest(with_instruction(convs[i], THINK_INSTRUCTION if rnd == 0 else
+                                                HINT_INSTRUCTION.format(answer=chunk[i].record.answer)),
+                               chunk[i].images, chunk_scores[i]["penalty"], chunk[i].line) for i in todo]
+            results = generate_fn(reqs, rnd)
+            if len(results) != len(reqs):
+                raise RuntimeError(f"the generator returned {len(results)} results for {len(reqs)} prompts")
+            for i, comps in zip(todo, results):
+                samples += len(comps)
+                row = chunk[i]
+                for c in comps:  # the first verified sample; sample order is the generator's (seeded) order
+                    try:
+                        ok = accepted(c, row.record.answer, _choices(row, choices_key), hinted=rnd > 0)
+                    except ValueError as e:  # a data error (an answer naming no option), not a wrong chain
+                        raise ValueError(f"{row.where}: {e}") from e
+                    if ok:
+                        chosen[i] = (c, "kept" if rnd == 0 else "rewritten", rnd + 1)
+                        break
+        for row, sc, pick in zip(chunk, chunk_scores, chosen):
+            if pick is None:
+                outcome.append("dropped")
+                tokens.append(float("nan"))
+                continue
+            c, source, attempts = pick
+            outcome.append(source)
+            tokens.append(float(c.num_tokens))
+            out_file.write(json.dumps(sft_record(row, sc, c, source, attempts), ensure_ascii=False) + "\n")
+        out_file.flush()
+        tick(len(chunk))
+    return build_report(outcome, [s["penalty"] for s in scores], tokens, samples, quantiles, max_rewrites)
+
+
+def build_report(outcome: Sequence[str], penalties: Sequence[float], tokens: Sequence[float], samples: int,
+                 quantiles: int = 4, max_rewrites: int = 2) -> dict:
+    """Counts, and chain length against difficulty: rows binned by penalty quantile (bin 1 = lowest P = hardest,
+    highest-scoring queries, where long chains are allowed); mean tokens over the rows that produced a chain."""
+    p = np.asarray(penalties, np.float64)
+    t = np.asarray(tokens, np.float64)
+    q = max(1, min(int(quantiles), len(p)))
+    edges = np.quantile(p, np.linspace(0, 1, q + 1))
+    # bin by rank, not by value: equal penalties would otherwise all fall into one bin
+    order = np.argsort(p, kind="stable")
+    bins = np.empty(len(p), np.int64)
+    bins[order] = np.arange(len(p)) * q // max(len(p), 1)
+    per_bin = []
+    for b in range(q):
+        sel = bins == b
+        lengths = t[sel & np.isfinite(t)]
+        per_bin.append({
+            "quantile": b + 1, "penalty_min": round(float(p[sel].min()), 6),
+            "penalty_max": round(float(p[sel].max()), 6),
+            "rows": int(sel.sum()),
+            **{k: int(sum(1 for o, s in zip(outcome, sel) if s and o == k)) for k in ("kept", "rewritten", "dropped")},
+            "mean_tokens": round(float(lengths.mean()), 3) if lengths.size else None,
+        })
+    have = np.isfinite(t)
+    corr = None
+    if have.sum() >= 2 and np.ptp(p[have]) > 0 and np.ptp(t[have]) > 0:
+        corr = round(float(np.corrcoef(p[have], t[have])[0, 1]), 6)
+    return {"rows": len(outcome), "kept": outcome.count("kept"), "rewritten": outcome.count("rewritten"),
+            "dropped": outcome.count("dropped"), "samples_generated": int(samples), "max_rewrites": max_rewrites,
+            "penalty_quantile_edges": [round(float(e), 6) for e in edges],
+            "chain_length_by_penalty_quantile": per_bin, "pearson_penalty_tokens": corr}
+
+
+# --------------------------------------------------------------------------------------------- the model generator
+
+
+def model_generator(loaded, tokenizer, adapter, sampling, *, batch_size: int = 8, seed: int = 0) -> GenerateFn:
+    """A `GenerateFn` on `skyjax.sample.decode.generate`: requests in batches of `batch_size` (padded with empty
+    rows, so one program serves every batch), each row's penalty its repetition penalty, samples keyed by
+    (seed, round, input line)."""
+    import jax
+
+    from skyjax.sample.cli import _completion, _pad_batch
+    from skyjax.sample.decode import generate
+    from skyjax.sample.processors import ProcessorFlags
+
+    base = sampling.rows(1)
+    flags = ProcessorFlags.from_rows(base["temperature"], base["top_k"], base["top_p"], base["min_p"],
+                                     base["repetition_penalty"], adapter.vocab_size).union(ProcessorFlags(penalty=True))
+    root = jax.random.key(seed)
+    g = int(sampling.num_samples)
+
+    def opened(conversation) -> bool:
+        """Whether the rendered prompt ends inside an opened think block (R1-distilled templates)."""
+        from skyjax.data.chat import renderable_messages
+
+        _, text = renderable_messages(tokenizer, list(conversation), "<image>", add_generation_prompt=True)
+        return text.rstrip().endswith("<think>")
+
+    def run(requests: Sequence[GenRequest], rnd: int) -> list[list[Completion]]:
+        out: list[list[Completion]] = []
+        round_key = jax.random.fold_in(root, rnd)
+        for start in range(0, len(requests), batch_size):
+            chunk = requests[start: start + batch_size]
+            n = len(chunk)
+            inputs = adapter.prepare([list(r.conversation) for r in chunk], [list(r.images) for r in chunk],
+                                     tokenizer)
+            adapter.check(inputs)
+            inputs = _pad_batch(inputs, batch_size)
+            penalties = [r.penalty for r in chunk] + [1.0] * (batch_size - n)
+            keys = jax.vmap(lambda i: jax.random.fold_in(round_key, i))(
+                np.asarray([r.key for r in chunk] + [0] * (batch_size - n), np.int32))
+            res = generate(adapter, loaded.params, inputs,
+                           dataclasses.replace(sampling, repetition_penalty=tuple(penalties)),
+                           prompt_keys=keys, flags=flags, check=False)
+            toks, lens, stopped = (np.asarray(x) for x in (res.tokens, res.lengths, res.stopped))
+            for i, r in enumerate(chunk):
+                think = opened(r.conversation)
+                comps = []
+                for j in range(i * g, i * g + g):
+                    d = _completion(tokenizer, toks[j, : lens[j]].tolist(), bool(stopped[j]))
+                    comps.append(Completion(d["text"], d["num_tokens"], d["finish_reason"], think,
+                                            tuple(d["token_ids"])))
+                out.append(comps)
+        return out
+
+    return run
