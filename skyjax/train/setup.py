@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 from skyjax.convert.checkpoint import LoadedModel, load_model
 from skyjax.convert.registry import ARCHITECTURES
 from skyjax.data.qwen_vl_image import QwenVLImageConfig
-from skyjax.data.records import Record, read_jsonl_records
+from skyjax.data.records import Record, RecordReader
 from skyjax.data.tokenizer import build_tiny_tokenizer, load_tokenizer, special_token_ids
 from skyjax.models.qwen2_5_vl import Qwen2_5_VLConfig
 from skyjax.nn.functional import Functional
@@ -121,13 +121,17 @@ def image_config(bundle: ModelBundle, data: DataConfig) -> QwenVLImageConfig:
     return dataclasses.replace(bundle.image_cfg, **changes) if changes else bundle.image_cfg
 
 
-def read_records(paths, on_error: str = "raise", kind: str = "preference") -> tuple[list[Record], collections.Counter]:
-    """Every record of the JSONL files, checked as `kind` (skyjax.data.records); skipped rows counted by reason."""
+def read_records(paths, on_error: str = "raise", kind: str = "preference", errors: list | None = None
+                 ) -> tuple[list[Record], collections.Counter]:
+    """Every record of the JSONL files, checked as `kind` (skyjax.data.records); skipped rows counted by reason,
+    and every skipped row's `RecordError` (file, line, reason) appended to `errors` when given."""
     records, skipped = [], collections.Counter()
     for path in paths:
-        reader = read_jsonl_records(path, kind=kind, on_error=on_error)
+        reader = RecordReader(path, kind=kind, on_error=on_error, max_kept_errors=None if errors is not None else 20)
         records.extend(reader)
         skipped.update(reader.skipped)
+        if errors is not None:
+            errors.extend(reader.errors)
     return records, skipped
 
 
@@ -213,6 +217,18 @@ class PairPipeline(RecordPipeline):
         example = featurize_pair(record, self.bundle.tokenizer, self.image_cfg, max_length=self.data.max_length,
                                  blank_images=self.blank,
                                  max_image_patches=self.bundle.model.config.vision.max_image_patches)
+        # a row longer than the largest bucket, or with more patches / images than one batch holds, is a bad row
+        # (named by its file:line, skippable) here, not a failed batch naming other rows
+        longest = max(example.chosen.length, example.rejected.length)
+        if not self.data.share_prompt and longest > max(self.buckets.seq):
+            raise BadRowError(f"{example.where}: {longest} tokens, more than the largest seq bucket "
+                              f"{max(self.buckets.seq)} (data.seq_buckets; set data.max_length to cut rows earlier)")
+        if example.patches.shape[0] > max(self.buckets.patches):
+            raise BadRowError(f"{example.where}: its images have {example.patches.shape[0]} patches, more than the "
+                              f"largest patch bucket {max(self.buckets.patches)} (data.patch_buckets)")
+        if example.grids.shape[0] > max(self.buckets.images):
+            raise BadRowError(f"{example.where}: {example.grids.shape[0]} images, more than the largest image "
+                              f"bucket {max(self.buckets.images)} (data.image_buckets)")
         if self.data.share_prompt:  # one row holds prompt + both responses: it must fit a bucket (a bad row if not)
             n = shared_prompt_length(example)
             if n > max(self.buckets.seq):
