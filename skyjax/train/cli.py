@@ -53,7 +53,7 @@ def format_summary(summary: dict) -> str:
         if isinstance(value, float) and key != "seconds":
             lines.append(f"  {key:<20} {value:.3f}" + (f"   {notes[key]}" if key in notes else ""))
     # the user's own held-out files (data.eval), one line each: reward model {stem: accuracy}, SFT {stem: {...}}
-    evals = summary.get("eval_accuracy", summary.get("eval")) or {}
+    evals = summary.get("eval_accuracy") or summary.get("eval") or {}
     for stem, result in evals.items():
         if stem == "heldout" and "heldout_accuracy" in summary:
             continue  # the synthetic held-out split, printed above
