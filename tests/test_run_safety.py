@@ -21,7 +21,7 @@ from skyjax.errors import PREEMPTED_EXIT_STATUS
 from skyjax.parallel.mesh import MeshConfig, MeshError, cpu_devices_for, make_mesh
 from skyjax.train.config import RunConfig
 from skyjax.train.pairs import BadRowError
-from skyjax.train.run_dir import claim_run_dir, config_changes, saved_steps
+from skyjax.train.run_dir import check_resume, claim_run_dir, config_changes, saved_steps
 from skyjax.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,6 +100,7 @@ def test_resume_allows_only_the_step_budget_and_bookkeeping(tmp_path):
     (tmp_path / "checkpoints" / "20").mkdir(parents=True)
     with pytest.raises(ConfigError, match=r"optimizer\.lr: 0\.01 -> 0\.003"):
         claim_run_dir(tmp_path, old, resume=True, log=lambda m: None)
+    check_resume(tmp_path, same_run, resume=False)  # a fresh start takes any config (the old run is moved aside)
 
 
 def test_over_long_rows_are_named_by_their_line_and_skipped_and_listed(tmp_path):

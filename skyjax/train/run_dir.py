@@ -84,29 +84,34 @@ def move_previous_run(run_dir: Path) -> Path | None:
     return dest
 
 
-def claim_run_dir(run_dir: Path, config: dict, *, resume: bool, lead: bool = True,
-                  log: Callable[[str], None] = print) -> None:
-    """Make `run_dir` this run's (module docstring), then write its config.json (on the lead host)."""
+def check_resume(run_dir: Path, config: dict, *, resume: bool) -> None:
+    """A `ConfigError` when a resume would continue checkpoints saved with another config (module docstring)."""
+    if not resume or not saved_steps(run_dir / "checkpoints"):
+        return
+    saved = run_dir / "config.json"
+    if not saved.is_file():
+        return
+    try:
+        previous = json.loads(saved.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{saved}: unreadable ({e}); rerun with --no-resume (the old run is moved aside) or "
+                          f"choose another --run-dir") from None
+    changes = config_changes(previous, config)
+    if changes:
+        raise ConfigError(
+            f"{run_dir} holds checkpoints of a run with another config ({'; '.join(changes)}); a resume may change "
+            f"only the step budget (trainer.steps) and bookkeeping: rerun with --no-resume to start afresh (the old "
+            f"run is moved aside) or choose another --run-dir")
+
+
+def claim_run_dir(run_dir: Path, config: dict, *, resume: bool, log: Callable[[str], None] = print) -> None:
+    """Make `run_dir` this run's (module docstring) and write its config.json. On several hosts every host calls
+    `check_resume` first and the lead host alone this."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    check_resume(run_dir, config, resume=resume)
     if not resume:
-        if lead:
-            moved = move_previous_run(run_dir)
-            if moved is not None:
-                log(f"--no-resume: moved the previous run's files ({', '.join(p.name for p in sorted(moved.iterdir()))})"
-                    f" to {moved}")
-    elif saved_steps(run_dir / "checkpoints"):
-        saved = run_dir / "config.json"
-        if saved.is_file():
-            try:
-                previous = json.loads(saved.read_text())
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{saved}: unreadable ({e}); rerun with --no-resume (the old run is moved aside) "
-                                  f"or choose another --run-dir") from None
-            changes = config_changes(previous, config)
-            if changes:
-                raise ConfigError(
-                    f"{run_dir} holds checkpoints of a run with another config ({'; '.join(changes)}); a resume may "
-                    f"change only the step budget (trainer.steps) and bookkeeping: rerun with --no-resume to start "
-                    f"afresh (the old run is moved aside) or choose another --run-dir")
-    if lead:
-        (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+        moved = move_previous_run(run_dir)
+        if moved is not None:
+            log(f"--no-resume: moved the previous run's files ({', '.join(p.name for p in sorted(moved.iterdir()))}) "
+                f"to {moved}")
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2))

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from skyjax.config import ConfigError
 from skyjax.convert.checkpoint import LoadedModel, load_model
 from skyjax.convert.registry import ARCHITECTURES
 from skyjax.data.qwen_vl_image import QwenVLImageConfig
@@ -83,7 +84,7 @@ def reward_model_from(loaded: LoadedModel, mesh: Mesh, seed: int) -> LoadedModel
     if loaded.arch.name == "qwen2_5_vl_reward":
         return loaded
     if loaded.arch.name != "qwen2_5_vl":
-        raise ValueError(f"a reward model needs a Qwen2.5-VL backbone, got architecture {loaded.arch.name!r}")
+        raise ConfigError(f"a reward model needs a Qwen2.5-VL backbone, got architecture {loaded.arch.name!r}")
     arch = ARCHITECTURES["qwen2_5_vl_reward"]
     fn = Functional.create(lambda r: arch.build(loaded.config, r))
     head_shapes = {"v_head": fn.shapes["v_head"]}
@@ -112,7 +113,7 @@ SHAPE_PREFIX = "shape:"  # model.source "shape:NAME" / "shape:FILE.yaml": a mode
 def require_weights(cfg: ModelConfig) -> None:
     """Training needs weights: a shape-only model.source (for `skyjax aot`) is an error naming the field."""
     if cfg.source.startswith(SHAPE_PREFIX):
-        raise ValueError(f"model.source {cfg.source!r} is a model shape without weights, for `skyjax aot` only; "
+        raise ConfigError(f"model.source {cfg.source!r} is a model shape without weights, for `skyjax aot` only; "
                          f"training needs a Hugging Face folder, a skyjax checkpoint or 'tiny'")
 
 
@@ -150,14 +151,14 @@ class RecordPipeline:
                  epochs: int | None = None, shuffle: bool = True, blank_images: bool = False,
                  batch_size: int | None = None, drop_remainder: bool = True, pad_last: bool = False):
         if not records:
-            raise ValueError("no records to read")
+            raise ConfigError("no records to read")
         self.bundle, self.data, self.micro = bundle, data, micro_batches
         self.blank = blank_images
         self.bad_rows: dict[str, str] = {}  # "file:line" -> reason (unique: read-ahead may featurize a row twice)
         self.batch_size = batch_size or data.batch_size
         n_hosts, host = jax.process_count(), jax.process_index()
         if self.batch_size % n_hosts:
-            raise ValueError(f"batch size {self.batch_size} does not divide over {n_hosts} hosts")
+            raise ConfigError(f"batch size {self.batch_size} does not divide over {n_hosts} hosts")
         ds = grain.MapDataset.source(records)
         if shuffle:
             ds = ds.shuffle(seed=data.shuffle_seed)

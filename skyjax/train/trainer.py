@@ -27,20 +27,20 @@ import orbax.checkpoint as ocp
 from skyjax.config import ConfigError, to_dict
 from skyjax.convert.checkpoint import LoadedModel, export_hf, save_checkpoint
 from skyjax.convert.safetensors_io import CheckpointError
-from skyjax.errors import PREEMPTED_EXIT_STATUS, Preempted  # noqa: F401  (PREEMPTED_EXIT_STATUS: re-exported)
+from skyjax.errors import PREEMPTED_EXIT_STATUS, Preempted, UserError  # noqa: F401  (re-exported)
 from skyjax.parallel.mesh import make_mesh
 from skyjax.parallel.rules import use_mesh
 from skyjax.train.config import RunConfig
 from skyjax.train.metrics import MetricsWriter
 from skyjax.train.optimizer import build_optimizer, flatten, frozen_predicate, merge_params, split_params
 from skyjax.train.pairs import host_batch
-from skyjax.train.run_dir import claim_run_dir, saved_steps
+from skyjax.train.run_dir import check_resume, claim_run_dir, saved_steps
 from skyjax.train.setup import read_records, to_device
 from skyjax.train.step import build_train_step, jit_train_step, report, state_shardings
 from skyjax.train.tasks import TASKS, prepare_bundle, score_pairs
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(UserError, FloatingPointError):
     """The loss or the gradient became NaN/inf."""
 
 
@@ -52,11 +52,13 @@ class Trainer:
         self.cfg, self.run_dir, self.log = cfg, Path(run_dir).resolve(), log
         self.lead = jax.process_index() == 0
         self.mesh = make_mesh(cfg.mesh)  # first: a shape that does not fit the devices changes nothing on disk
-        claim_run_dir(self.run_dir, to_dict(cfg), resume=resume, lead=self.lead, log=log)
-        if jax.process_count() > 1:  # every host sees the folder as the lead host left it
-            from jax.experimental.multihost_utils import sync_global_devices
-
-            sync_global_devices("skyjax run dir")
+        # the run folder is this run's (skyjax.train.run_dir): every host checks, the lead host moves and writes
+        check_resume(self.run_dir, to_dict(cfg), resume=resume)
+        _sync_hosts("skyjax run dir checked")
+        if self.lead:
+            claim_run_dir(self.run_dir, to_dict(cfg), resume=resume, log=log)
+        _sync_hosts("skyjax run dir claimed")
+        self.run_dir.mkdir(parents=True, exist_ok=True)  # hosts that do not share the lead host's disk
         self.task = TASKS[cfg.kind]
         self.bundle = prepare_bundle(self.task, self.task.load_bundle(cfg.model, self.mesh, self.run_dir), cfg.data)
         model = self.bundle.model
@@ -76,7 +78,7 @@ class Trainer:
         self.state_shardings = state_shardings(self.fn, self.optimizer, self.is_frozen, self.mesh)
         trainable, frozen = split_params(model.params, self.is_frozen)
         if not flatten(trainable):
-            raise ValueError(f"trainer.freeze {cfg.trainer.freeze} freezes every parameter: nothing to train")
+            raise ConfigError(f"trainer.freeze {cfg.trainer.freeze} freezes every parameter: nothing to train")
         opt_state = jax.jit(self.optimizer.init, out_shardings=self.state_shardings["opt"])(trainable)
         state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "frozen": frozen, "opt": opt_state}
         # exactly the shardings the step returns, so the first and every later step share one compiled program
@@ -344,6 +346,14 @@ class Trainer:
         if self.cfg.trainer.export:
             outputs["hf_export"] = str(export_hf(final, self.run_dir / "hf"))
         return outputs
+
+
+def _sync_hosts(name: str) -> None:
+    """All hosts wait here for each other (nothing on one host)."""
+    if jax.process_count() > 1:
+        from jax.experimental.multihost_utils import sync_global_devices
+
+        sync_global_devices(name)
 
 
 def _over_hosts(*counts: int) -> tuple[int, ...]:
