@@ -271,7 +271,11 @@ class Trainer:
                     if self._stop_signal is not None:
                         break
                     if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 != end:
-                        for name, result in self.evaluate().items():
+                        try:
+                            evals = self.evaluate()
+                        except Preempted:  # a signal during the evaluation: save this step, then stop
+                            break
+                        for name, result in evals.items():
                             writer.write(step + 1, result if isinstance(result, dict) else {"accuracy": result},
                                          prefix=f"eval/{name}")
                     if cfg.save_every and (step + 1) % cfg.save_every == 0:
