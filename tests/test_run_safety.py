@@ -181,8 +181,8 @@ def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
         (("score", "--model", tmp_path / "hf", "--data", tmp_path / "rows.jsonl", "--out", tmp_path / "s.jsonl"),
          r"skyjax score: error: .*hf: no value_head\.safetensors: a qwen2_5_vl model without a value head"),
         (("export", tmp_path / "tok", tmp_path / "o", "--mesh", "1,1,1"),
-         r"skyjax export: error: .*tok: not a model folder: a skyjax checkpoint needs skyjax\.json and params/, a "
-         r"Hugging Face folder needs config\.json"),
+         r"skyjax export: error: .*tok: not a model folder \(no skyjax\.json, no config\.json\): a skyjax checkpoint "
+         r"needs skyjax\.json and params/, a Hugging Face folder needs config\.json"),
         (("export", tmp_path / "absent", tmp_path / "o", "--mesh", "1,1,1"), r"absent does not exist"),
     ]
     (ckpt / "skyjax.json").rename(tmp_path / "meta.json")

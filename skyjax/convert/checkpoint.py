@@ -62,9 +62,8 @@ def not_a_model_folder(folder: Path) -> CheckpointError:
     if (folder / "params").is_dir():
         return CheckpointError(f"{folder}: has params/ but no {META_NAME}: an unfinished skyjax checkpoint ({META_NAME} "
                                f"is written last); write it again (skyjax convert, or rerun the training run)")
-    return CheckpointError(f"{folder}: not a model folder: a skyjax checkpoint needs {META_NAME} and params/, a "
-                           f"Hugging Face folder needs config.json and *.safetensors; it has neither {META_NAME} nor "
-                           f"config.json")
+    return CheckpointError(f"{folder}: not a model folder (no {META_NAME}, no config.json): a skyjax checkpoint needs "
+                           f"{META_NAME} and params/, a Hugging Face folder needs config.json and *.safetensors")
 
 
 def read_hf_config(folder: Path) -> dict:
