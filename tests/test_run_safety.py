@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from skyjax import cli
-from skyjax.config import ConfigError, load_config
+from skyjax.config import ConfigError, from_dict, load_config, to_dict
 from skyjax.convert.safetensors_io import CheckpointError
 from skyjax.data.synthetic import make_records
 from skyjax.errors import PREEMPTED_EXIT_STATUS
@@ -101,6 +101,14 @@ def test_resume_allows_only_the_step_budget_and_bookkeeping(tmp_path):
     with pytest.raises(ConfigError, match=r"optimizer\.lr: 0\.01 -> 0\.003"):
         claim_run_dir(tmp_path, old, resume=True, log=lambda m: None)
     check_resume(tmp_path, same_run, resume=False)  # a fresh start takes any config (the old run is moved aside)
+    # a config.json written before a key existed: the key's default is no change
+    full = json.loads(json.dumps(to_dict(config())))
+    (tmp_path / "config.json").write_text(json.dumps({**full, "data": {k: v for k, v in full["data"].items()
+                                                                      if k != "share_prompt"}}))
+    normalize = lambda saved: to_dict(from_dict(RunConfig, saved))  # noqa: E731
+    check_resume(tmp_path, full, resume=True, normalize=normalize)
+    with pytest.raises(ConfigError, match=r"data\.share_prompt: \(absent\) -> false"):
+        check_resume(tmp_path, full, resume=True)
 
 
 def test_over_long_rows_are_named_by_their_line_and_skipped_and_listed(tmp_path):

@@ -84,8 +84,10 @@ def move_previous_run(run_dir: Path) -> Path | None:
     return dest
 
 
-def check_resume(run_dir: Path, config: dict, *, resume: bool) -> None:
-    """A `ConfigError` when a resume would continue checkpoints saved with another config (module docstring)."""
+def check_resume(run_dir: Path, config: dict, *, resume: bool, normalize: Callable[[dict], dict] | None = None
+                 ) -> None:
+    """A `ConfigError` when a resume would continue checkpoints saved with another config (module docstring).
+    `normalize` rebuilds the saved config with today's defaults (a key added since it was written is no change)."""
     if not resume or not saved_steps(run_dir / "checkpoints"):
         return
     saved = run_dir / "config.json"
@@ -96,6 +98,11 @@ def check_resume(run_dir: Path, config: dict, *, resume: bool) -> None:
     except json.JSONDecodeError as e:
         raise ConfigError(f"{saved}: unreadable ({e}); rerun with --no-resume (the old run is moved aside) or "
                           f"choose another --run-dir") from None
+    if normalize is not None:
+        try:
+            previous = normalize(previous)
+        except (ConfigError, TypeError, ValueError):  # a key since removed: compare as written
+            pass
     changes = config_changes(previous, config)
     if changes:
         raise ConfigError(
@@ -104,11 +111,12 @@ def check_resume(run_dir: Path, config: dict, *, resume: bool) -> None:
             f"run is moved aside) or choose another --run-dir")
 
 
-def claim_run_dir(run_dir: Path, config: dict, *, resume: bool, log: Callable[[str], None] = print) -> None:
+def claim_run_dir(run_dir: Path, config: dict, *, resume: bool, log: Callable[[str], None] = print,
+                  normalize: Callable[[dict], dict] | None = None) -> None:
     """Make `run_dir` this run's (module docstring) and write its config.json. On several hosts every host calls
     `check_resume` first and the lead host alone this."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    check_resume(run_dir, config, resume=resume)
+    check_resume(run_dir, config, resume=resume, normalize=normalize)
     if not resume:
         moved = move_previous_run(run_dir)
         if moved is not None:

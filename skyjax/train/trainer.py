@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from skyjax.config import ConfigError, to_dict
+from skyjax.config import ConfigError, from_dict, to_dict
 from skyjax.convert.checkpoint import LoadedModel, export_hf, save_checkpoint
 from skyjax.convert.safetensors_io import CheckpointError
 from skyjax.errors import PREEMPTED_EXIT_STATUS, Preempted, UserError  # noqa: F401  (re-exported)
@@ -53,10 +53,11 @@ class Trainer:
         self.lead = jax.process_index() == 0
         self.mesh = make_mesh(cfg.mesh)  # first: a shape that does not fit the devices changes nothing on disk
         # the run folder is this run's (skyjax.train.run_dir): every host checks, the lead host moves and writes
-        check_resume(self.run_dir, to_dict(cfg), resume=resume)
+        normalize = lambda saved: to_dict(from_dict(RunConfig, saved))  # noqa: E731  (today's defaults filled in)
+        check_resume(self.run_dir, to_dict(cfg), resume=resume, normalize=normalize)
         _sync_hosts("skyjax run dir checked")
         if self.lead:
-            claim_run_dir(self.run_dir, to_dict(cfg), resume=resume, log=log)
+            claim_run_dir(self.run_dir, to_dict(cfg), resume=resume, log=log, normalize=normalize)
         _sync_hosts("skyjax run dir claimed")
         self.run_dir.mkdir(parents=True, exist_ok=True)  # hosts that do not share the lead host's disk
         self.task = TASKS[cfg.kind]
