@@ -50,7 +50,7 @@ def frozen_predicate(arch: str, freeze: Iterable[str]):
             patterns.append(re.compile(presets[item]))
         elif re.fullmatch(r"[A-Za-z_]+", item):
             raise ConfigError(f"trainer.freeze: {item!r} is not a preset of {arch} ({', '.join(sorted(presets))}) "
-                             f"and not a path regex")
+                              f"and not a path regex")
         else:
             patterns.append(re.compile(item))
     return lambda path: any(p.fullmatch(path) for p in patterns)

@@ -114,7 +114,7 @@ def require_weights(cfg: ModelConfig) -> None:
     """Training needs weights: a shape-only model.source (for `skyjax aot`) is an error naming the field."""
     if cfg.source.startswith(SHAPE_PREFIX):
         raise ConfigError(f"model.source {cfg.source!r} is a model shape without weights, for `skyjax aot` only; "
-                         f"training needs a Hugging Face folder, a skyjax checkpoint or 'tiny'")
+                          f"training needs a Hugging Face folder, a skyjax checkpoint or 'tiny'")
 
 
 def image_config(bundle: ModelBundle, data: DataConfig) -> QwenVLImageConfig:

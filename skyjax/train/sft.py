@@ -81,7 +81,7 @@ class R1VTiles:
     def __init__(self, model_cfg: R1VConfig, image_cfg: InternVLImageConfig, data: DataConfig):
         if image_cfg.image_size != model_cfg.tile_size:
             raise ConfigError(f"image tiles are {image_cfg.image_size} px but the model expects "
-                             f"{model_cfg.tile_size} px tiles")
+                              f"{model_cfg.tile_size} px tiles")
         if model_cfg.image_token_id is None:
             raise ConfigError("the model's <IMG_CONTEXT> id is unknown: use a checkpoint with an InternVL tokenizer")
         self.cfg, self.image_cfg, self.buckets = model_cfg, image_cfg, tuple(data.tile_buckets)
@@ -320,7 +320,7 @@ def load_sft_bundle(cfg: ModelConfig, mesh: Mesh, run_dir: Path) -> ModelBundle:
     loaded = load_model(cfg.source, mesh=mesh, dtype=cfg.dtype, param_dtype=cfg.param_dtype, **runtime_overrides(cfg))
     if loaded.arch.name not in SFT_FORMATS:
         raise ConfigError(f"{cfg.source}: SFT supports the architectures {', '.join(SFT_FORMATS)}, not "
-                         f"{loaded.arch.name!r}")
+                          f"{loaded.arch.name!r}")
     tok = load_tokenizer(cfg.tokenizer or loaded.folder)
     if isinstance(loaded.config, R1VConfig):
         from skyjax.models.r1v_inputs import image_token_id_of
