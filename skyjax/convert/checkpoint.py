@@ -60,8 +60,9 @@ def not_a_model_folder(folder: Path) -> CheckpointError:
         return CheckpointError(f"{folder} is a file, not a folder (expected a skyjax checkpoint or a Hugging Face "
                                f"model folder)")
     if (folder / "params").is_dir():
-        return CheckpointError(f"{folder}: has params/ but no {META_NAME}: an unfinished skyjax checkpoint ({META_NAME} "
-                               f"is written last); write it again (skyjax convert, or rerun the training run)")
+        return CheckpointError(f"{folder}: has params/ but no {META_NAME}: an unfinished skyjax checkpoint "
+                               f"({META_NAME} is written last); write it again (skyjax convert, or rerun the training "
+                               f"run)")
     return CheckpointError(f"{folder}: not a model folder (no {META_NAME}, no config.json): a skyjax checkpoint needs "
                            f"{META_NAME} and params/, a Hugging Face folder needs config.json and *.safetensors")
 

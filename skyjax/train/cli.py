@@ -15,8 +15,9 @@ def add_parser(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train from a YAML run config with dotted overrides. The run directory receives checkpoints "
                     "(resumed automatically), metrics (TensorBoard + metrics.jsonl), the final skyjax checkpoint, "
-                    "a Hugging Face export and summary.json. SIGTERM or Ctrl-C saves a checkpoint and exits with status 143 "
-                    "without final outputs (rerun to resume); a user error exits with status 2.\n\nexample:\n"
+                    "a Hugging Face export and summary.json. SIGTERM or Ctrl-C saves a checkpoint and exits with "
+                    "status 143 without final outputs (rerun to resume); a user error exits with status 2."
+                    "\n\nexample:\n"
                     "  skyjax train configs/demo/reward_model.yaml --run-dir runs/reward_demo\n"
                     "  skyjax train configs/sft/r1v_tiny.yaml --run-dir runs/sft_tiny\n"
                     "  skyjax train configs/reward_model/stage1_7b.yaml optimizer.lr=5e-6 trainer.steps=1000")
