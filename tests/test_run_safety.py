@@ -76,6 +76,10 @@ def test_run_folder_resume_refusal_damaged_checkpoint_and_fresh_start(tmp_path):
     assert json.loads((run / "config.json").read_text())["trainer"]["steps"] == 5
 
     # --no-resume: the old run's files go to previous-<timestamp>/; the new run owns checkpoints/
+    with pytest.raises(ConfigError, match=r"trainer\.steps=3 is below the step 5 resumed from"):
+        Trainer(config("trainer.steps=3"), run)
+    with pytest.raises(ConfigError, match=r"data\.eval: .*absent\.jsonl does not exist"):
+        Trainer(config(f"data.eval=[{tmp_path / 'absent.jsonl'}]"), run)
     c = Trainer(config(), run, resume=False)
     assert c.start_step == 0 and saved_steps(run / "checkpoints") == []
     (previous,) = run.glob("previous-*")

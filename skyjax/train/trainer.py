@@ -51,7 +51,12 @@ class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: str | Path, *, resume: bool = True, log=print):
         self.cfg, self.run_dir, self.log = cfg, Path(run_dir).resolve(), log
         self.lead = jax.process_index() == 0
-        self.mesh = make_mesh(cfg.mesh)  # first: a shape that does not fit the devices changes nothing on disk
+        # first what can be checked at once: a wrong mesh shape or file changes nothing on disk
+        self.mesh = make_mesh(cfg.mesh)
+        for key in ("train", "eval"):  # not after hours of training
+            missing = [p for p in getattr(cfg.data, key) if not Path(p).is_file()]
+            if missing:
+                raise ConfigError(f"data.{key}: {', '.join(map(str, missing))} does not exist")
         # the run folder is this run's (skyjax.train.run_dir): every host checks, the lead host moves and writes
         normalize = lambda saved: to_dict(from_dict(RunConfig, saved))  # noqa: E731  (today's defaults filled in)
         check_resume(self.run_dir, to_dict(cfg), resume=resume, normalize=normalize)
@@ -98,6 +103,9 @@ class Trainer:
         self.start_step = 0
         if resume_from is not None:
             self.restore(resume_from)
+            if self.start_step > self.total_steps:
+                raise ConfigError(f"trainer.steps={self.total_steps} is below the step {self.start_step} resumed from "
+                                  f"{self.run_dir / 'checkpoints'}: raise trainer.steps, or rerun with --no-resume")
         if self.lead:
             self._truncate_metrics(self.start_step)
         self.train_step = build_train_step(self.fn, self.objective, self.optimizer, self.schedule, cfg.objective)
