@@ -235,22 +235,22 @@ def restore_params(path: Path, fn: Functional, mesh: Mesh | None, rules: AxisRul
             return ckptr.restore(path, target)
         except (ValueError, KeyError) as e:
             if "does not match" in str(e) or isinstance(e, KeyError) or "shape" in str(e).lower():
-                raise CheckpointError(f"{path}: the checkpoint does not match the model ({_short(e)})") from e
+                raise CheckpointError(f"{path}: the checkpoint does not match the model ({short_error(e)})") from e
             raise _unreadable(path, e) from e
         except Exception as e:  # tensorstore / orbax errors on a truncated or damaged file have no common type
             raise _unreadable(path, e) from e
 
 
-def _short(error: BaseException, limit: int = 300) -> str:
+def short_error(error: BaseException, limit: int = 300) -> str:
     """An error's message on one line, without tensorstore's spec dump, at most `limit` characters."""
     text = " ".join(str(error).split()).split(" See full TensorStore details")[0]
     return (text[:limit] + " ...") if len(text) > limit else text or type(error).__name__
 
 
 def _unreadable(path: Path, error: BaseException) -> CheckpointError:
-    return CheckpointError(f"{path}: the parameters are unreadable ({type(error).__name__}: {_short(error)}); a file "
-                           f"is truncated or damaged: write the checkpoint again (skyjax convert, or the training "
-                           f"run's checkpoints)")
+    return CheckpointError(f"{path}: the parameters are unreadable ({type(error).__name__}: {short_error(error)}); "
+                           f"a file is truncated or damaged: write the checkpoint again (skyjax convert, or the "
+                           f"training run's checkpoints)")
 
 
 def require_reward_model(folder: str | Path) -> None:

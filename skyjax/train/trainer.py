@@ -25,7 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from skyjax.config import ConfigError, from_dict, to_dict
-from skyjax.convert.checkpoint import LoadedModel, export_hf, save_checkpoint
+from skyjax.convert.checkpoint import LoadedModel, export_hf, save_checkpoint, short_error
 from skyjax.convert.safetensors_io import CheckpointError
 from skyjax.errors import PREEMPTED_EXIT_STATUS, Preempted, UserError  # noqa: F401  (re-exported)
 from skyjax.parallel.mesh import make_mesh
@@ -181,7 +181,7 @@ class Trainer:
     def _unreadable(self, step: int, error: Exception) -> CheckpointError:
         folder = self.run_dir / "checkpoints"
         earlier = [s for s in saved_steps(folder) if s < step]
-        reason = " ".join(str(error).split())[:300] or type(error).__name__
+        reason = short_error(error)
         todo = (f"rerun with trainer.resume_step={earlier[-1]} (an earlier checkpoint) or remove {folder / str(step)}"
                 if earlier else f"remove {folder / str(step)} to start afresh, or rerun with --no-resume")
         return CheckpointError(f"checkpoint step {step} in {folder} is unreadable ({type(error).__name__}: "
