@@ -1,7 +1,9 @@
 """Attention: masks, the one attention entry point, and the KV cache.
 
 `dot_product_attention` is the single call every model makes, so a faster kernel (cuDNN on GPU, Splash on TPU) is a
-config value (`attention_impl`), not a code change. The default 'xla' path is plain einsums with an fp32 softmax.
+config value (`attention_impl`), not a code change. The default 'xla' path is plain einsums with an fp32 softmax;
+when the fp32 scores [B, H, S, T] would exceed `max_scores_bytes` (a long row scored or prefilled on a CPU), it runs
+the same computation over chunks of queries in a loop, so only one chunk's scores are ever held.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ import jax
 import jax.numpy as jnp
 
 ATTENTION_IMPLS = ("xla", "jax", "cudnn")
+# Above this many bytes of fp32 attention scores the 'xla' path chunks its queries. 256 MiB keeps a 16k-token row of
+# a 28-head model to a few hundred MiB of scores, yet leaves every training/decoding shape of the tests unchunked.
+MAX_SCORES_BYTES = 256 * 2**20
 
 
 class KVCache(NamedTuple):
@@ -71,12 +76,15 @@ def dot_product_attention(
     impl: str = "xla",
     precision=None,
     kv_heads_first: bool = False,
+    max_scores_bytes: int | None = MAX_SCORES_BYTES,
 ) -> jax.Array:
     """Grouped-query attention. q [B, S, H, D], k/v [B, T, K, D] with H a multiple of K, mask [B, S, T] -> [B, S, H, D].
     kv_heads_first: k/v are [B, K, T, D] instead (the KVCache layout).
 
     The logits are computed in the activation dtype and the softmax in fp32, as the reference does.
     A fully masked query row (a padding position) gets a uniform distribution instead of NaN.
+    'xla' with `max_scores_bytes` (None: never): queries are processed in chunks when the fp32 scores of the whole
+    call would be larger; each query's softmax still spans every key, so the result equals the unchunked one.
     """
     b, s, h, d = q.shape
     kv_heads = k.shape[1 if kv_heads_first else 2]
@@ -92,6 +100,26 @@ def dot_product_attention(
         )
     if impl != "xla":
         raise ValueError(f"attention_impl {impl!r} is not one of {ATTENTION_IMPLS}")
+    chunk = query_chunk_size(b, h, s, k.shape[2 if kv_heads_first else 1], max_scores_bytes)
+    if chunk is None:
+        return _xla_attention(q, k, v, mask, scale, precision, kv_heads_first)
+    return _chunked_attention(q, k, v, mask, chunk, scale, precision, kv_heads_first)
+
+
+def query_chunk_size(b: int, h: int, s: int, t: int, max_scores_bytes: int | None) -> int | None:
+    """Queries per chunk so that one chunk's fp32 scores [b, h, chunk, t] fit `max_scores_bytes`; None when the whole
+    call fits (no chunking). A power of two (at least 16), so bucketed lengths split evenly."""
+    if max_scores_bytes is None or s <= 16 or 4 * b * h * s * t <= max_scores_bytes:
+        return None
+    chunk = 16
+    while chunk * 2 < s and 4 * b * h * (chunk * 2) * t <= max_scores_bytes:
+        chunk *= 2
+    return chunk
+
+
+def _xla_attention(q, k, v, mask, scale, precision, kv_heads_first):
+    b, s, h, d = q.shape
+    kv_heads = k.shape[1 if kv_heads_first else 2]
     g = h // kv_heads
     qg = q.reshape(b, s, kv_heads, g, d)
     kv = "bktd" if kv_heads_first else "btkd"
@@ -102,3 +130,24 @@ def dot_product_attention(
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum(f"bkgst,{kv}->bskgd", probs, v, precision=precision)
     return out.reshape(b, s, h, d)
+
+
+def _chunked_attention(q, k, v, mask, chunk, scale, precision, kv_heads_first):
+    """`_xla_attention` over query chunks of `chunk` rows, one at a time (lax.map is a loop: XLA keeps one chunk's
+    scores alive, not all of them). The query axis is padded to a multiple of `chunk`; padded rows are dropped."""
+    b, s, h, d = q.shape
+    n = -(-s // chunk)
+    pad = n * chunk - s
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, (mask.shape[0], s, mask.shape[2]))
+    if pad:
+        q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        if mask is not None:
+            mask = jnp.pad(mask, ((0, 0), (0, pad), (0, 0)))
+    qs = jnp.moveaxis(q.reshape(b, n, chunk, h, d), 1, 0)  # [n, B, chunk, H, D]
+    if mask is None:
+        out = jax.lax.map(lambda qc: _xla_attention(qc, k, v, None, scale, precision, kv_heads_first), qs)
+    else:
+        ms = jnp.moveaxis(mask.reshape(mask.shape[0], n, chunk, mask.shape[2]), 1, 0)
+        out = jax.lax.map(lambda a: _xla_attention(a[0], k, v, a[1], scale, precision, kv_heads_first), (qs, ms))
+    return jnp.moveaxis(out, 0, 1).reshape(b, n * chunk, h, d)[:, :s]
