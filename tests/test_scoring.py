@@ -137,7 +137,7 @@ def test_score_job_draws_one_progress_bar_and_keeps_order(reward_folder, tmp_pat
 
 def test_overlong_row_is_an_error_naming_its_line_or_is_skipped(reward_folder, tmp_path, capsys):
     rows = _rows(3)
-    rows[1]["response"] = "long " * 400
+    rows[1]["response"], rows[2]["response"] = "long " * 400, "short"
     data = _write(tmp_path / "rows.jsonl", rows)
     out = tmp_path / "out.jsonl"
     args = ["score", "--model", str(reward_folder), "--data", str(data), "--out", str(out), "--mesh", "1,1,1",

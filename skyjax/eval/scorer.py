@@ -148,8 +148,22 @@ class RewardScorer:
         self.limit_name, self.max_length = min(limits, key=lambda x: x[1])
         self.seq_buckets = tuple(b for b in (buckets.seq or ()) if b < self.max_length) + (self.max_length,) \
             if buckets.seq is not None else None
-        fn = self.model.fn
+        self.max_image_patches = self.image_cfg.max_patches
+        fn = self._bounded_vision(self.max_image_patches)
         self._score = jax.jit(lambda p, ids, kw: fn.bind(p).score(ids, **kw))
+
+    def _bounded_vision(self, bound: int):
+        """The model with its vision tower told the most patches one image can have (the processor's max_pixels):
+        full-attention vision blocks then attend by blocks of neighbouring patches instead of under a dense mask
+        over every patch of the batch (quadratic in the batch's rows), the same result for less work."""
+        from skyjax.nn.functional import Functional
+
+        loaded = self.model
+        vision = getattr(loaded.config, "vision", None)
+        if vision is None or not hasattr(vision, "max_image_patches") or vision.max_image_patches == bound:
+            return loaded.fn
+        config = dataclasses.replace(loaded.config, vision=dataclasses.replace(vision, max_image_patches=bound))
+        return Functional.create(lambda r: loaded.arch.build(config, r))  # traced only; same parameters
 
     @property
     def compiles(self) -> int:
@@ -176,6 +190,9 @@ class RewardScorer:
         be rendered or is longer than the model allows. The vision patches it needs go to `self._patches`."""
         try:
             patches = [self._image_patches(p) for p in conv.image_paths]
+            if patches and max(patches) > self.max_image_patches:  # only an extreme aspect ratio gets here
+                raise ValueError(f"an image of {max(patches)} patches, more than the {self.max_image_patches} of "
+                                 f"max_pixels {self.image_cfg.max_pixels}")
             counts = [n // self.image_cfg.merge_size**2 for n in patches]
             length = len(format_conversation(self.tokenizer, conv.messages, num_image_tokens=counts).input_ids)
             self._patches = (sum(patches), len(patches))
@@ -233,14 +250,23 @@ class RewardScorer:
             if bar is not None:
                 bar.update(len(convs) - len(lengths))  # resumed and skipped rows count as done
             buckets = self.seq_buckets or sorted(set(lengths.values()))
+            pending = None
             for batch in plan_batches(lengths, buckets, self.max_batch_tokens, self.batch_size):
-                self._run(convs, batch, out, fail, on_batch, bar)
+                prepared = self._prepare(convs, batch, fail)  # host work, while the previous batch computes
+                if pending is not None:
+                    self._collect(convs, *pending, out, on_batch, bar)
+                pending = self._dispatch(*prepared, bar) if prepared is not None else None
+                if prepared is None and bar is not None:
+                    bar.update(len(batch.indices))
+            if pending is not None:
+                self._collect(convs, *pending, out, on_batch, bar)
         finally:
             if own_bar and bar is not None:
                 bar.close()
         return out
 
-    def _run(self, convs, batch: Batch, out, fail, on_batch, bar) -> None:
+    def _prepare(self, convs, batch: Batch, fail):
+        """(batch, rows kept, input ids, model kwargs) on the host, or None when every row failed."""
         rows, images = [], []
         for i in batch.indices:  # images decoded only now, one batch at a time
             try:
@@ -249,17 +275,14 @@ class RewardScorer:
             except RowError as e:
                 fail(i, e)
         if not rows:
-            return
+            return None
         buckets = dataclasses.replace(self.buckets, seq=(batch.length,))
         most_patches, most_images = self._vision_room
         if most_images and self.buckets.patches is not None and self.buckets.images is not None:
-            # room for the job's largest images in every row: one vision shape per batch shape, not one per mix
-            vision = self.model.config.vision
-            patches = max(batch.rows * most_patches, vision.merge_unit)
-            fit = [b for b in self.buckets.patches if b >= patches]
-            slots = [b for b in self.buckets.images if b >= batch.rows * most_images]
-            if fit and slots:
-                buckets = dataclasses.replace(buckets, patches=(fit[0],), images=(slots[0],))
+            # room for the job's largest images in every row: one vision shape per batch shape (not one per mix of
+            # image sizes), and exactly that room (a patch bucket could double the vision work)
+            patches = max(batch.rows * most_patches, self.model.config.vision.merge_unit)
+            buckets = dataclasses.replace(buckets, patches=(patches,), images=(batch.rows * most_images,))
         try:
             vl = prepare_vl_batch([convs[i].messages for i in rows], images, self.tokenizer, self.image_cfg,
                                   self.model.config.vision, pad_side="right", buckets=buckets,
@@ -270,10 +293,18 @@ class RewardScorer:
         ids = np.pad(vl.input_ids, ((0, pad), (0, 0)), constant_values=self.tokenizer.pad_token_id or 0)
         kw = vl.model_kwargs()
         kw["attention_mask"] = np.pad(vl.attention_mask, ((0, pad), (0, 0)))
-        shape = (batch.rows, batch.length) + (() if vl.pixel_values is None else (vl.pixel_values.shape[0],))
+        return batch, rows, ids, kw
+
+    def _dispatch(self, batch: Batch, rows, ids, kw, bar):
+        """Start the batch on the device (asynchronously; a new shape compiles here, and the bar says so)."""
+        shape = (batch.rows, batch.length) + (() if kw.get("pixel_values") is None else (kw["pixel_values"].shape[0],))
         step = bar.step(shape) if bar is not None else contextlib.nullcontext()
         with step, use_mesh(self.mesh):
-            scores = np.asarray(self._score(self.model.params, jnp.asarray(ids), kw))[: len(rows)]
+            scores = self._score(self.model.params, jnp.asarray(ids), kw)
+        return batch, rows, scores
+
+    def _collect(self, convs, batch: Batch, rows, scores, out, on_batch, bar) -> None:
+        scores = np.asarray(scores)[: len(rows)]
         out[rows] = scores
         if on_batch is not None:
             on_batch([convs[i].key for i in rows], [float(s) for s in scores])

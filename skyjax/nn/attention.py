@@ -109,7 +109,7 @@ def dot_product_attention(
     t = k.shape[2 if kv_heads_first else 1]
     chunk = query_chunk_size(b, h, s, t, max_scores_bytes)
     if causal and s >= CAUSAL_SKIP_MIN_LEN:
-        return _causal_chunked_attention(q, k, v, mask, min(chunk or s, max(128, s // 16)), scale, precision,
+        return _causal_chunked_attention(q, k, v, mask, min(chunk or s, max(128, s // 8)), scale, precision,
                                          kv_heads_first)
     if chunk is None:
         return _xla_attention(q, k, v, mask, scale, precision, kv_heads_first)
