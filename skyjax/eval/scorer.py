@@ -15,6 +15,7 @@ Bounded memory at any row length, few compiles, one progress bar:
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import os
@@ -250,16 +251,19 @@ class RewardScorer:
             if bar is not None:
                 bar.update(len(convs) - len(lengths))  # resumed and skipped rows count as done
             buckets = self.seq_buckets or sorted(set(lengths.values()))
-            pending = None
-            for batch in plan_batches(lengths, buckets, self.max_batch_tokens, self.batch_size):
-                prepared = self._prepare(convs, batch, fail)  # host work, while the previous batch computes
-                if pending is not None:
-                    self._collect(convs, *pending, out, on_batch, bar)
-                pending = self._dispatch(*prepared, bar) if prepared is not None else None
-                if prepared is None and bar is not None:
-                    bar.update(len(batch.indices))
-            if pending is not None:
-                self._collect(convs, *pending, out, on_batch, bar)
+            plan = plan_batches(lengths, buckets, self.max_batch_tokens, self.batch_size)
+            # Host work (decoding images, tokenizing) for the next batch runs on a thread while the device computes
+            # this one; PIL and numpy release the GIL. Errors surface in order, from the main thread.
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                ahead = pool.submit(self._prepare, convs, plan[0], fail) if plan else None
+                for n, batch in enumerate(plan):
+                    prepared = ahead.result()
+                    ahead = pool.submit(self._prepare, convs, plan[n + 1], fail) if n + 1 < len(plan) else None
+                    if prepared is None:
+                        if bar is not None:
+                            bar.update(len(batch.indices))
+                        continue
+                    self._collect(convs, *self._dispatch(*prepared, bar), out, on_batch, bar)
         finally:
             if own_bar and bar is not None:
                 bar.close()
