@@ -38,6 +38,11 @@ matmul          This machine's matmul peak (skyjax.train.bench.matmul_peak: a sq
                 this peak. The FLOPs are counted from the step's jaxpr (count_flops: matmuls and convolutions,
                 scanned layers times their trip count), not from XLA's cost_analysis, which counts a scanned body
                 once.
+score           A VL-RewardBench scoring job (skyjax.eval.bench.run_score_bench): 1,250 rows (2,500 conversations) with
+                a tiny Qwen2.5-VL reward model, the whole job as `skyjax eval` runs it (compiles included; `compiles`
+                counts them) against transformers + PyTorch scoring one conversation at a time, same weights and
+                inputs. `data` = the benchmark's data.jsonl (stand-in images are drawn); without it, synthetic rows
+                with its length distribution (`rows_source` says which). `speedup` = skyjax rows/s / reference rows/s.
 rm_train_step_gpu  Only where JAX's backend is a GPU (otherwise recorded as skipped, at once): the reward-model train
                 step in bf16 at a ~1.5B-parameter decoder (Qwen2-1.5B's shape) with Qwen2.5-VL's own vision tower
                 (skyjax.train.bench.run_rm_gpu_bench, GPU_SHAPES), both layouts, against transformers + PyTorch on
@@ -66,7 +71,7 @@ from typing import Any, Callable
 
 from skyjax.train.bench import RM_BENCH_FREEZE
 
-BENCHMARKS = ("rm_train_step", "generate", "compile", "matmul", "rm_train_step_gpu")
+BENCHMARKS = ("rm_train_step", "generate", "compile", "matmul", "rm_train_step_gpu", "score")
 COMPILE_RATIO_LIMIT = 1.5
 
 # The settings the issues name. Every key is a keyword argument of the benchmark's function.
@@ -80,6 +85,8 @@ DEFAULT_SETTINGS: dict[str, dict[str, Any]] = {
                     layers=[2, 28], repeats=2, dtype="float32", remat="none", warmup=True),
     "rm_train_step_gpu": dict(pairs=4, steps=5, shapes=None,  # None: GPU_SHAPES (a 1.5B decoder); no GPU: skipped
                               freeze=list(RM_BENCH_FREEZE)),
+    # data: VL-RewardBench's data.jsonl (None: synthetic rows with its length distribution); rows None = all
+    "score": dict(rows=None, data=None, reference_rows=None, max_batch_tokens=None, torch_baseline=True),
 }
 
 # --quick: the same benchmarks, small enough that the whole command takes ~2-3 minutes on 2 CPU cores. The compile
@@ -97,6 +104,7 @@ QUICK_SETTINGS: dict[str, dict[str, Any]] = {
     "compile": dict(hidden=512, heads=8, kv_heads=2, intermediate=1408, vocab=32000, seq=256, batch=2,
                     layers=[2, 28], repeats=1, dtype="float32", remat="none", warmup=True),
     "rm_train_step_gpu": dict(pairs=2, steps=2, shapes=None, freeze=list(RM_BENCH_FREEZE)),
+    "score": dict(rows=200, data=None, reference_rows=100, max_batch_tokens=None, torch_baseline=True),
 }
 
 
@@ -338,6 +346,14 @@ def run_benchmarks(only=BENCHMARKS, settings: dict | None = None, log=print) -> 
         out["rm_train_step_gpu"] = entry
         if "skipped" in entry:
             log(f"rm_train_step_gpu: skipped ({entry['skipped']})")
+    if "score" in only:
+        from skyjax.eval.bench import run_score_bench
+
+        log("score: a VL-RewardBench scoring job, skyjax vs transformers + PyTorch")
+        t = time.perf_counter()
+        entry = run_score_bench(**settings["score"], log=log)
+        entry["wall_s"] = time.perf_counter() - t
+        out["score"] = entry
     out["wall_s"] = time.perf_counter() - t_all
     return out
 
@@ -370,6 +386,12 @@ def table(result: dict) -> str:
             rows.append((f"rm_train_step_gpu {name} (s/step)", f"{lay['skyjax_s']:.4g}",
                          "-" if ref is None else f"{ref:.4g}",
                          ("-" if lay.get("speedup") is None else f"{lay['speedup']:.2f}x faster") + mfu))
+    if "score" in result:
+        r = result["score"]
+        rows.append(("score (rows/s)", f"{r['skyjax_rows_per_s']:.4g}",
+                     "-" if r.get("reference_rows_per_s") is None else f"{r['reference_rows_per_s']:.4g}",
+                     ("-" if r.get("speedup") is None else f"{r['speedup']:.2f}x faster")
+                     + f", {r['compiles']} compiles"))
     if "matmul_peak_flops_per_s" in result:
         frac = result.get("rm_train_step_flops_fraction")
         rows.append(("matmul peak (GFLOP/s)", f"{result['matmul_peak_flops_per_s'] / 1e9:.4g}", "-",

@@ -27,6 +27,7 @@ TINY = {
                      repeats=1),
     "compile": TINY_COMPILE,
     "rm_train_step_gpu": dict(pairs=1, steps=1, shapes=TINY_RM_SHAPES),
+    "score": dict(rows=3, reference_rows=2),
 }
 
 
@@ -75,7 +76,8 @@ def test_every_benchmark_and_its_reference(result):
     assert m["jax"] == jax.__version__ and m["torch"] and m["transformers"] and m["device_kind"]
     assert result["date"][:2] == "20" and result["benchmarks"] == list(BENCHMARKS)
     lines = table(result).splitlines()
-    assert [line.split()[0] for line in lines[2:]] == ["rm_train_step"] * 2 + ["generate", "compile", "matmul"]
+    assert [line.split()[0] for line in lines[2:]] == ["rm_train_step"] * 2 + ["generate", "compile", "score",
+                                                                                "matmul"]
     assert result["rm_train_step_gpu"]["skipped"].startswith("no GPU: JAX's backend is 'cpu'")
     assert len({len(line) for line in lines[:2]}) == 1  # aligned columns
 
@@ -170,3 +172,18 @@ def test_reference_step_freezes_what_skyjax_freezes():
         _torch_step(None, None, 1, "float32", freeze=["head"])
     with pytest.raises(ValueError, match=r"freeze \['head'\]: the reference knows"):  # before anything compiles
         run_rm_bench(pairs=1, steps=1, shapes=TINY_RM_SHAPES, freeze=["vision", "head"])
+
+
+def test_score_benchmark_on_a_handful_of_rows():
+    """The scoring job's entry: synthetic rows (no data given, and it says so), rows/s on both sides and their ratio,
+    the compile count, and scores that agree with the transformers reference."""
+    out = json.loads(json.dumps(run_benchmarks(["score"], {"score": dict(rows=4, reference_rows=3)},
+                                               log=lambda _: None)))
+    r = out["score"]
+    assert r["rows"] == 4 and r["conversations"] == 8 and r["reference_rows"] == 3
+    assert r["rows_source"].startswith("synthetic rows with VL-RewardBench's length distribution")
+    assert _number(r["skyjax_rows_per_s"]) and _number(r["reference_rows_per_s"]) and r["compiles"] >= 1
+    assert r["skyjax_rows_per_s"] == pytest.approx(4 / r["skyjax_s"], rel=1e-9)
+    assert r["speedup"] == pytest.approx(r["skyjax_rows_per_s"] / r["reference_rows_per_s"], rel=1e-9)
+    assert r["max_abs_diff"] < 1e-4  # fp32 on both sides
+    assert "score (rows/s)" in table(out) and "compiles" in table(out)

@@ -37,9 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="sampling seed; a row's draws depend only on it and the "
                                                        "row's position in the file (default 0)")
     g.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows of the file")
-    g.add_argument("--on-error", choices=["raise", "skip"], default="raise",
-                   help="a bad row (missing key, missing image, answer not among the choices, too long) stops the "
-                        "run with its file and line (default), or is skipped, counted and listed in the output")
+    # --on-error comes from the eval command's common flags (a bad row: stop naming file:line, or skip and list)
     g.add_argument("--image-placement", choices=["first", "inline"], default="first",
                    help="MMMU: images before the text, the <image k> references kept as text (default; R1V's chat "
                         "convention), or each image at its <image k> reference")

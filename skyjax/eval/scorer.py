@@ -1,27 +1,55 @@
-"""Scoring with a reward model: batched, sharded, bucketed; used by `skyjax score` and `skyjax eval`.
+"""Scoring with a reward model: used by `skyjax score` and `skyjax eval`.
 
-Each conversation (prompt + one response) is one row of a padded batch; its images are preprocessed exactly as the
-reference processor does. Shapes come from buckets, so a long scoring job compiles a handful of programs.
+Bounded memory at any row length, few compiles, one progress bar:
+
+1. every conversation is measured first (tokens, images counted from their headers, nothing decoded); one longer
+   than the model allows (max_position_embeddings, or `max_length`) is an error naming its file:line, or is skipped;
+2. conversations are sorted by length and cut into batches by a token budget (`max_batch_tokens`): a batch of
+   sequence bucket L holds `rows_for(L)` rows (a power of two, at most `batch_size`), padded with empty rows, so
+   every batch of one length bucket has one shape and a whole job compiles one program per length bucket (and
+   per patch bucket of its images);
+3. batches run longest first, so a job that cannot fit fails in its first seconds, not at its end; attention
+   chunks its queries for long rows (skyjax.nn.attention), so no batch holds a full [S, S] score matrix;
+4. each batch's scores go to `on_batch` as they are computed (the CLI appends them to a resumable log).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import dataclasses
-import sys
-from pathlib import Path
-from typing import Any, Sequence
+import os
+from typing import Any, Callable, Hashable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from skyjax.convert.checkpoint import load_model
-from skyjax.data.qwen_vl_image import ImageError, QwenVLImageConfig, load_image
+from skyjax.data.chat import format_conversation
+from skyjax.data.qwen_vl_image import ImageError, QwenVLImageConfig, image_grid_thw, load_image
 from skyjax.data.records import Record, parse_record
 from skyjax.data.tokenizer import load_tokenizer
 from skyjax.models.qwen2_5_vl_inputs import Buckets, prepare_vl_batch
 from skyjax.parallel.mesh import make_mesh
 from skyjax.parallel.rules import use_mesh
+from skyjax.progress import JobProgress
+
+DEFAULT_BATCH_ROWS = 64
+# Sequence buckets for scoring: powers of two and 1.5x powers of two (at most 50% padding instead of 100%, so the
+# attention of a long row, which grows with the square of its length, wastes at most 2.25x instead of 4x). Finer
+# steps cost more compiles than they save on VL-RewardBench's length distribution.
+SCORE_SEQ_BUCKETS = tuple(sorted({2**k for k in range(6, 16)} | {3 * 2**k for k in range(5, 14)}))
+
+
+def default_max_batch_tokens() -> int:
+    """Tokens per batch when --max-batch-tokens is not given: 16k on a CPU or an accelerator under 64 GiB (a 7B
+    model's forward activations for 16k tokens take a few GiB), 64k on larger accelerators."""
+    try:
+        limit = jax.devices()[0].memory_stats().get("bytes_limit", 0)
+    except Exception:  # CPUs report no memory stats
+        limit = 0
+    return 65536 if limit >= 64 * 2**30 else 16384
 
 
 class RowError(ValueError):
@@ -33,30 +61,148 @@ class Conversation:
     messages: list[dict]
     image_paths: tuple[str, ...]
     where: str
+    key: Hashable = None  # names the conversation in a resumable score log (e.g. (line, "chosen"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+    """A conversation left out with on_error="skip": where it came from and why."""
+
+    where: str
+    reason: str
+    index: int = -1  # position in the conversations scored
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.reason}"
 
 
 def conversations_of(record: Record) -> list[Conversation]:
     """One conversation for a `response` row, two (chosen, rejected) for a pair."""
     where = f"{record.source}:{record.line}"
     keys = ("response",) if record.response is not None else ("chosen", "rejected")
-    return [Conversation(record.conversation(k), tuple(record.images), where) for k in keys]
+    return [Conversation(record.conversation(k), tuple(record.images), where, (record.line, k)) for k in keys]
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """Conversation indices, padded to `rows` rows of `length` tokens (its compiled shape)."""
+
+    indices: tuple[int, ...]
+    rows: int
+    length: int
+
+
+def rows_for(length: int, max_batch_tokens: int, max_rows: int) -> int:
+    """Rows per batch of sequence bucket `length`: the largest power of two within the token budget and `max_rows`
+    (at least 1: a single row longer than the budget still runs, its attention chunked)."""
+    fit = max(1, min(max_rows, max_batch_tokens // length))
+    return 1 << (fit.bit_length() - 1)
+
+
+def plan_batches(lengths: dict[int, int], seq_buckets: Sequence[int], max_batch_tokens: int,
+                 max_rows: int) -> list[Batch]:
+    """Cut conversations (index -> tokens) into batches, longest batches first.
+
+    Sorted by length, rows fill a batch until it holds rows_for(L) rows; a row needing a longer bucket joins the
+    current batch (raising its L) while it still fits the longer bucket's row count, so each length bucket ends
+    with at most one partly empty batch."""
+    def bucket(n):
+        return min(b for b in seq_buckets if b >= n)
+
+    batches, cur, length = [], [], 0
+    for i in sorted(lengths, key=lambda i: (lengths[i], i)):
+        need = bucket(lengths[i])
+        if cur and len(cur) + 1 > rows_for(max(length, need), max_batch_tokens, max_rows):
+            batches.append(Batch(tuple(cur), rows_for(length, max_batch_tokens, max_rows), length))
+            cur, length = [], 0
+        cur.append(i)
+        length = max(length, need)
+    if cur:
+        batches.append(Batch(tuple(cur), rows_for(length, max_batch_tokens, max_rows), length))
+    return batches[::-1]
 
 
 class RewardScorer:
     """Scalar rewards for conversations, from a Hugging Face reward folder or a skyjax checkpoint."""
 
-    def __init__(self, model: str | Path, *, mesh_shape=(1, -1, 1), dtype: str | None = None, batch_size: int = 8,
-                 buckets: Buckets = Buckets(), progress: bool = True):
+    def __init__(self, model: str | os.PathLike, *, mesh_shape=(1, -1, 1), dtype: str | None = None,
+                 batch_size: int = DEFAULT_BATCH_ROWS, max_batch_tokens: int | None = None,
+                 max_length: int | None = None, buckets: Buckets = Buckets(seq=SCORE_SEQ_BUCKETS),
+                 progress: bool = True):
         self.mesh = make_mesh(mesh_shape)
         self.model = load_model(model, mesh=self.mesh, dtype=dtype)
         if not hasattr(self.model.fn.bind(self.model.params), "score"):
             raise ValueError(f"{model}: architecture {self.model.arch.name!r} has no value head (expected a reward "
                              f"model: a Qwen2.5-VL folder with value_head.safetensors, or a trained checkpoint)")
+        if batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {batch_size}")
         self.tokenizer = load_tokenizer(self.model.folder)
         self.image_cfg = QwenVLImageConfig.from_folder(self.model.folder)
         self.batch_size, self.buckets, self.progress = batch_size, buckets, progress
-        fn = self.model.fn
+        self.max_batch_tokens = max_batch_tokens or default_max_batch_tokens()
+        model_limit = self.model.config.text.max_position_embeddings
+        limits = [("max_position_embeddings of the model", model_limit)]
+        if max_length is not None:
+            limits.append(("--max-length", max_length))
+        if buckets.seq is not None:
+            limits.append(("the largest sequence bucket", max(buckets.seq)))
+        self.limit_name, self.max_length = min(limits, key=lambda x: x[1])
+        self.seq_buckets = tuple(b for b in (buckets.seq or ()) if b < self.max_length) + (self.max_length,) \
+            if buckets.seq is not None else None
+        self.max_image_patches = self.image_cfg.max_patches
+        fn = self._bounded_vision(self.max_image_patches)
         self._score = jax.jit(lambda p, ids, kw: fn.bind(p).score(ids, **kw))
+
+    def _bounded_vision(self, bound: int):
+        """The model with its vision tower told the most patches one image can have (the processor's max_pixels):
+        full-attention vision blocks then attend by blocks of neighbouring patches instead of under a dense mask
+        over every patch of the batch (quadratic in the batch's rows), the same result for less work."""
+        from skyjax.nn.functional import Functional
+
+        loaded = self.model
+        vision = getattr(loaded.config, "vision", None)
+        if vision is None or not hasattr(vision, "max_image_patches") or vision.max_image_patches == bound:
+            return loaded.fn
+        config = dataclasses.replace(loaded.config, vision=dataclasses.replace(vision, max_image_patches=bound))
+        return Functional.create(lambda r: loaded.arch.build(config, r))  # traced only; same parameters
+
+    @property
+    def compiles(self) -> int:
+        """Programs compiled so far by this scorer (one per batch shape)."""
+        size = getattr(self._score, "_cache_size", None)
+        return size() if size is not None else -1
+
+    # --- measuring ------------------------------------------------------------------------------------------------
+
+    def _image_patches(self, path: str) -> int:
+        import PIL.Image
+
+        if not os.path.isfile(path):
+            raise ImageError(f"image file not found: {path}")
+        try:
+            with PIL.Image.open(path) as im:
+                width, height = im.size
+        except Exception as e:
+            raise ImageError(f"not a readable image file: {path} ({type(e).__name__})") from None
+        return int(np.prod(image_grid_thw(height, width, self.image_cfg)))
+
+    def measure(self, conv: Conversation) -> int:
+        """Tokens of a conversation (images counted from their headers); RowError naming file:line when it cannot
+        be rendered or is longer than the model allows. The vision patches it needs go to `self._patches`."""
+        try:
+            patches = [self._image_patches(p) for p in conv.image_paths]
+            if patches and max(patches) > self.max_image_patches:  # only an extreme aspect ratio gets here
+                raise ValueError(f"an image of {max(patches)} patches, more than the {self.max_image_patches} of "
+                                 f"max_pixels {self.image_cfg.max_pixels}")
+            counts = [n // self.image_cfg.merge_size**2 for n in patches]
+            length = len(format_conversation(self.tokenizer, conv.messages, num_image_tokens=counts).input_ids)
+            self._patches = (sum(patches), len(patches))
+        except ValueError as e:
+            raise RowError(f"{conv.where}: {e}") from None
+        if length > self.max_length:
+            raise RowError(f"{conv.where}: {length} tokens, longer than the {self.max_length} of the "
+                           f"{self.limit_name}")
+        return length
 
     def _images(self, conv: Conversation):
         try:
@@ -64,33 +210,110 @@ class RewardScorer:
         except ImageError as e:
             raise RowError(f"{conv.where}: {e}") from None
 
-    def score_conversations(self, convs: Sequence[Conversation], desc: str = "score") -> np.ndarray:
-        out = np.zeros(len(convs), np.float32)
-        bar = None
-        if self.progress and len(convs) > self.batch_size:
-            from tqdm import tqdm
+    # --- scoring --------------------------------------------------------------------------------------------------
 
-            bar = tqdm(total=len(convs), desc=desc, unit="row", file=sys.stderr, mininterval=1.0)
-        for start in range(0, len(convs), self.batch_size):
-            chunk = list(convs[start:start + self.batch_size])
-            real = len(chunk)
-            chunk += [chunk[-1]] * (self.batch_size - real)  # one batch shape: pad with copies, drop their scores
-            try:
-                batch = prepare_vl_batch([c.messages for c in chunk], [self._images(c) for c in chunk],
-                                         self.tokenizer, self.image_cfg, self.model.config.vision,
-                                         buckets=self.buckets, pad_side="right")
-            except RowError:
-                raise
-            except ValueError as e:
-                raise RowError(f"{chunk[0].where} (batch starting there): {e}") from None
-            with use_mesh(self.mesh):
-                scores = self._score(self.model.params, jnp.asarray(batch.input_ids), batch.model_kwargs())
-            out[start:start + real] = np.asarray(scores)[:real]
+    def score_conversations(self, convs: Sequence[Conversation], desc: str = "score", *,
+                            done: dict[Hashable, float] | None = None,
+                            on_batch: Callable[[list[Hashable], list[float]], None] | None = None,
+                            on_error: str = "raise", skipped: list[Skipped] | None = None,
+                            progress: JobProgress | None = None) -> np.ndarray:
+        """Scores [len(convs)] fp32, in the order given. `done` (key -> score) are taken as scored already (a
+        resumed job); `on_batch(keys, scores)` receives each batch's results as soon as they exist. With
+        on_error="skip" a bad conversation scores NaN and is appended to `skipped`; otherwise RowError."""
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        out = np.full(len(convs), np.nan, np.float32)
+        done = done or {}
+
+        def fail(i: int, e: RowError):
+            if on_error == "raise":
+                raise e
+            if skipped is not None:
+                skipped.append(Skipped(convs[i].where, str(e).split(": ", 1)[-1], i))
             if bar is not None:
-                bar.update(real)
-        if bar is not None:
-            bar.close()
+                bar.write(f"skipped: {e}")
+
+        own_bar = progress is None and self.progress
+        bar = JobProgress(len(convs), desc, enabled=True) if own_bar else progress
+        try:
+            lengths, most_patches, most_images = {}, 0, 0
+            for i, conv in enumerate(convs):
+                if conv.key is not None and conv.key in done:
+                    out[i] = done[conv.key]
+                    continue
+                try:
+                    lengths[i] = self.measure(conv)
+                except RowError as e:
+                    fail(i, e)
+                    continue
+                most_patches, most_images = max(most_patches, self._patches[0]), max(most_images, self._patches[1])
+            self._vision_room = (most_patches, most_images)
+            if bar is not None:
+                bar.update(len(convs) - len(lengths))  # resumed and skipped rows count as done
+            buckets = self.seq_buckets or sorted(set(lengths.values()))
+            plan = plan_batches(lengths, buckets, self.max_batch_tokens, self.batch_size)
+            # Host work (decoding images, tokenizing) for the next batch runs on a thread while the device computes
+            # this one; PIL and numpy release the GIL. Errors surface in order, from the main thread.
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                ahead = pool.submit(self._prepare, convs, plan[0], fail) if plan else None
+                for n, batch in enumerate(plan):
+                    prepared = ahead.result()
+                    ahead = pool.submit(self._prepare, convs, plan[n + 1], fail) if n + 1 < len(plan) else None
+                    if prepared is None:
+                        if bar is not None:
+                            bar.update(len(batch.indices))
+                        continue
+                    self._collect(convs, *self._dispatch(*prepared, bar), out, on_batch, bar)
+        finally:
+            if own_bar and bar is not None:
+                bar.close()
         return out
+
+    def _prepare(self, convs, batch: Batch, fail):
+        """(batch, rows kept, input ids, model kwargs) on the host, or None when every row failed."""
+        rows, images = [], []
+        for i in batch.indices:  # images decoded only now, one batch at a time
+            try:
+                images.append(self._images(convs[i]))
+                rows.append(i)
+            except RowError as e:
+                fail(i, e)
+        if not rows:
+            return None
+        buckets = dataclasses.replace(self.buckets, seq=(batch.length,))
+        most_patches, most_images = self._vision_room
+        if most_images and self.buckets.patches is not None and self.buckets.images is not None:
+            # room for the job's largest images in every row: one vision shape per batch shape (not one per mix of
+            # image sizes), and exactly that room (a patch bucket could double the vision work)
+            patches = max(batch.rows * most_patches, self.model.config.vision.merge_unit)
+            buckets = dataclasses.replace(buckets, patches=(patches,), images=(batch.rows * most_images,))
+        try:
+            vl = prepare_vl_batch([convs[i].messages for i in rows], images, self.tokenizer, self.image_cfg,
+                                  self.model.config.vision, pad_side="right", buckets=buckets,
+                                  always_vision=bool(most_images))
+        except ValueError as e:
+            raise RowError(f"{convs[rows[0]].where} (batch starting there): {e}") from None
+        pad = batch.rows - len(rows)  # empty rows (all padding): one shape per length bucket
+        ids = np.pad(vl.input_ids, ((0, pad), (0, 0)), constant_values=self.tokenizer.pad_token_id or 0)
+        kw = vl.model_kwargs()
+        kw["attention_mask"] = np.pad(vl.attention_mask, ((0, pad), (0, 0)))
+        return batch, rows, ids, kw
+
+    def _dispatch(self, batch: Batch, rows, ids, kw, bar):
+        """Start the batch on the device (asynchronously; a new shape compiles here, and the bar says so)."""
+        shape = (batch.rows, batch.length) + (() if kw.get("pixel_values") is None else (kw["pixel_values"].shape[0],))
+        step = bar.step(shape) if bar is not None else contextlib.nullcontext()
+        with step, use_mesh(self.mesh):
+            scores = self._score(self.model.params, jnp.asarray(ids), kw)
+        return batch, rows, scores
+
+    def _collect(self, convs, batch: Batch, rows, scores, out, on_batch, bar) -> None:
+        scores = np.asarray(scores)[: len(rows)]
+        out[rows] = scores
+        if on_batch is not None:
+            on_batch([convs[i].key for i in rows], [float(s) for s in scores])
+        if bar is not None:
+            bar.update(len(batch.indices))
 
     def __call__(self, rows: Sequence[dict]) -> np.ndarray:
         """The `PairScorer` protocol of skyjax.eval: records (dicts) -> (n, 2) [score_chosen, score_rejected]."""
@@ -98,20 +321,28 @@ class RewardScorer:
         for i, row in enumerate(rows):
             record = parse_record(row, kind="preference", source="<benchmark>", line=i + 1)
             convs.extend(conversations_of(record))
-        return self.score_conversations(convs).reshape(-1, 2)
+        return self.score_conversations(convs, progress=JobProgress(0, "", enabled=False)).reshape(-1, 2)
 
 
-def score_records(scorer: RewardScorer, records: Sequence[Record]) -> list[dict[str, Any]]:
-    """Output fields for each record: `score`, or `score_chosen` and `score_rejected`."""
+def score_records(scorer: RewardScorer, records: Sequence[Record], **kwargs: Any) -> list[dict[str, Any] | None]:
+    """Output fields for each record: `score`, or `score_chosen` and `score_rejected`; None for a record one of
+    whose conversations was skipped. Keyword arguments go to `score_conversations`."""
     convs, owners = [], []
     for i, record in enumerate(records):
         for c in conversations_of(record):
             convs.append(c)
             owners.append(i)
-    scores = scorer.score_conversations(convs)
-    out: list[dict[str, Any]] = [{} for _ in records]
-    for i, record in enumerate(records):
-        mine = [float(s) for s, o in zip(scores, owners) if o == i]
-        out[i] = {"score": mine[0]} if record.response is not None else {
-            "score_chosen": mine[0], "score_rejected": mine[1]}
+    skipped = kwargs.setdefault("skipped", [])
+    scores = scorer.score_conversations(convs, **kwargs)
+    bad = {owners[s.index] for s in skipped if s.index >= 0}
+    mine: list[list[float]] = [[] for _ in records]
+    for s, o in zip(scores, owners):
+        mine[o].append(float(s))
+    out: list[dict[str, Any] | None] = []
+    for i, (record, s) in enumerate(zip(records, mine)):
+        if i in bad:
+            out.append(None)
+        else:
+            out.append({"score": s[0]} if record.response is not None else
+                       {"score_chosen": s[0], "score_rejected": s[1]})
     return out

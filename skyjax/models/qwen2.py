@@ -186,7 +186,8 @@ class Qwen2Attention(nnx.Module):
                                              (0, 0, cache_index, 0))
             kv = (k, v)
         out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, impl=cfg.attention_impl,
-                                    precision=cfg.precision, kv_heads_first=kv is not None)
+                                    precision=cfg.precision, kv_heads_first=kv is not None,
+                                    causal=kv is None)  # no cache: query i sees keys <= i
         out = self.o_proj(out.reshape(b, s, cfg.num_attention_heads * cfg.head_dim))
         return out, kv
 

@@ -197,6 +197,7 @@ def run(args) -> int:
     from skyjax.sample.adapters import adapter_for
     from skyjax.sample.decode import Sampling, generate
     from skyjax.sample.processors import ProcessorFlags
+    from skyjax.progress import JobProgress
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -226,13 +227,20 @@ def run(args) -> int:
     t_gen = time.time()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows_iter = _read_rows(args.data, adapter, args.repetition_penalty, args.on_error, bad)
-    with open(args.out, "w", encoding="utf-8") as out_file, use_mesh(mesh):
+    with open(args.data, encoding="utf-8") as f:
+        total = sum(1 for text in f if text.strip())  # the bar's total: every non-blank line (bad ones included)
+    bar = JobProgress(total, "generate")
+    with open(args.out, "w", encoding="utf-8") as out_file, use_mesh(mesh), bar:
         while True:
+            n_bad = len(bad)
             chunk = [r for _, r in zip(range(args.batch_size), rows_iter)]
+            consumed = len(chunk) + len(bad) - n_bad  # lines this batch took: its rows and the bad lines read
             if not chunk:
+                bar.update(consumed)
                 break
             rows, inputs = _prepare(adapter, chunk, tokenizer, args.on_error, bad)
             if not rows:
+                bar.update(consumed)
                 continue
             n = len(rows)
             inputs = _pad_batch(inputs, args.batch_size)
@@ -240,8 +248,10 @@ def run(args) -> int:
             sampling = dataclasses.replace(base, repetition_penalty=tuple(penalties))
             lines = [r.line for r in rows] + [0] * (args.batch_size - n)
             keys = jax.vmap(lambda i: jax.random.fold_in(root, i))(np.asarray(lines, np.int32))
-            out = generate(adapter, model.params, inputs, sampling, prompt_keys=keys, flags=flags, check=False)
-            tokens, lengths, stopped = (np.asarray(x) for x in (out.tokens, out.lengths, out.stopped))
+            with bar.step(tuple(np.shape(v) for v in jax.tree_util.tree_leaves(inputs))):
+                out = generate(adapter, model.params, inputs, sampling, prompt_keys=keys, flags=flags, check=False)
+                tokens = np.asarray(out.tokens)  # wait for the batch inside the step: compiling shows until then
+            lengths, stopped = np.asarray(out.lengths), np.asarray(out.stopped)
             logprobs = np.asarray(out.logprobs) if args.logprobs else None
             g = args.num_samples
             for i, r in enumerate(rows):
@@ -256,9 +266,9 @@ def run(args) -> int:
                 out_file.write(json.dumps(row, ensure_ascii=False) + "\n")
             out_file.flush()
             n_rows += n
-            dt = time.time() - t_gen
-            _log(f"{n_rows} rows done (line {rows[-1].line}), {n_tokens} tokens, {n_tokens / max(dt, 1e-9):.1f} "
-                 f"tokens/s, {len(bad)} skipped")
-    _log(f"wrote {n_rows} rows to {args.out} in {time.time() - t0:.1f}s" +
+            bar.update(consumed)
+    dt = time.time() - t_gen
+    _log(f"wrote {n_rows} rows to {args.out} in {time.time() - t0:.1f}s ({n_tokens} tokens, "
+         f"{n_tokens / max(dt, 1e-9):.1f} tokens/s, {bar.compiles} batch shapes)" +
          (f"; skipped {len(bad)} bad row(s) at line(s) {[b[0] for b in bad]}" if bad else ""))
     return 0
