@@ -54,7 +54,14 @@ def _cmd_export(args) -> int:
     model = load_model(args.src, mesh=make_mesh(args.mesh))
     dst = export_hf(model, args.dst, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1024**3),
                     layout=args.layout)
-    print(f"wrote Hugging Face folder {dst} ({model.arch.name}) in {time.time() - t0:.1f}s")
+    extra = [name for _, name in model.arch.separate_files]
+    missing = [name for name in extra if not (Path(dst) / name).is_file()]
+    if missing:  # e.g. a reward model's value head: never drop it silently
+        from skyjax.convert.safetensors_io import CheckpointError
+
+        raise CheckpointError(f"{dst}: the export lacks {', '.join(missing)} of architecture {model.arch.name}")
+    with_files = f" with {', '.join(extra)}" if extra else ""
+    print(f"wrote Hugging Face folder {dst} ({model.arch.name}{with_files}) in {time.time() - t0:.1f}s")
     return 0
 
 
@@ -136,10 +143,41 @@ def skip_absent_tpu() -> bool:
 # environment first (skyjax.parallel.distributed.initialize_from_environment; a no-op on one host). `aot`, `bench`
 # and `demo` run on one machine.
 MULTI_HOST_COMMANDS = frozenset({"train", "score", "eval", "generate", "convert", "export"})
+# Commands whose --model must be a reward model (a value head): checked from the folder's config files first.
+REWARD_MODEL_COMMANDS = frozenset({"score", "eval"})
+
+
+class _DropAdvice:
+    """Drops transformers' import-time advice that PyTorch is absent (skyjax never needs it): one line on every
+    command otherwise. Every other transformers message passes."""
+
+    def filter(self, record) -> bool:
+        return not str(record.msg).startswith("PyTorch was not found")
+
+
+def quiet_transformers() -> None:
+    """Install `_DropAdvice` on the `transformers` logger (before transformers is imported, so it sees the line)."""
+    import logging
+
+    logger = logging.getLogger("transformers")
+    if not any(isinstance(f, _DropAdvice) for f in logger.filters):
+        logger.addFilter(_DropAdvice())
+
+
+def debug_enabled() -> bool:
+    """SKYJAX_DEBUG=1: errors show their traceback too."""
+    return os.environ.get("SKYJAX_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def one_line(error: BaseException) -> str:
+    """An error's message on one line (a multi-line message's lines joined)."""
+    text = " ".join(part.strip() for part in str(error).splitlines() if part.strip())
+    return text or type(error).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
     skip_absent_tpu()
+    quiet_transformers()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # dotted overrides may come after options (`train cfg.yaml --run-dir d a.b=1`): give them to the command
@@ -147,17 +185,14 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    from skyjax.config import ConfigError
-    from skyjax.convert.safetensors_io import CheckpointError
-    from skyjax.data.records import RecordError
-    from skyjax.parallel.rules import ShardingError
+    from skyjax.errors import (INTERRUPTED_EXIT_STATUS, PREEMPTED_EXIT_STATUS, USER_ERROR_EXIT_STATUS, Preempted,
+                               UserError)
 
-    expected = (CheckpointError, ConfigError, ShardingError, RecordError, FileNotFoundError)
+    expected: tuple[type[BaseException], ...] = (UserError, FileNotFoundError)
     try:
         from skyjax.eval.scorer import RowError
-        from skyjax.train.pairs import BadRowError
 
-        expected += (RowError, BadRowError)
+        expected += (RowError,)
     except ImportError:  # pragma: no cover
         pass
     from skyjax.parallel.distributed import DistributedConfigError, initialize_from_environment
@@ -165,10 +200,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in MULTI_HOST_COMMANDS:  # before any JAX backend work: join the pod's other processes
             initialize_from_environment()
+        if args.command in REWARD_MODEL_COMMANDS and getattr(args, "model", None) is not None:
+            from skyjax.convert.checkpoint import require_reward_model
+
+            require_reward_model(args.model)  # before any weight is read: one line if it is not a reward model
         return args.func(args) or 0
+    except Preempted as e:
+        print(f"skyjax {args.command}: {e}", file=sys.stderr)
+        return PREEMPTED_EXIT_STATUS
+    except KeyboardInterrupt:
+        print(f"skyjax {args.command}: interrupted", file=sys.stderr)
+        return INTERRUPTED_EXIT_STATUS
     except (*expected, DistributedConfigError) as e:
-        print(f"skyjax {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        if debug_enabled():
+            import traceback
+
+            traceback.print_exc()
+        print(f"skyjax {args.command}: error: {one_line(e)}", file=sys.stderr)
+        return USER_ERROR_EXIT_STATUS
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import pytest
 
 from skyjax.config import load_config
 from skyjax.data.synthetic import make_records
+from skyjax.errors import Preempted
 from skyjax.train import trainer as trainer_mod
 from skyjax.train.config import RunConfig
 from skyjax.train.optimizer import flatten
@@ -112,9 +113,11 @@ def test_sigterm_saves_and_exits(tmp_path, monkeypatch):
 
     monkeypatch.setattr(trainer_mod, "to_device", to_device)
     t = Trainer(config("trainer.freeze=[vision,lm_head]"), tmp_path)
-    t.fit()
+    with pytest.raises(Preempted, match="SIGTERM: saved a checkpoint at step 2"):
+        t.fit()
     assert int(t.state["step"]) == 2 and t.ckpt.latest_step() == 2
-    assert signal.getsignal(signal.SIGTERM) is not t._on_sigterm  # the handler is restored
+    assert signal.getsignal(signal.SIGTERM) is not t._on_signal  # the handlers are restored
+    assert signal.getsignal(signal.SIGINT) is not t._on_signal
 
 
 def test_bad_rows_are_named_or_skipped_and_counted(tmp_path):

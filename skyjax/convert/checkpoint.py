@@ -52,10 +52,25 @@ class LoadedModel:
         return self.fn.bind(self.params)
 
 
+def not_a_model_folder(folder: Path) -> CheckpointError:
+    """The error for a folder that is neither kind `load_model` accepts, saying what it lacks for each."""
+    if not folder.exists():
+        return CheckpointError(f"{folder} does not exist (expected a skyjax checkpoint or a Hugging Face model folder)")
+    if not folder.is_dir():
+        return CheckpointError(f"{folder} is a file, not a folder (expected a skyjax checkpoint or a Hugging Face "
+                               f"model folder)")
+    if (folder / "params").is_dir():
+        return CheckpointError(f"{folder}: has params/ but no {META_NAME}: an unfinished skyjax checkpoint "
+                               f"({META_NAME} is written last); write it again (skyjax convert, or rerun the training "
+                               f"run)")
+    return CheckpointError(f"{folder}: not a model folder (no {META_NAME}, no config.json): a skyjax checkpoint needs "
+                           f"{META_NAME} and params/, a Hugging Face folder needs config.json and *.safetensors")
+
+
 def read_hf_config(folder: Path) -> dict:
     path = folder / "config.json"
     if not path.is_file():
-        raise CheckpointError(f"{folder}: no config.json (is this a Hugging Face model folder?)")
+        raise not_a_model_folder(folder)
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -169,6 +184,8 @@ def read_model_config(folder: str | Path, dtype: str | None = None, param_dtype:
     the runtime fields applied, as `load_model` would build them; reads skyjax.json / config.json (and an InternVL
     folder's tokenizer files), never a weight."""
     folder = Path(folder)
+    if not (folder / META_NAME).is_file() and not (folder / "config.json").is_file():
+        raise not_a_model_folder(folder)
     return (_checkpoint_model_config if is_checkpoint(folder) else _hf_model_config)(folder, dtype, param_dtype,
                                                                                       **runtime)
 
@@ -183,7 +200,14 @@ def _hf_model_config(folder: Path, dtype: str | None, param_dtype: str | None, *
 
 
 def _checkpoint_model_config(folder: Path, dtype: str | None, param_dtype: str | None, **runtime):
-    meta = json.loads((folder / META_NAME).read_text())
+    try:
+        meta = json.loads((folder / META_NAME).read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{folder / META_NAME}: invalid JSON ({e}); the checkpoint is damaged: write it "
+                              f"again") from None
+    if not isinstance(meta, dict) or "architecture" not in meta or "model" not in meta:
+        raise CheckpointError(f"{folder / META_NAME}: lacks 'architecture' or 'model'; the checkpoint is damaged: "
+                              f"write it again")
     if meta.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{folder / META_NAME}: unsupported format {meta.get('format')}")
     if meta["architecture"] not in ARCHITECTURES:
@@ -204,11 +228,46 @@ def restore_params(path: Path, fn: Functional, mesh: Mesh | None, rules: AxisRul
         mesh = single_device_mesh()
     shardings = fn.shardings(mesh, rules)
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), fn.shapes, shardings)
+    if not path.is_dir():
+        raise CheckpointError(f"{path.parent}: no params/ folder beside {META_NAME}: the weights are missing")
     with ocp.StandardCheckpointer() as ckptr:
         try:
             return ckptr.restore(path, target)
         except (ValueError, KeyError) as e:
-            raise CheckpointError(f"{path}: the checkpoint does not match the model ({e})") from e
+            if "does not match" in str(e) or isinstance(e, KeyError) or "shape" in str(e).lower():
+                raise CheckpointError(f"{path}: the checkpoint does not match the model ({short_error(e)})") from e
+            raise _unreadable(path, e) from e
+        except Exception as e:  # tensorstore / orbax errors on a truncated or damaged file have no common type
+            raise _unreadable(path, e) from e
+
+
+def short_error(error: BaseException, limit: int = 300) -> str:
+    """An error's message on one line, without tensorstore's spec dump, at most `limit` characters."""
+    text = " ".join(str(error).split()).split(" See full TensorStore details")[0]
+    return (text[:limit] + " ...") if len(text) > limit else text or type(error).__name__
+
+
+def _unreadable(path: Path, error: BaseException) -> CheckpointError:
+    return CheckpointError(f"{path}: the parameters are unreadable ({type(error).__name__}: {short_error(error)}); "
+                           f"a file is truncated or damaged: write the checkpoint again (skyjax convert, or the "
+                           f"training run's checkpoints)")
+
+
+def require_reward_model(folder: str | Path) -> None:
+    """A `CheckpointError` unless `folder` holds a reward model (a value head), read from its config files only."""
+    from skyjax.models.reward import VALUE_HEAD_FILE
+
+    folder = Path(folder)
+    arch, _, _ = read_model_config(folder)
+    if VALUE_HEAD_FILE in dict(arch.separate_files).values():
+        return
+    if is_checkpoint(folder):
+        raise CheckpointError(f"{folder}: a skyjax checkpoint of architecture {arch.name!r}, which has no value head: "
+                              f"not a reward model (give a reward model's checkpoint, e.g. a reward run's "
+                              f"checkpoint/)")
+    raise CheckpointError(f"{folder}: no {VALUE_HEAD_FILE}: a {arch.name} model without a value head, not a reward "
+                          f"model (a Hugging Face reward folder keeps the head in {VALUE_HEAD_FILE} beside the "
+                          f"weights)")
 
 
 def load_model(folder: str | Path, mesh: Mesh | None = None, rules: AxisRules = DEFAULT_RULES, **kw) -> LoadedModel:

@@ -107,7 +107,9 @@ def detect(hf_config: dict, source: str = "config.json", folder: Path | None = N
             continue
         if arch.matches(hf_config):
             return arch
-    raise ValueError(
+    from skyjax.convert.safetensors_io import CheckpointError
+
+    raise CheckpointError(
         f"{source}: unsupported architecture (model_type={hf_config.get('model_type')!r}, "
         f"architectures={hf_config.get('architectures')}); supported: {', '.join(ARCHITECTURES)}"
     )

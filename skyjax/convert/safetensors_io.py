@@ -17,11 +17,13 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from skyjax.errors import UserError
+
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint folder or file is missing, unreadable, or does not match the model."""
 
 

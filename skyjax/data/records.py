@@ -43,6 +43,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal, Mapping
 
+from skyjax.errors import UserError
+
 __all__ = [
     "ALLOWED_KEYS",
     "ContentPart",
@@ -60,7 +62,7 @@ KINDS = ("preference", "score", "generate", "sft", "any")
 COMPLETION_KEYS = ("chosen", "rejected", "response", "completion")
 
 
-class RecordError(ValueError):
+class RecordError(UserError, ValueError):
     """A bad record. `reason` is a short category used for skip counts: json, unknown_key, type, image_count,
     missing_key, conflict."""
 
@@ -338,11 +340,12 @@ class RecordReader:
     """Iterable over the records of one JSONL file.
 
     With ``on_error="skip"`` bad lines are dropped; `skipped` counts them by `RecordError.reason` and `errors` keeps
-    the first `max_kept_errors` errors for display. Counts are reset at the start of each pass over the file.
+    the first `max_kept_errors` errors (None: every one). Counts are reset at the start of each pass over the file.
     Blank lines are ignored (they are not records).
     """
 
-    def __init__(self, path: str | os.PathLike, kind: str = "any", on_error: str = "raise", max_kept_errors: int = 20):
+    def __init__(self, path: str | os.PathLike, kind: str = "any", on_error: str = "raise",
+                 max_kept_errors: int | None = 20):
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         if on_error not in ("raise", "skip"):
@@ -375,7 +378,7 @@ class RecordReader:
                     if self.on_error == "raise":
                         raise
                     self.skipped[e.reason] += 1
-                    if len(self.errors) < self.max_kept_errors:
+                    if self.max_kept_errors is None or len(self.errors) < self.max_kept_errors:
                         self.errors.append(e)
                     continue
                 self.num_read += 1

@@ -9,13 +9,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Callable, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
+from skyjax.errors import UserError
+
 MESH_AXES = ("data", "fsdp", "tensor")
+# On a CPU-only host a -1 mesh entry resolves against this many CPU devices at most (see cpu_devices_for)
+MAX_AUTO_CPU_DEVICES = 8
+
+
+class MeshError(UserError, ValueError):
+    """A mesh shape that is invalid or does not fit the devices there are."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,30 +37,57 @@ class MeshConfig:
 
     def __post_init__(self):
         if len(self.shape) != len(self.axes):
-            raise ValueError(f"mesh.shape {self.shape} has {len(self.shape)} entries for axes {self.axes}")
+            raise MeshError(f"mesh.shape {list(self.shape)} has {len(self.shape)} entries for axes "
+                            f"{list(self.axes)}: give one size per axis")
         if sum(1 for s in self.shape if s == -1) > 1:
-            raise ValueError(f"mesh.shape {self.shape}: at most one axis may be -1")
+            raise MeshError(f"mesh.shape {list(self.shape)}: at most one axis may be -1 (all remaining devices)")
         if any(s == 0 or s < -1 for s in self.shape):
-            raise ValueError(f"mesh.shape {self.shape}: sizes must be positive (or one -1)")
+            raise MeshError(f"mesh.shape {list(self.shape)}: sizes must be >= 1, or -1 for one axis (all remaining "
+                            f"devices)")
+        if self.num_slices < 1:
+            raise MeshError(f"mesh.num_slices={self.num_slices} is out of range: must be >= 1")
 
     def resolved_shape(self, num_devices: int) -> tuple[int, ...]:
         per_slice, rem = divmod(num_devices, self.num_slices)
         if rem:
-            raise ValueError(f"{num_devices} devices do not split into mesh.num_slices={self.num_slices} slices")
+            raise MeshError(f"{num_devices} devices do not split into mesh.num_slices={self.num_slices} slices")
         known = math.prod(s for s in self.shape if s != -1)
         if -1 in self.shape:
             if per_slice % known:
-                raise ValueError(
-                    f"mesh.shape {self.shape}: the fixed axes ({known} devices) do not divide {per_slice} devices"
+                raise MeshError(
+                    f"mesh.shape {list(self.shape)}: the fixed axes ({known} devices) do not divide the {per_slice} "
+                    f"devices available; choose fixed sizes whose product divides {per_slice}"
                 )
             shape = tuple(per_slice // known if s == -1 else s for s in self.shape)
         else:
             shape = self.shape
         if math.prod(shape) != per_slice:
-            raise ValueError(
-                f"mesh.shape {self.shape} needs {math.prod(shape)} devices per slice but {per_slice} are available"
+            raise MeshError(
+                f"mesh.shape {list(self.shape)} needs {math.prod(shape)} devices per slice but {per_slice} are "
+                f"available; use sizes whose product is {per_slice}, or -1 for one axis"
             )
         return shape
+
+
+def cpu_devices_for(config: MeshConfig) -> int:
+    """How many CPU devices a CPU-only run of `config` gets: the product of a fully given shape; with a -1 entry,
+    the host's cores (at most MAX_AUTO_CPU_DEVICES) rounded up to a multiple of the fixed entries, so the -1 axis
+    spans several devices the way it would on an accelerator host. Times the number of slices."""
+    known = math.prod(s for s in config.shape if s != -1)
+    if -1 not in config.shape:
+        return known * config.num_slices
+    cores = min(os.cpu_count() or 1, MAX_AUTO_CPU_DEVICES)
+    return known * max(1, math.ceil(cores / known)) * config.num_slices
+
+
+def expose_cpu_devices(config: MeshConfig) -> None:
+    """Before the JAX backend starts: give the CPU platform `cpu_devices_for(config)` devices (or more if already
+    asked for: XLA_FLAGS / jax_num_cpu_devices). Harmless on TPU/GPU hosts, whose meshes use the accelerators; a
+    no-op once a backend is up (a notebook, the tests), which keeps the devices that exist."""
+    try:
+        jax.config.update("jax_num_cpu_devices", max(cpu_devices_for(config), jax.config.jax_num_cpu_devices or 1))
+    except RuntimeError:
+        pass
 
 
 def make_mesh(config: MeshConfig | Sequence[int] = MeshConfig(), devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -22,6 +22,8 @@ from typing import Any, Mapping, Sequence
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from skyjax.errors import UserError
+
 AxisRules = Mapping[str, tuple[str, ...]]
 
 DEFAULT_RULES: dict[str, tuple[str, ...]] = {
@@ -49,7 +51,7 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
 }
 
 
-class ShardingError(ValueError):
+class ShardingError(UserError, ValueError):
     """A dimension does not divide its mesh axes, or a logical name has no rule."""
 
 

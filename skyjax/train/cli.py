@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -16,37 +15,31 @@ def add_parser(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train from a YAML run config with dotted overrides. The run directory receives checkpoints "
                     "(resumed automatically), metrics (TensorBoard + metrics.jsonl), the final skyjax checkpoint, "
-                    "a Hugging Face export and summary.json.\n\nexample:\n"
+                    "a Hugging Face export and summary.json. SIGTERM or Ctrl-C saves a checkpoint and exits with "
+                    "status 143 without final outputs (rerun to resume); a user error exits with status 2."
+                    "\n\nexample:\n"
                     "  skyjax train configs/demo/reward_model.yaml --run-dir runs/reward_demo\n"
                     "  skyjax train configs/sft/r1v_tiny.yaml --run-dir runs/sft_tiny\n"
                     "  skyjax train configs/reward_model/stage1_7b.yaml optimizer.lr=5e-6 trainer.steps=1000")
     p.add_argument("config", type=Path, help="run config (YAML)")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. optimizer.lr=1e-5")
     p.add_argument("--run-dir", type=Path, default=None, help="output folder (default: runs/<name>)")
-    p.add_argument("--no-resume", action="store_true", help="start fresh even if the run dir has checkpoints")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start afresh: an earlier run's checkpoints and outputs in the run dir are moved into "
+                        "previous-<timestamp>/ inside it (a resume, the default, refuses a changed config)")
     p.set_defaults(func=run)
-
-
-def _cpu_devices_for(mesh_shape) -> None:
-    """On a CPU-only machine, expose as many CPU devices as the mesh needs (harmless on TPU/GPU hosts)."""
-    import jax
-
-    if all(s > 0 for s in mesh_shape):
-        try:
-            jax.config.update("jax_num_cpu_devices", max(math.prod(mesh_shape), jax.config.jax_num_cpu_devices or 1))
-        except RuntimeError:  # a backend is already up (e.g. inside a notebook): keep what exists
-            pass
 
 
 def run(args) -> int:
     from skyjax.config import load_config
+    from skyjax.parallel.mesh import expose_cpu_devices
     from skyjax.train.config import RunConfig
 
     cfg = load_config(RunConfig, args.config, args.overrides)
     run_dir = args.run_dir or Path("runs") / cfg.name
     if args.run_dir is None:
         print(f"--run-dir not given: writing to {run_dir}", file=sys.stderr)
-    _cpu_devices_for(cfg.mesh.shape)
+    expose_cpu_devices(cfg.mesh)
     summary = train(cfg, run_dir, resume=not args.no_resume)
     print(format_summary(summary))
     return 0
@@ -60,11 +53,21 @@ def format_summary(summary: dict) -> str:
     for key, value in summary.items():
         if isinstance(value, float) and key != "seconds":
             lines.append(f"  {key:<20} {value:.3f}" + (f"   {notes[key]}" if key in notes else ""))
+    # the user's own held-out files (data.eval), one line each: reward model {stem: accuracy}, SFT {stem: {...}}
+    evals = summary.get("eval_accuracy") or summary.get("eval") or {}
+    for stem, result in evals.items():
+        if stem == "heldout" and "heldout_accuracy" in summary:
+            continue  # the synthetic held-out split, printed above
+        if isinstance(result, dict):
+            text = ", ".join(f"{k} {v:.3f}" for k, v in result.items() if k in ("loss", "accuracy"))
+        else:
+            text = f"accuracy {result:.3f}"
+        lines.append(f"  eval {stem:<15} {text}")
     train_last = {k: v for k, v in summary.get("train", {}).items() if k in ("loss", "accuracy", "token_accuracy")}
     if train_last:
         lines.append("  last train window    " + ", ".join(f"{k} {v:.3f}" for k, v in train_last.items()))
     if summary.get("skipped_rows"):
-        lines.append(f"  skipped rows         {summary['skipped_rows']}")
+        lines.append(f"  skipped rows         {summary['skipped_rows']}   (each one: {summary['paths']['skipped']})")
     paths = summary["paths"]
     lines.append(f"wrote {paths['summary']} (every number and path)")
     for key in ("checkpoint", "hf_export", "metrics", "tensorboard"):
@@ -74,7 +77,9 @@ def format_summary(summary: dict) -> str:
 
 
 def train(cfg, run_dir: Path, *, resume: bool = True) -> dict:
-    """Train, evaluate, export, and write run_dir/summary.json; returns the summary."""
+    """Train, evaluate, export, and write run_dir/summary.json; returns the summary. A stop signal (SIGTERM,
+    Ctrl-C) during training or evaluation raises skyjax.errors.Preempted once the checkpoint is saved, before any
+    final output is written."""
     from skyjax.train.trainer import Trainer
 
     t0 = time.time()
@@ -83,15 +88,22 @@ def train(cfg, run_dir: Path, *, resume: bool = True) -> dict:
     print(f"{cfg.kind} run '{cfg.name}': {trainer.fn.num_params() / 1e6:.2f}M parameters on mesh "
           f"{dict(trainer.mesh.shape)}, {trainer.total_steps} steps of {cfg.data.batch_size} "
           f"{trainer.task.row_unit} -> {run_dir}", file=sys.stderr)
-    last = trainer.fit()
-    summary = {"kind": cfg.kind, "name": cfg.name, "steps": int(trainer.state["step"]), "train": last,
-               **trainer.task.summarize(trainer, trainer.evaluate())}
-    skipped = sum(trainer.train_pipe.skipped.values()) + sum(trainer.read_skipped.values())
-    summary["skipped_rows"] = int(skipped)
-    paths = trainer.finish()
+    if trainer.lead and (run_dir / "summary.json").exists() and trainer.start_step < trainer.total_steps:
+        (run_dir / "summary.json").unlink()  # an earlier, shorter run's: this one trains further
+    with trainer.handling_signals():
+        last = trainer.fit()
+        summary = {"kind": cfg.kind, "name": cfg.name, "steps": int(trainer.state["step"]), "train": last,
+                   **trainer.task.summarize(trainer, trainer.evaluate())}
+        trainer.stop_if_signalled()
+        skipped = sum(trainer.train_pipe.skipped.values()) + sum(trainer.read_skipped.values())
+        summary["skipped_rows"] = int(skipped)
+        paths = trainer.finish()  # a signal from here on lets the run finish: its outputs take seconds
     summary["seconds"] = round(time.time() - t0, 1)
+    summary["complete"] = True
     summary["paths"] = {"run_dir": str(run_dir), "summary": str(run_dir / "summary.json"),
                         "metrics": str(run_dir / "metrics.jsonl"), "tensorboard": str(run_dir / "tensorboard"),
-                        "train_checkpoints": str(run_dir / "checkpoints"), **paths}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+                        "train_checkpoints": str(run_dir / "checkpoints"), "skipped": str(run_dir / "skipped.jsonl"),
+                        **paths}
+    if trainer.lead:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

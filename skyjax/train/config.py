@@ -12,7 +12,28 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from skyjax.config import ConfigError
 from skyjax.parallel.mesh import MeshConfig
+
+
+def require(key: str, value, ok: bool, allowed: str) -> None:
+    """A `ConfigError` naming the key, its value and the allowed range unless `ok`."""
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is out of range: {allowed}")
+
+
+def _positive(section: str, obj, *names: str, optional: bool = False) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if optional and value is None:
+            continue
+        require(f"{section}.{name}", value, value > 0, "must be > 0" + (" (or null)" if optional else ""))
+
+
+def _non_negative(section: str, obj, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        require(f"{section}.{name}", value, value >= 0, "must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +90,17 @@ class DataConfig:
     # prompt + both responses long: seq_buckets must hold that.
     share_prompt: bool = False
 
+    def __post_init__(self):
+        _positive("data", self, "batch_size")
+        _positive("data", self, "max_tiles", "max_length", "min_pixels", "max_pixels", optional=True)
+        for name in ("seq_buckets", "patch_buckets", "image_buckets", "tile_buckets"):
+            value = getattr(self, name)
+            require(f"data.{name}", list(value), bool(value) and all(v > 0 for v in value),
+                    "a non-empty list of sizes > 0")
+        if self.min_pixels is not None and self.max_pixels is not None:
+            require("data.min_pixels", self.min_pixels, self.min_pixels <= self.max_pixels,
+                    f"must be <= data.max_pixels ({self.max_pixels})")
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
@@ -83,6 +115,15 @@ class OptimizerConfig:
     eps: float = 1e-8
     clip_norm: float | None = 1.0  # global gradient-norm clipping (None: off)
     grad_accum: int = 1  # micro-batches per optimizer step (batch_size must divide by it)
+
+    def __post_init__(self):
+        _positive("optimizer", self, "lr", "eps", "grad_accum")
+        _positive("optimizer", self, "clip_norm", optional=True)
+        _non_negative("optimizer", self, "warmup_steps", "weight_decay")
+        for name in ("b1", "b2"):
+            require(f"optimizer.{name}", getattr(self, name), 0 <= getattr(self, name) < 1, "must be in [0, 1)")
+        require("optimizer.warmup_ratio", self.warmup_ratio, 0 <= self.warmup_ratio < 1, "must be in [0, 1)")
+        require("optimizer.min_lr_ratio", self.min_lr_ratio, 0 <= self.min_lr_ratio <= 1, "must be in [0, 1]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +157,16 @@ class TrainerConfig:
     export: bool = True  # write a Hugging Face folder at the end
     eval_batch_size: int = 16
     progress: bool = True
+    # resume from this saved step instead of the latest (e.g. when the latest checkpoint is unreadable)
+    resume_step: int | None = None
+
+    def __post_init__(self):
+        require("trainer.steps", self.steps, self.steps is None or self.steps >= 1,
+                "must be >= 1 (or null: trainer.epochs passes over the training data)")
+        _positive("trainer", self, "epochs", "log_every", "keep_checkpoints", "eval_batch_size")
+        _non_negative("trainer", self, "eval_every", "save_every")
+        require("trainer.resume_step", self.resume_step, self.resume_step is None or self.resume_step >= 0,
+                "must be >= 0 (or null: the latest checkpoint)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,9 +182,8 @@ class RunConfig:
 
     def __post_init__(self):
         if self.data.batch_size % self.optimizer.grad_accum:
-            raise ValueError(f"data.batch_size {self.data.batch_size} is not a multiple of optimizer.grad_accum "
+            raise ConfigError(f"data.batch_size {self.data.batch_size} is not a multiple of optimizer.grad_accum "
                              f"{self.optimizer.grad_accum}")
         if not self.data.train and self.data.synthetic is None:
-            raise ValueError("data.train lists no files and data.synthetic is not set: nothing to train on")
-        if self.objective.logits_chunk < 0:
-            raise ValueError(f"objective.logits_chunk {self.objective.logits_chunk} must be >= 0")
+            raise ConfigError("data.train lists no files and data.synthetic is not set: nothing to train on")
+        _non_negative("objective", self.objective, "logits_chunk", "center_coef")

@@ -41,6 +41,21 @@ class MetricsWriter:
                 self.tb.add_scalar(f"{prefix}/{k}", v, step)
         self.tb.flush()
 
+    def compiling(self):
+        """Before the first step: say it compiles (minutes for a large model), instead of an ETA from nothing."""
+        if not self.lead:
+            return
+        if self.bar is not None:
+            self.bar.set_description("compiling (first step)", refresh=True)
+        else:
+            print("compiling (first step)", file=sys.stderr, flush=True)
+
+    def compiled(self):
+        """After the first step's compile: rate and ETA count from now (the compile time is left out)."""
+        if self.bar is not None:
+            self.bar.set_description("train", refresh=False)
+            self.bar.unpause()
+
     def advance(self, n: int, postfix: dict | None = None):
         if self.bar is not None:
             self.bar.update(n)

@@ -13,6 +13,7 @@ from typing import Iterable
 import jax
 import optax
 
+from skyjax.config import ConfigError
 from skyjax.nn.functional import flatten_params as flatten, unflatten_params as unflatten
 from skyjax.train.config import OptimizerConfig
 
@@ -48,8 +49,8 @@ def frozen_predicate(arch: str, freeze: Iterable[str]):
         if item in presets:
             patterns.append(re.compile(presets[item]))
         elif re.fullmatch(r"[A-Za-z_]+", item):
-            raise ValueError(f"trainer.freeze: {item!r} is not a preset of {arch} ({', '.join(sorted(presets))}) "
-                             f"and not a path regex")
+            raise ConfigError(f"trainer.freeze: {item!r} is not a preset of {arch} ({', '.join(sorted(presets))}) "
+                              f"and not a path regex")
         else:
             patterns.append(re.compile(item))
     return lambda path: any(p.fullmatch(path) for p in patterns)

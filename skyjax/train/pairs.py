@@ -17,10 +17,11 @@ import numpy as np
 from skyjax.data.chat import SequenceTooLongError, format_conversation, pad_batch
 from skyjax.data.qwen_vl_image import ImageError, QwenVLImageConfig, load_image, num_image_tokens, preprocess_image
 from skyjax.data.records import Record
+from skyjax.errors import UserError
 from skyjax.models.qwen2_5_vl_vision import Qwen2_5_VLVisionConfig, bucket_size, pad_pixel_values, vision_inputs
 
 
-class BadRowError(ValueError):
+class BadRowError(UserError, ValueError):
     """A row that cannot be used (missing or corrupt image, too long, ...); names the file and line."""
 
 

@@ -17,10 +17,11 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from skyjax.config import ConfigError
 from skyjax.convert.checkpoint import LoadedModel, load_model
 from skyjax.convert.registry import ARCHITECTURES
 from skyjax.data.qwen_vl_image import QwenVLImageConfig
-from skyjax.data.records import Record, read_jsonl_records
+from skyjax.data.records import Record, RecordReader
 from skyjax.data.tokenizer import build_tiny_tokenizer, load_tokenizer, special_token_ids
 from skyjax.models.qwen2_5_vl import Qwen2_5_VLConfig
 from skyjax.nn.functional import Functional
@@ -83,7 +84,7 @@ def reward_model_from(loaded: LoadedModel, mesh: Mesh, seed: int) -> LoadedModel
     if loaded.arch.name == "qwen2_5_vl_reward":
         return loaded
     if loaded.arch.name != "qwen2_5_vl":
-        raise ValueError(f"a reward model needs a Qwen2.5-VL backbone, got architecture {loaded.arch.name!r}")
+        raise ConfigError(f"a reward model needs a Qwen2.5-VL backbone, got architecture {loaded.arch.name!r}")
     arch = ARCHITECTURES["qwen2_5_vl_reward"]
     fn = Functional.create(lambda r: arch.build(loaded.config, r))
     head_shapes = {"v_head": fn.shapes["v_head"]}
@@ -112,8 +113,8 @@ SHAPE_PREFIX = "shape:"  # model.source "shape:NAME" / "shape:FILE.yaml": a mode
 def require_weights(cfg: ModelConfig) -> None:
     """Training needs weights: a shape-only model.source (for `skyjax aot`) is an error naming the field."""
     if cfg.source.startswith(SHAPE_PREFIX):
-        raise ValueError(f"model.source {cfg.source!r} is a model shape without weights, for `skyjax aot` only; "
-                         f"training needs a Hugging Face folder, a skyjax checkpoint or 'tiny'")
+        raise ConfigError(f"model.source {cfg.source!r} is a model shape without weights, for `skyjax aot` only; "
+                          f"training needs a Hugging Face folder, a skyjax checkpoint or 'tiny'")
 
 
 def image_config(bundle: ModelBundle, data: DataConfig) -> QwenVLImageConfig:
@@ -121,13 +122,17 @@ def image_config(bundle: ModelBundle, data: DataConfig) -> QwenVLImageConfig:
     return dataclasses.replace(bundle.image_cfg, **changes) if changes else bundle.image_cfg
 
 
-def read_records(paths, on_error: str = "raise", kind: str = "preference") -> tuple[list[Record], collections.Counter]:
-    """Every record of the JSONL files, checked as `kind` (skyjax.data.records); skipped rows counted by reason."""
+def read_records(paths, on_error: str = "raise", kind: str = "preference", errors: list | None = None
+                 ) -> tuple[list[Record], collections.Counter]:
+    """Every record of the JSONL files, checked as `kind` (skyjax.data.records); skipped rows counted by reason,
+    and every skipped row's `RecordError` (file, line, reason) appended to `errors` when given."""
     records, skipped = [], collections.Counter()
     for path in paths:
-        reader = read_jsonl_records(path, kind=kind, on_error=on_error)
+        reader = RecordReader(path, kind=kind, on_error=on_error, max_kept_errors=None if errors is not None else 20)
         records.extend(reader)
         skipped.update(reader.skipped)
+        if errors is not None:
+            errors.extend(reader.errors)
     return records, skipped
 
 
@@ -146,14 +151,14 @@ class RecordPipeline:
                  epochs: int | None = None, shuffle: bool = True, blank_images: bool = False,
                  batch_size: int | None = None, drop_remainder: bool = True, pad_last: bool = False):
         if not records:
-            raise ValueError("no records to read")
+            raise ConfigError("no records to read")
         self.bundle, self.data, self.micro = bundle, data, micro_batches
         self.blank = blank_images
         self.bad_rows: dict[str, str] = {}  # "file:line" -> reason (unique: read-ahead may featurize a row twice)
         self.batch_size = batch_size or data.batch_size
         n_hosts, host = jax.process_count(), jax.process_index()
         if self.batch_size % n_hosts:
-            raise ValueError(f"batch size {self.batch_size} does not divide over {n_hosts} hosts")
+            raise ConfigError(f"batch size {self.batch_size} does not divide over {n_hosts} hosts")
         ds = grain.MapDataset.source(records)
         if shuffle:
             ds = ds.shuffle(seed=data.shuffle_seed)
@@ -213,6 +218,18 @@ class PairPipeline(RecordPipeline):
         example = featurize_pair(record, self.bundle.tokenizer, self.image_cfg, max_length=self.data.max_length,
                                  blank_images=self.blank,
                                  max_image_patches=self.bundle.model.config.vision.max_image_patches)
+        # a row longer than the largest bucket, or with more patches / images than one batch holds, is a bad row
+        # (named by its file:line, skippable) here, not a failed batch naming other rows
+        longest = max(example.chosen.length, example.rejected.length)
+        if not self.data.share_prompt and longest > max(self.buckets.seq):
+            raise BadRowError(f"{example.where}: {longest} tokens, more than the largest seq bucket "
+                              f"{max(self.buckets.seq)} (data.seq_buckets; set data.max_length to cut rows earlier)")
+        if example.patches.shape[0] > max(self.buckets.patches):
+            raise BadRowError(f"{example.where}: its images have {example.patches.shape[0]} patches, more than the "
+                              f"largest patch bucket {max(self.buckets.patches)} (data.patch_buckets)")
+        if example.grids.shape[0] > max(self.buckets.images):
+            raise BadRowError(f"{example.where}: {example.grids.shape[0]} images, more than the largest image "
+                              f"bucket {max(self.buckets.images)} (data.image_buckets)")
         if self.data.share_prompt:  # one row holds prompt + both responses: it must fit a bucket (a bad row if not)
             n = shared_prompt_length(example)
             if n > max(self.buckets.seq):

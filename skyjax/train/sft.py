@@ -27,6 +27,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from skyjax.config import ConfigError
 from skyjax.convert.checkpoint import LoadedModel, load_model
 from skyjax.convert.registry import ARCHITECTURES
 from skyjax.data.chat import FormattedConversation, SequenceTooLongError, format_conversation, pad_batch
@@ -79,10 +80,10 @@ class R1VTiles:
 
     def __init__(self, model_cfg: R1VConfig, image_cfg: InternVLImageConfig, data: DataConfig):
         if image_cfg.image_size != model_cfg.tile_size:
-            raise ValueError(f"image tiles are {image_cfg.image_size} px but the model expects "
-                             f"{model_cfg.tile_size} px tiles")
+            raise ConfigError(f"image tiles are {image_cfg.image_size} px but the model expects "
+                              f"{model_cfg.tile_size} px tiles")
         if model_cfg.image_token_id is None:
-            raise ValueError("the model's <IMG_CONTEXT> id is unknown: use a checkpoint with an InternVL tokenizer")
+            raise ConfigError("the model's <IMG_CONTEXT> id is unknown: use a checkpoint with an InternVL tokenizer")
         self.cfg, self.image_cfg, self.buckets = model_cfg, image_cfg, tuple(data.tile_buckets)
 
     @classmethod
@@ -190,7 +191,7 @@ def vision_format(bundle: ModelBundle, data: DataConfig):
     """The vision format of the bundle's architecture, with the run's tiling / pixel overrides applied."""
     arch = bundle.model.arch.name
     if arch not in SFT_FORMATS:
-        raise ValueError(f"SFT supports the architectures {', '.join(SFT_FORMATS)}, not {arch!r}")
+        raise ConfigError(f"SFT supports the architectures {', '.join(SFT_FORMATS)}, not {arch!r}")
     return SFT_FORMATS[arch].for_run(bundle, data)
 
 
@@ -318,8 +319,8 @@ def load_sft_bundle(cfg: ModelConfig, mesh: Mesh, run_dir: Path) -> ModelBundle:
     require_weights(cfg)
     loaded = load_model(cfg.source, mesh=mesh, dtype=cfg.dtype, param_dtype=cfg.param_dtype, **runtime_overrides(cfg))
     if loaded.arch.name not in SFT_FORMATS:
-        raise ValueError(f"{cfg.source}: SFT supports the architectures {', '.join(SFT_FORMATS)}, not "
-                         f"{loaded.arch.name!r}")
+        raise ConfigError(f"{cfg.source}: SFT supports the architectures {', '.join(SFT_FORMATS)}, not "
+                          f"{loaded.arch.name!r}")
     tok = load_tokenizer(cfg.tokenizer or loaded.folder)
     if isinstance(loaded.config, R1VConfig):
         from skyjax.models.r1v_inputs import image_token_id_of

@@ -74,6 +74,8 @@ def eval_batches(trainer: "Trainer", pipe: RecordPipeline):
 
     with use_mesh(trainer.mesh):
         for batch in pipe.dataset:
+            if hasattr(trainer, "stop_if_signalled"):
+                trainer.stop_if_signalled()  # a preemption during evaluation: stop now (the checkpoint is saved)
             batch, row_ids = host_batch(batch)
             yield batch, row_ids, to_device(batch, trainer.mesh)
 
