@@ -4,8 +4,9 @@ the same way): its objective, model loader, data pipeline and evaluation. Nothin
 It owns: the mesh; the sharded train state (trainable params, frozen params, optimizer state, and when the
 objective asks for them a frozen reference of the trainable subtree and the objective's state) created under jit with
 explicit shardings; the loop over the task's batch source (skyjax.train.batch_source: next(state) -> host batch);
-the jitted step (skyjax.train.step: gradient accumulation by a scan over micro-batches, AdamW, clipping); metrics (TensorBoard + JSONL + progress bar on the lead host); NaN/inf detection that stops with the step
-and the batch's row ids; SIGTERM (a TPU preemption) and SIGINT (Ctrl-C), which save a checkpoint and raise
+the jitted step (skyjax.train.step: gradient accumulation by a scan over micro-batches, AdamW, clipping); metrics
+(TensorBoard + JSONL + progress bar on the lead host); NaN/inf detection that stops with the step and the batch's row
+ids; SIGTERM (a TPU preemption) and SIGINT (Ctrl-C), which save a checkpoint and raise
 `Preempted` (the CLI exits with PREEMPTED_EXIT_STATUS, writing no final outputs); orbax checkpoints (async, keep N)
 holding the batch source's state too, restorable onto another mesh shape; and at the end, held-out evaluation, a
 skyjax checkpoint and a Hugging Face export. The run folder is the run's own (skyjax.train.run_dir).
@@ -81,9 +82,13 @@ class Trainer:
         per_epoch = max(len(records) // cfg.data.batch_size, 1)
         self.total_steps = cfg.trainer.steps or max(int(math.ceil(cfg.trainer.epochs * per_epoch)), 1)
 
+        resuming = resume and (cfg.trainer.resume_step is not None or bool(saved_steps(self.run_dir / "checkpoints")))
         self.is_frozen = frozen_predicate(self.arch.name, cfg.trainer.freeze)
         self.optimizer, self.schedule = build_optimizer(cfg.optimizer, self.total_steps)
         needs_reference, objective_state = objective_extras(self.objective, cfg.objective)
+        if not needs_reference and (cfg.reference.source is not None or cfg.reference.precompute):
+            log(f"reference: the {self.objective.name} objective keeps no reference; reference.source / precompute "
+                f"are ignored")
         self.state_shardings = state_shardings(self.fn, self.optimizer, self.is_frozen, self.mesh, needs_reference,
                                                objective_state)
         trainable, frozen = split_params(model.params, self.is_frozen)
@@ -92,16 +97,15 @@ class Trainer:
         opt_state = jax.jit(self.optimizer.init, out_shardings=self.state_shardings["opt"])(trainable)
         state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "frozen": frozen, "opt": opt_state}
         if needs_reference:  # the trainable subtree only: the frozen parameters are the policy's own
-            state["reference"] = self._reference(trainable)
+            # resuming, the checkpoint's reference replaces it: a copy of the right shapes is all that is needed
+            state["reference"] = self._reference(trainable, load=not resuming)
         if objective_state is not None:
             state["objective"] = objective_state
         # exactly the shardings the step returns, so the first and every later step share one compiled program
         self.state = jax.device_put(state, self.state_shardings)
         model.params = None  # the state owns the parameters now (they are donated to each step)
 
-        resume_from = None
-        if resume and (cfg.trainer.resume_step is not None or saved_steps(self.run_dir / "checkpoints")):
-            resume_from = self._resume_step()
+        resume_from = self._resume_step() if resuming else None
         self.ckpt = ocp.CheckpointManager(
             self.run_dir / "checkpoints",
             options=ocp.CheckpointManagerOptions(max_to_keep=cfg.trainer.keep_checkpoints,
@@ -134,10 +138,11 @@ class Trainer:
         heldout = make(folder, "heldout", syn.heldout, **{**kw, "seed": syn.seed + 1})
         return [train, *map(Path, data.train)], [heldout, *map(Path, data.eval)]
 
-    def _reference(self, trainable: dict) -> dict:
-        """The reference's trainable subtree: a copy of the policy's at step 0, or loaded from reference.source."""
+    def _reference(self, trainable: dict, load: bool = True) -> dict:
+        """The reference's trainable subtree: a copy of the policy's at step 0, or loaded from reference.source
+        (unless not `load`)."""
         source, shardings = self.cfg.reference.source, self.state_shardings["reference"]
-        if source is None:
+        if source is None or not load:
             return copy_of(trainable, shardings)
         return load_reference(source, self.task.load_bundle, self.cfg.model, self.mesh, self.run_dir / "reference",
                               self.is_frozen, trainable, shardings)
