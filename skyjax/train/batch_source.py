@@ -8,9 +8,10 @@ skyjax.train.tasks).
 objective state; sharded jax.Arrays, read-only: the source must neither keep nor modify them, since the next step
 donates them). A record pipeline ignores it. An on-policy source needs it: GRPO's rollout source samples completions
 of the next prompts with merge(trainable, frozen), scores them with the reward functions, computes group advantages
-and returns the collated batch. Passing the state on every call (rather than a callback registered once) keeps the
-source a plain object with no reference to the trainer, and makes "the parameters the rollout used" explicit: those
-of the state passed in, i.e. the step about to run.
+and returns the collated batch. A source may also add what depends on the frozen reference alone (its log-probs, for
+`reference.precompute`): the state holds it. Passing the state on every call (rather than a callback registered once)
+keeps the source a plain object with no reference to the trainer, and makes "the parameters the rollout used"
+explicit: those of the state passed in, i.e. the step about to run.
 
 On several hosts every host calls `next` once per step, in step (a rollout source may run collectives in it).
 """

@@ -175,7 +175,7 @@ class ReferenceConfig:
     # ones are the policy's), with shapes checked against the policy's
     source: str | None = None
     # compute the reference's log-probs once per batch before the step instead of inside it (objectives that support
-    # it; the others ignore it)
+    # it, e.g. in their batch source, which is given the train state and so the reference; the others ignore it)
     precompute: bool = False
 
     def __post_init__(self):
