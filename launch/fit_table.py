@@ -87,7 +87,7 @@ R1V_FULL = "configs/sft/r1v_38b_full.yaml"
 
 def r1v_fixed(seq: int) -> tuple[str, ...]:
     return ("model.source=shape:r1v_38b", f"data.seq_buckets=[{seq}]", f"data.max_length={seq}",
-            f"objective.logits_chunk={min(seq, 2048)}")
+            f"objective.sft.logits_chunk={min(seq, 2048)}")
 
 
 ROWS = [

@@ -35,9 +35,9 @@ compile         Wall time of jit lower + compile (no execution) of a Qwen2 train
 matmul          This machine's matmul peak (skyjax.train.bench.matmul_peak: a square fp32 matmul through JAX, best
                 of several; with rm_train_step, measured before and after its steps and the higher kept, both in
                 `matmul.samples_flops_per_s`). `rm_train_step_flops_fraction` = the RM step's FLOPs / its time /
-                this peak. The FLOPs are counted from the step's jaxpr (count_flops: matmuls and convolutions,
-                scanned layers times their trip count), not from XLA's cost_analysis, which counts a scanned body
-                once.
+                this peak. The FLOPs are counted from the step's jaxpr (skyjax.parallel.aot.count_flops: matmuls
+                and convolutions, scanned layers times their trip count), not from XLA's cost_analysis, which counts
+                a scanned body once.
 score           A VL-RewardBench scoring job (skyjax.eval.bench.run_score_bench): 1,250 rows (2,500 conversations) with
                 a tiny Qwen2.5-VL reward model, the whole job as `skyjax eval` runs it (compiles included; `compiles`
                 counts them) against transformers + PyTorch scoring one conversation at a time, same weights and
@@ -67,8 +67,9 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from skyjax.parallel.aot import count_flops  # noqa: F401  (part of this module's interface)
 from skyjax.train.bench import RM_BENCH_FREEZE
 
 BENCHMARKS = ("rm_train_step", "generate", "compile", "matmul", "rm_train_step_gpu", "score")
@@ -109,19 +110,6 @@ QUICK_SETTINGS: dict[str, dict[str, Any]] = {
 
 
 # --- FLOPs of a traced function ------------------------------------------------------------------------------------
-
-
-def count_flops(fn: Callable, *args, **kwargs) -> float:
-    """FLOPs of `fn(*args, **kwargs)` from its jaxpr: 2*M*N*K for every dot_general and the equivalent for every
-    convolution, inside every nested jaxpr (jit, remat, custom derivatives), scan bodies times their length, the
-    largest branch of a cond, a while loop's body once (its trip count is not static). Element-wise work is not
-    counted, so this is the matmul work the step does, the figure to compare with a matmul peak. Only traced, never
-    run: arguments may be arrays or jax.ShapeDtypeStructs."""
-    import jax
-
-    from skyjax.parallel.aot import matmul_flops
-
-    return matmul_flops(jax.make_jaxpr(fn)(*args, **kwargs).jaxpr, loops=True)
 
 
 # --- the compile benchmark ------------------------------------------------------------------------------------------

@@ -110,6 +110,10 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
+    renamed = getattr(cls, "RENAMED_KEYS", {})  # old key -> its new dotted name (under the same prefix)
+    for key in unknown:
+        if key in renamed:
+            raise ConfigError(f"config key {prefix + key} was renamed: use {prefix + renamed[key]}")
     if unknown:
         raise ConfigError(
             f"unknown config key {', '.join(prefix + k for k in unknown)} (allowed under "

@@ -540,7 +540,7 @@ def test_abstract_batch_on_several_hosts_is_the_assembled_global_batch(tmp_path)
     from skyjax.parallel.mesh import make_mesh
     from skyjax.train.config import RunConfig
     from skyjax.train.global_batch import assemble_global_batch
-    from skyjax.train.setup import batch_shardings
+    from skyjax.train.global_batch import batch_shardings
 
     mesh, hosts = make_mesh((2, 2, 2)), 4
     for name, config, overrides in _batch_cases(tmp_path):
@@ -568,7 +568,7 @@ def test_reward_model_step_on_a_multi_host_slice(monkeypatch, capsys, tmp_path):
     """`skyjax aot` on one v5p:2x2x2 slice, 2 hosts of 4 chips: it compiles the batch they feed, each host's 8 pairs
     (one shared-prompt row each) with its own 256-patch bucket, side by side with host_blocks [1, 2], the rows over
     the batch axes as the rules give them (each host's devices hold its own rows), and the report says so."""
-    from skyjax.train.setup import batch_shardings
+    from skyjax.train.global_batch import batch_shardings
 
     reports = []
 

@@ -28,10 +28,11 @@ from skyjax.data.records import parse_record
 from skyjax.models.qwen2_5_vl_vision import META_KEYS, PAD_SEGMENT
 from skyjax.parallel import make_mesh, use_mesh
 from skyjax.train import global_batch as gb
-from skyjax.train.config import ObjectiveConfig, RunConfig
+from skyjax.train.config import RewardModelObjectiveConfig, RunConfig, SFTObjectiveConfig
 from skyjax.train.objectives import bradley_terry, pair_scores, sft_loss
-from skyjax.train.pairs import PairBuckets, collate_pairs, featurize_pair, host_batch
-from skyjax.train.setup import batch_shardings
+from skyjax.train.batching import host_batch
+from skyjax.train.global_batch import batch_shardings
+from skyjax.train.pairs import PairBuckets, collate_pairs, featurize_pair
 from skyjax.train.sft import collate_sft, featurize_sft, vision_format
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,7 +61,8 @@ def reward_bundle(folder, vision_depth=2):
     from skyjax.convert.registry import ARCHITECTURES
     from skyjax.data.tokenizer import build_tiny_tokenizer, special_token_ids
     from skyjax.nn.functional import Functional
-    from skyjax.train.setup import TINY_IMAGE_CFG, ModelBundle, tiny_reward_config
+    from skyjax.train.bundle import ModelBundle
+    from skyjax.train.setup import TINY_IMAGE_CFG, tiny_reward_config
 
     cfg = load_config(RunConfig, RM_CONFIG, [*TINY_RM, f"model.tiny_vision_depth={vision_depth}"])
     tok = build_tiny_tokenizer("qwen2_5_vl")
@@ -149,7 +151,7 @@ def test_reward_global_batch_scores_every_host_as_alone(tmp_path, layout):
 
     fn = bundle.model.fn
     params = bundle.model.params
-    ocfg = ObjectiveConfig()
+    ocfg = RewardModelObjectiveConfig()
 
     def objective(params, mb):
         model = fn.bind(params)
@@ -191,7 +193,7 @@ def r1v_bundle(cfg):
     from skyjax.convert.registry import ARCHITECTURES
     from skyjax.data.tokenizer import build_tiny_tokenizer, special_token_ids
     from skyjax.nn.functional import Functional
-    from skyjax.train.setup import ModelBundle
+    from skyjax.train.bundle import ModelBundle
     from skyjax.train.sft import tiny_r1v_config
 
     tok = build_tiny_tokenizer("internvl")
@@ -209,7 +211,7 @@ def qwen_sft_bundle():
     from skyjax.data.tokenizer import build_tiny_tokenizer, special_token_ids
     from skyjax.models.qwen2_5_vl import Qwen2_5_VLConfig
     from skyjax.nn.functional import Functional
-    from skyjax.train.setup import ModelBundle
+    from skyjax.train.bundle import ModelBundle
 
     tok = build_tiny_tokenizer("qwen2_5_vl")
     ids = special_token_ids(tok)
@@ -243,7 +245,7 @@ def test_sft_global_batch_sums_every_host_as_alone(tmp_path, family):
     glob = gb.assemble_global_batch(local)
     assert glob["input_ids"].shape[1] == 4 and gb.host_blocks(glob) == 2
 
-    fn, params, ocfg = bundle.model.fn, bundle.model.params, ObjectiveConfig()
+    fn, params, ocfg = bundle.model.fn, bundle.model.params, SFTObjectiveConfig()
     run = jax.jit(lambda params, mb: sft_loss(fn.bind(params), mb, ocfg)[1])
     alone = [a[0] for a in run_alone(lambda mb: run(params, mb), local, own_buckets=False)]
     together = run_per_micro(lambda mb: run(params, mb), glob)[0]
@@ -348,7 +350,9 @@ def objective_on_the_pipeline(pairs: str) -> dict:
     On 2 processes each host collates its 4 pairs and `to_device` assembles the global batch."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from skyjax.train.setup import PairPipeline, read_records, to_device
+    from skyjax.train.batching import to_device
+    from skyjax.train.pipeline import read_records
+    from skyjax.train.setup import PairPipeline
 
     cfg = load_config(RunConfig, RM_CONFIG, [*TINY_RM, "data.batch_size=8", "data.seq_buckets=[96,192]",
                                              "data.patch_buckets=[64,128,256,512]", "data.image_buckets=[4,8,16]"])
@@ -359,7 +363,7 @@ def objective_on_the_pipeline(pairs: str) -> dict:
     fn = bundle.model.fn
     params = jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda i: x[i]),
                           bundle.model.params, fn.shardings(mesh))
-    ocfg = ObjectiveConfig()
+    ocfg = RewardModelObjectiveConfig()
 
     def objective(params, batch):
         mb = jax.tree.map(lambda x: x[0], batch)

@@ -119,7 +119,7 @@ def test_reward_model_gradient_accumulation_equals_one_batch(tmp_path, share_pro
     from skyjax.config import load_config
     from skyjax.train.config import RunConfig
     from skyjax.train.objectives import OBJECTIVES
-    from skyjax.train.pairs import host_batch
+    from skyjax.train.batching import host_batch
     from skyjax.train.setup import PairPipeline
     from skyjax.train.step import build_train_step
 

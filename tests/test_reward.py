@@ -16,7 +16,7 @@ from skyjax.data.qwen_vl_image import QwenVLImageConfig
 from skyjax.data.tokenizer import build_tiny_tokenizer, load_tokenizer
 from skyjax.models.qwen2_5_vl_inputs import prepare_vl_batch
 from skyjax.models.reward import last_token_index
-from skyjax.train.config import ObjectiveConfig
+from skyjax.train.config import RewardModelObjectiveConfig
 from skyjax.train.objectives import bradley_terry
 
 
@@ -82,7 +82,7 @@ def test_bradley_terry_loss_and_gradient_match_torch():
     rng = np.random.RandomState(0)
     c, r = rng.normal(size=16).astype(np.float32) * 3, rng.normal(size=16).astype(np.float32) * 3
     w = (rng.rand(16) > 0.2).astype(np.float32)
-    for cfg in (ObjectiveConfig(), ObjectiveConfig(margin=0.5, center_coef=0.01)):
+    for cfg in (RewardModelObjectiveConfig(), RewardModelObjectiveConfig(margin=0.5, center_coef=0.01)):
         loss, grads = jax.value_and_grad(lambda a, b: bradley_terry(a, b, jnp.asarray(w), cfg)[0], argnums=(0, 1))(
             jnp.asarray(c), jnp.asarray(r))
         tc, tr = torch.tensor(c, requires_grad=True), torch.tensor(r, requires_grad=True)
@@ -93,7 +93,7 @@ def test_bradley_terry_loss_and_gradient_match_torch():
         assert abs(float(loss) - ref.item()) <= 1e-6
         np.testing.assert_allclose(np.asarray(grads[0]), tc.grad.numpy(), rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(np.asarray(grads[1]), tr.grad.numpy(), rtol=1e-5, atol=1e-7)
-    _, sums = bradley_terry(jnp.array([1.0, 2.0, 0.5]), jnp.array([1.0, 1.0, 1.0]), jnp.ones(3), ObjectiveConfig())
+    _, sums = bradley_terry(jnp.array([1.0, 2.0, 0.5]), jnp.array([1.0, 1.0, 1.0]), jnp.ones(3), RewardModelObjectiveConfig())
     assert float(sums["accuracy"]) == 1.0  # the tie (1 vs 1) and the loss (0.5 vs 1) count as wrong
 
 

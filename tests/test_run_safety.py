@@ -20,7 +20,7 @@ from skyjax.data.synthetic import make_records
 from skyjax.errors import PREEMPTED_EXIT_STATUS
 from skyjax.parallel.mesh import MeshConfig, MeshError, cpu_devices_for, make_mesh
 from skyjax.train.config import RunConfig
-from skyjax.train.pairs import BadRowError
+from skyjax.train.batching import BadRowError
 from skyjax.train.run_dir import check_resume, claim_run_dir, config_changes, saved_steps
 from skyjax.train.trainer import Trainer
 
@@ -129,10 +129,10 @@ def test_over_long_rows_are_named_by_their_line_and_skipped_and_listed(tmp_path)
     clean.write_text("\n".join(json.dumps(r) for r in rows_ok) + "\n")  # the long row is line 11 here
     t = Trainer(config(*common[:1], f"data.train=[{clean}]", *common[2:]), tmp_path / "raise")
     with pytest.raises(BadRowError, match=r"clean\.jsonl:11: \d+ tokens, more than the largest seq bucket 128"):
-        [next(t.data_iter) for _ in range(3)]
+        [t.batches.next(t.state)[0] for _ in range(3)]
 
     t = Trainer(config(*common, "data.on_error=skip"), tmp_path / "skip")
-    batches = [next(t.data_iter) for _ in range(3)]  # the 12 records read, once each
+    batches = [t.batches.next(t.state)[0] for _ in range(3)]  # the 12 records read, once each
     assert sum(float(np.sum(b["pair_weight"])) for b in batches) == 11
     assert dict(t.read_skipped) == {"unknown_key": 1} and sum(t.train_pipe.skipped.values()) == 1
     t.write_skipped()

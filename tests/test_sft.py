@@ -19,11 +19,11 @@ from skyjax.data.tokenizer import build_tiny_tokenizer, special_token_ids
 from skyjax.models.r1v import R1VConfig, R1VForConditionalGeneration
 from skyjax.nn.functional import Functional
 from skyjax.parallel import make_mesh, use_mesh
-from skyjax.train.config import ModelConfig, ObjectiveConfig, RunConfig
+from skyjax.train.config import ModelConfig, ObjectiveConfig, RunConfig, SFTObjectiveConfig
 from skyjax.train.objectives import OBJECTIVES, sft_loss
 from skyjax.train.optimizer import FREEZE_PRESETS, flatten, frozen_predicate, split_params
-from skyjax.train.pairs import BadRowError, host_batch
-from skyjax.train.setup import read_records
+from skyjax.train.batching import BadRowError, host_batch
+from skyjax.train.pipeline import read_records
 from skyjax.train.sft import SFTPipeline, collate_sft, featurize_sft, tiny_r1v, vision_format
 from skyjax.train.step import abstract_state, build_train_step, jit_train_step, state_shardings
 from skyjax.train.tasks import abstract_batch
@@ -53,7 +53,7 @@ def qwen_bundle():
     from skyjax.convert.registry import ARCHITECTURES
     from skyjax.data.qwen_vl_image import QwenVLImageConfig
     from skyjax.models.qwen2_5_vl import Qwen2_5_VLConfig
-    from skyjax.train.setup import ModelBundle
+    from skyjax.train.bundle import ModelBundle
 
     tok = build_tiny_tokenizer("qwen2_5_vl")
     ids = special_token_ids(tok)
@@ -126,8 +126,8 @@ def test_loss_trains_only_assistant_tokens_and_averages(bundle, tmp_path, family
         model = fn.bind(params)
         logits, _ = model(mb["input_ids"], attention_mask=mb["attention_mask"], **mb["vision"])
         out = {"logits": logits}
-        for name, ocfg in (("token", ObjectiveConfig()), ("sequence", ObjectiveConfig(sft_average="sequence")),
-                           ("chunked", ObjectiveConfig(logits_chunk=32))):
+        for name, ocfg in (("token", SFTObjectiveConfig()), ("sequence", SFTObjectiveConfig(average="sequence")),
+                           ("chunked", SFTObjectiveConfig(logits_chunk=32))):
             out[name] = sft_loss(model, mb, ocfg)
         return out
 
@@ -285,7 +285,7 @@ def test_gradient_accumulation_equals_one_batch(bundle, tmp_path):
 def test_abstract_batch_matches_the_pipeline_and_the_step_lowers(bundle, tmp_path):
     """The AOT inputs: the abstract batch of the config's largest buckets has exactly the shapes, dtypes and
     shardings of a real batch, and the step lowers on the (2, 2, 2) mesh from ShapeDtypeStructs alone."""
-    from skyjax.train.setup import to_device
+    from skyjax.train.batching import to_device
 
     cfg = config("optimizer.grad_accum=2")
     mesh = make_mesh((2, 2, 2))
@@ -355,6 +355,6 @@ def test_shipped_sft_configs():
     for cfg in (projector, full):  # the paper's stated values
         assert (cfg.data.batch_size, cfg.data.max_length, cfg.optimizer.weight_decay,
                 cfg.optimizer.warmup_ratio) == (512, 16384, 0.05, 0.03)
-        assert max(cfg.data.seq_buckets) == 16384 and 16384 % cfg.objective.logits_chunk == 0
+        assert max(cfg.data.seq_buckets) == 16384 and 16384 % cfg.objective.sft.logits_chunk == 0
     assert projector.optimizer.lr == 2e-4
     assert isinstance(tiny.model, ModelConfig) and tiny.model.source == "tiny"

@@ -16,7 +16,7 @@ from skyjax.errors import Preempted
 from skyjax.train import trainer as trainer_mod
 from skyjax.train.config import RunConfig
 from skyjax.train.optimizer import flatten
-from skyjax.train.pairs import BadRowError
+from skyjax.train.batching import BadRowError
 from skyjax.train.trainer import NonFiniteError, Trainer
 
 BASE = ["model.tiny_layers=1", "model.tiny_vision_depth=2", "data.synthetic.train=48", "data.synthetic.heldout=8",
@@ -131,10 +131,10 @@ def test_bad_rows_are_named_or_skipped_and_counted(tmp_path):
                  "data.batch_size=4")
     with pytest.raises(BadRowError, match=r"train.jsonl:(3|5|7): .*(missing.png|corrupt.png|too long)"):
         t = Trainer(cfg, tmp_path / "raise")
-        [next(t.data_iter) for _ in range(3)]
+        [t.batches.next(t.state)[0] for _ in range(3)]
     t = Trainer(config("trainer.steps=1", f"data.train=[{path}]", "data.synthetic=null", "data.max_length=120",
                        "data.batch_size=4", "data.on_error=skip"), tmp_path / "skip")
-    batches = [next(t.data_iter) for _ in range(3)]  # 12 rows
+    batches = [t.batches.next(t.state)[0] for _ in range(3)]  # 12 rows
     weights = np.concatenate([b["pair_weight"].reshape(-1) for b in batches])
     assert weights.sum() == 9 and sum(t.train_pipe.skipped.values()) == 3
     reasons = " ".join(t.train_pipe.skipped)

@@ -252,6 +252,17 @@ def _sub_jaxprs(eqn) -> list:
     return out
 
 
+def count_flops(fn: Callable, *args, **kwargs) -> float:
+    """FLOPs of `fn(*args, **kwargs)` from its jaxpr: 2*M*N*K for every dot_general and the equivalent for every
+    convolution, inside every nested jaxpr (jit, remat, custom derivatives), scan bodies times their length, the
+    largest branch of a cond, a while loop's body once (its trip count is not static). Element-wise work is not
+    counted, so this is the matmul work the step does, the figure to compare with a matmul peak. Only traced, never
+    run: arguments may be arrays or jax.ShapeDtypeStructs."""
+    import jax
+
+    return matmul_flops(jax.make_jaxpr(fn)(*args, **kwargs).jaxpr, loops=True)
+
+
 def matmul_flops(jaxpr, loops: bool = True) -> float:
     """FLOPs of the matmuls (dot_general, convolutions) of a jaxpr, 2 per multiply-add. With `loops`, a scan body
     counts `length` times; without, as XLA's cost analysis counts the while loop it becomes (once, or `unroll`

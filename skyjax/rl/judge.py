@@ -125,7 +125,7 @@ class ModelJudge:
     after the last ``</think>`` is read, so R1-style models may think first): S_t and S_I come from its ratings
     as for the endpoint judge, and S_v = (clarity + sigmoid(necessity) + relevance / 10) / 3 (the measured
     necessity replaces the rated one). An answer that does not parse is a JudgeError naming the row.
-    `generate_fn` (a ``skyjax.rl.distill_run.GenerateFn``) replaces the model's greedy generator.
+    `generate_fn` (a ``skyjax.rl.generation.GenerateFn``) replaces the model's greedy generator.
     """
 
     name = "model"
@@ -142,10 +142,10 @@ class ModelJudge:
 
     def ratings(self, queries: Sequence[Query]) -> list[dict[str, float]]:
         """The policy's 0..10 ratings of each query (greedy answers to the fixed rating prompt)."""
-        from skyjax.rl.distill_run import GenRequest
+        from skyjax.rl.generation import GenRequest
 
         if self._generate is None:
-            from skyjax.rl.distill_run import model_generator
+            from skyjax.rl.generation import model_generator
             from skyjax.sample.cli import default_stop_ids
             from skyjax.sample.decode import Sampling
 

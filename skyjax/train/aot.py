@@ -4,7 +4,8 @@ topology, without a TPU and without materialising a weight.
     skyjax aot configs/reward_model/stage1_7b.yaml model.source=shape:qwen2_5_vl_7b data.batch_size=8 \\
         --topology v5e:4x4
 
-The state (trainable and frozen parameters, AdamW moments, step counter) and the batch of the config's largest buckets
+The state (trainable and frozen parameters, AdamW moments, step counter; the reference's trainable subtree and the
+objective's state when the objective keeps them) and the batch of the config's largest buckets
 are ShapeDtypeStructs with the trainer's shardings (`skyjax.train.step.abstract_state`,
 `skyjax.train.tasks.abstract_batch`), and the step is `build_train_step` under `jit_train_step`: the program the
 Trainer runs, with the config's optimizer, freeze masks, objective options, grad_accum and mesh.
@@ -47,7 +48,7 @@ def _shapes() -> dict[str, Callable[..., Any]]:
 
 def _runtime(model_cfg) -> dict:
     """The run's runtime fields for a model config (dtype alone also sets param_dtype, as loading does)."""
-    from skyjax.train.setup import runtime_overrides
+    from skyjax.train.bundle import runtime_overrides
 
     out = runtime_overrides(model_cfg)
     if model_cfg.dtype is not None:
@@ -98,7 +99,8 @@ def abstract_bundle(cfg) -> "ModelBundle":  # noqa: F821
     from skyjax.data.tokenizer import build_tiny_tokenizer, special_token_ids
     from skyjax.models.r1v import R1VConfig
     from skyjax.nn.functional import Functional
-    from skyjax.train.setup import SHAPE_PREFIX, TINY_IMAGE_CFG, ModelBundle, tiny_reward_config
+    from skyjax.train.bundle import SHAPE_PREFIX, ModelBundle
+    from skyjax.train.setup import TINY_IMAGE_CFG, tiny_reward_config
     from skyjax.train.sft import SFT_FORMATS, tiny_r1v_config
 
     m, kind = cfg.model, cfg.kind
@@ -208,7 +210,8 @@ def build_run_step(config_path, overrides, mesh):
     from skyjax.train.config import RunConfig
     from skyjax.train.global_batch import HostBatchError, check_host_rows
     from skyjax.train.optimizer import build_optimizer, flatten, frozen_predicate, split_params
-    from skyjax.train.step import abstract_state, build_train_step, jit_train_step, state_shardings
+    from skyjax.train.step import (abstract_state, build_train_step, jit_train_step, objective_extras,
+                                   state_shardings)
     from skyjax.train.tasks import TASKS, abstract_batch, prepare_bundle
 
     cfg = load_config(RunConfig, config_path, overrides)
@@ -223,9 +226,12 @@ def build_run_step(config_path, overrides, mesh):
         raise ConfigError(f"trainer.freeze {list(cfg.trainer.freeze)} freezes every parameter: nothing to train")
     # the schedule's length changes constants of the program, never its shapes or memory
     optimizer, schedule = build_optimizer(cfg.optimizer, cfg.trainer.steps or 1000)
-    step = build_train_step(fn, TASKS[cfg.kind].objective, optimizer, schedule, cfg.objective)
-    jitted = jit_train_step(step, state_shardings(fn, optimizer, is_frozen, mesh), mesh)
-    state = abstract_state(fn, optimizer, is_frozen, mesh)  # parameter dims that do not divide raise ShardingError
+    objective = TASKS[cfg.kind].objective
+    step = build_train_step(fn, objective, optimizer, schedule, cfg.objective)
+    # a reference (when the objective needs one) is resident in the state: its memory is part of the compile
+    extras = objective_extras(objective, cfg.objective)
+    jitted = jit_train_step(step, state_shardings(fn, optimizer, is_frozen, mesh, *extras), mesh)
+    state = abstract_state(fn, optimizer, is_frozen, mesh, *extras)  # dims that do not divide raise ShardingError
     host_of = device_hosts(mesh.devices.flat)
     hosts = len(set(host_of.values()))
     try:

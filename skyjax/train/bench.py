@@ -12,7 +12,8 @@ one batch, images encoded for both rows, as the reference training code does); s
 once. It prints the speedup and the step's achieved FLOP/s as a fraction of this machine's matmul peak, measured in
 the same run.
 
-FLOPs per step are counted from the step's jaxpr (`skyjax.bench.count_flops`: every matmul and convolution, scanned
+FLOPs per step are counted from the step's jaxpr (`skyjax.parallel.aot.count_flops`: every matmul and convolution,
+scanned
 layers multiplied by their trip count). XLA's `cost_analysis()` is recorded beside it as `xla_cost_analysis_flops`,
 but it counts a while loop's body once, so with scanned layers it undercounts by about the number of layers.
 `skyjax bench` runs this together with the other benchmarks.
@@ -117,7 +118,7 @@ def run_rm_bench(pairs: int = 4, steps: int = 5, dtype: str = "float32", torch_b
     import jax.numpy as jnp
     import optax
 
-    from skyjax.bench import count_flops
+    from skyjax.parallel.aot import count_flops
     from skyjax.data.qwen_vl_image import QwenVLImageConfig
     from skyjax.data.tokenizer import build_tiny_tokenizer, special_token_ids
     from skyjax.models.qwen2 import Qwen2Config
@@ -126,10 +127,11 @@ def run_rm_bench(pairs: int = 4, steps: int = 5, dtype: str = "float32", torch_b
     from skyjax.models.qwen2_5_vl_vision import Qwen2_5_VLVisionConfig
     from skyjax.models.reward import Qwen2_5_VLRewardModel
     from skyjax.nn.functional import Functional
-    from skyjax.train.config import ObjectiveConfig
+    from skyjax.train.config import RewardModelObjectiveConfig
     from skyjax.train.objectives import reward_model_loss
     from skyjax.train.optimizer import frozen_predicate, merge_params, split_params
-    from skyjax.train.pairs import fit_bucket, shared_prompt_rows, split_rows
+    from skyjax.train.batching import fit_bucket
+    from skyjax.train.pairs import shared_prompt_rows, split_rows
 
     shapes = shapes or BENCH_SHAPES
     if torch_device == "auto":
@@ -171,7 +173,8 @@ def run_rm_bench(pairs: int = 4, steps: int = 5, dtype: str = "float32", torch_b
              "image_grid_thw": jnp.asarray(np.concatenate([slots, slots])), "pair_weight": jnp.ones(pairs)}
 
     def step(params, opt_state, frozen, batch):
-        loss_fn = lambda p: reward_model_loss(fn.bind(merge_params(p, frozen)), batch, ObjectiveConfig())  # noqa: E731
+        settings = RewardModelObjectiveConfig()
+        loss_fn = lambda p: reward_model_loss(fn.bind(merge_params(p, frozen)), batch, settings)  # noqa: E731
         (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss

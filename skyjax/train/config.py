@@ -127,18 +127,61 @@ class OptimizerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class ObjectiveConfig:
-    """reward_model: Bradley-Terry exactly as the paper by default, -log sigmoid(r+ - r-), nothing else.
-    sft: next-token cross-entropy (fp32) on assistant tokens only."""
+class RewardModelObjectiveConfig:
+    """Bradley-Terry exactly as the paper by default, -log sigmoid(r+ - r-), nothing else."""
 
     margin: float = 0.0  # optional: -log sigmoid(r+ - r- - margin)
     center_coef: float = 0.0  # optional reward centering: + coef * mean((r+ + r-)^2)
-    # sft: "token" = mean over every assistant token of the batch (long answers weigh more); "sequence" = mean over
+
+    def __post_init__(self):
+        _non_negative("objective.reward_model", self, "center_coef")
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTObjectiveConfig:
+    """Next-token cross-entropy (fp32) on assistant tokens only."""
+
+    # "token" = mean over every assistant token of the batch (long answers weigh more); "sequence" = mean over
     # conversations of their per-token means
-    sft_average: Literal["token", "sequence"] = "token"
-    # sft: the LM head and its cross-entropy run over sequence chunks of this many tokens (0: the whole sequence at
-    # once), so [batch, seq, vocab] fp32 logits never exist at once (152k vocab x 16k tokens is 10 GB a row)
+    average: Literal["token", "sequence"] = "token"
+    # the LM head and its cross-entropy run over sequence chunks of this many tokens (0: the whole sequence at once),
+    # so [batch, seq, vocab] fp32 logits never exist at once (152k vocab x 16k tokens is 10 GB a row)
     logits_chunk: int = 0
+
+    def __post_init__(self):
+        _non_negative("objective.sft", self, "logits_chunk")
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+    """One section per objective (skyjax.train.objectives); the run's objective reads its own. A new objective adds
+    its section here."""
+
+    reward_model: RewardModelObjectiveConfig = RewardModelObjectiveConfig()
+    sft: SFTObjectiveConfig = SFTObjectiveConfig()
+
+    # the flat keys of earlier versions: a one-line error naming the new key
+    RENAMED_KEYS = {"margin": "reward_model.margin", "center_coef": "reward_model.center_coef",
+                    "sft_average": "sft.average", "logits_chunk": "sft.logits_chunk"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceConfig:
+    """The frozen reference policy of objectives that need one (skyjax.train.objectives.Objective.needs_reference;
+    MPO's DPO/BCO terms). Ignored by objectives that need none (reward_model, sft): no reference is kept then."""
+
+    # null: the policy's own trainable parameters at step 0. Otherwise any folder or checkpoint model.source accepts
+    # ("tiny", a Hugging Face folder, a skyjax checkpoint); only its trainable-subtree parameters are kept (the frozen
+    # ones are the policy's), with shapes checked against the policy's
+    source: str | None = None
+    # compute the reference's log-probs once per batch before the step instead of inside it (objectives that support
+    # it, e.g. in their batch source, which is given the train state and so the reference; the others ignore it)
+    precompute: bool = False
+
+    def __post_init__(self):
+        if self.source is not None:
+            require("reference.source", self.source, bool(self.source.strip()), "a model folder, checkpoint or 'tiny' "
+                    "(or null: the policy at step 0)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,6 +220,7 @@ class RunConfig:
     data: DataConfig = DataConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     objective: ObjectiveConfig = ObjectiveConfig()
+    reference: ReferenceConfig = ReferenceConfig()
     trainer: TrainerConfig = TrainerConfig()
     mesh: MeshConfig = MeshConfig()
 
@@ -186,4 +230,3 @@ class RunConfig:
                              f"{self.optimizer.grad_accum}")
         if not self.data.train and self.data.synthetic is None:
             raise ConfigError("data.train lists no files and data.synthetic is not set: nothing to train on")
-        _non_negative("objective", self.objective, "logits_chunk", "center_coef")

@@ -40,7 +40,7 @@ image slots), exactly as if it had been collated with that bucket (padding token
 error naming every host's shape.
 
 `assemble_global_batch(local_batches)` is the pure part (numpy in, numpy out; testable in one process);
-`place_global_batch(local_batch, mesh)` is what `skyjax.train.setup.to_device` runs when there is more than one
+`place_global_batch(local_batch, mesh)` is what `skyjax.train.batching.to_device` runs when there is more than one
 process, every process in step: two small all-gathers agree on the shapes, the local batch is padded, the token rows
 are placed from the local rows only, one all-gather (one packed byte buffer) brings every host's replicated arrays,
 and they are assembled as above. Errors are computed from gathered data, so every host raises the same one (none is
@@ -283,7 +283,7 @@ def assemble_global_batch(local_batches: Sequence[Mapping], kind: str | None = N
 
 def host_share(batch_size: int, hosts: int, micro_batches: int = 1, unit: str = "rows") -> int:
     """Rows (pairs / conversations) of one host's micro-batch: data.batch_size is split over the hosts
-    (`skyjax.train.setup.RecordPipeline`: each host collates batch_size / H), then over the micro-batches. Raises
+    (`skyjax.train.pipeline.RecordPipeline`: each host collates batch_size / H), then over the micro-batches. Raises
     ValueError naming data.batch_size and the host count (or optimizer.grad_accum) when it does not divide."""
     if batch_size % hosts:
         raise ValueError(f"data.batch_size {batch_size} does not divide over the {hosts} hosts of the topology: each "
@@ -403,8 +403,6 @@ def place_global_batch(batch: Mapping, mesh) -> dict:
     (patches, vision metadata, grids, weights) and assemble them host-major."""
     import jax
 
-    from skyjax.train.setup import batch_shardings
-
     hosts = jax.process_count()
     batch = {k: v for k, v in batch.items() if k != "row_ids"}
     kind = batch_kind(batch)
@@ -424,3 +422,20 @@ def place_global_batch(batch: Mapping, mesh) -> dict:
         out[key] = jax.tree.map(lambda x, s: jax.make_array_from_process_local_data(s, x, x.shape), value,
                                 shardings[key])
     return out
+
+
+def batch_shardings(batch: dict, mesh) -> dict:
+    """NamedShardings of a collated batch (arrays or ShapeDtypeStructs): token rows over the batch axes (when they
+    divide), everything else (the packed vision input, weights) replicated."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from skyjax.parallel.rules import logical_to_spec
+
+    row_spec = logical_to_spec((None, "batch", "seq"), mesh, shape=batch["input_ids"].shape, strict=False)
+
+    def spec(key, x):
+        return NamedSharding(mesh, row_spec if key in ROW_KEYS else P())
+
+    return {k: (jax.tree.map(lambda x: spec(k, x), v) if isinstance(v, dict) else spec(k, v))
+            for k, v in batch.items()}

@@ -17,12 +17,9 @@ import numpy as np
 from skyjax.data.chat import SequenceTooLongError, format_conversation, pad_batch
 from skyjax.data.qwen_vl_image import ImageError, QwenVLImageConfig, load_image, num_image_tokens, preprocess_image
 from skyjax.data.records import Record
-from skyjax.errors import UserError
-from skyjax.models.qwen2_5_vl_vision import Qwen2_5_VLVisionConfig, bucket_size, pad_pixel_values, vision_inputs
-
-
-class BadRowError(UserError, ValueError):
-    """A row that cannot be used (missing or corrupt image, too long, ...); names the file and line."""
+from skyjax.models.qwen2_5_vl_vision import Qwen2_5_VLVisionConfig, pad_pixel_values, vision_inputs
+from skyjax.train.batching import (BadRowError, fit_bucket, row_location, split_micro_batches,  # noqa: F401
+                                   stack_micro_batches)
 
 
 @dataclasses.dataclass
@@ -33,10 +30,6 @@ class PairExample:
     rejected: Any
     patches: np.ndarray  # [N, 1176]
     grids: np.ndarray  # [n_images, 3]
-
-
-def row_location(record: Record) -> str:
-    return f"{record.source}:{record.line}" if record.source else f"row {record.line}"
 
 
 def featurize_pair(record: Record, tokenizer, image_cfg: QwenVLImageConfig, *, max_length: int | None = None,
@@ -87,25 +80,6 @@ class PairBuckets:
     images: tuple[int, ...]
 
 
-def fit_bucket(n: int, buckets: Sequence[int], what: str, where: str) -> int:
-    try:
-        return bucket_size(n, buckets)
-    except ValueError:
-        raise BadRowError(f"{where}: {n} {what} do not fit the largest bucket {max(buckets)} (data.{what}_buckets)")
-
-
-def split_micro_batches(examples: Sequence, micro_batches: int, weights: Sequence[float] | None, what: str):
-    """(weights [n] float32, the examples cut into `micro_batches` equal groups, "file:line, ..." of the first rows
-    for error messages). Shared by the pair and SFT collators."""
-    if len(examples) % micro_batches:
-        raise ValueError(f"{len(examples)} {what} do not split into {micro_batches} micro-batches")
-    weights = np.ones(len(examples), np.float32) if weights is None else np.asarray(weights, np.float32)
-    per = len(examples) // micro_batches
-    groups = [examples[i * per:(i + 1) * per] for i in range(micro_batches)]
-    where = ", ".join(e.where for e in examples[:3]) + (" ..." if len(examples) > 3 else "")
-    return weights, groups, where
-
-
 def collate_pairs(examples: Sequence[PairExample], vision_cfg: Qwen2_5_VLVisionConfig, buckets: PairBuckets,
                   pad_id: int, *, micro_batches: int = 1, weights: Sequence[float] | None = None) -> dict:
     """Stack pairs into arrays with a leading micro-batch axis [A, ...]; every micro-batch has the same shapes."""
@@ -153,15 +127,6 @@ class PackedImages:
         return {"pixel_values": pad_pixel_values(pixels, self.patches),
                 "vision_meta": vision_inputs(grids, self.vision_cfg, pad_to=self.patches),
                 "image_grid_thw": grid_slots}
-
-
-def stack_micro_batches(out: list[dict], examples) -> dict:
-    """Micro-batches stacked along a leading axis, plus the host-side row ids."""
-    import jax
-
-    batch = jax.tree.map(lambda *xs: np.stack(xs), *out)
-    batch["row_ids"] = [e.row_id for e in examples]  # host-side only (named in errors)
-    return batch
 
 
 def shared_prompt_split(example: PairExample) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -228,12 +193,6 @@ def collate_shared_prompt(examples: Sequence[PairExample], vision_cfg: Qwen2_5_V
     out = [{**shared_prompt_rows(parts[i * per:(i + 1) * per], seq, pad_id), **images.collate(group),
             "pair_weight": weights[i * per:(i + 1) * per]} for i, group in enumerate(groups)]
     return stack_micro_batches(out, examples)
-
-
-def host_batch(batch: dict) -> tuple[dict, list[str]]:
-    """Split the host-only fields off a collated batch."""
-    batch = dict(batch)
-    return batch, batch.pop("row_ids")
 
 
 def resolve(path: str | Path, base: Path | None = None) -> Path:

@@ -38,9 +38,9 @@ from skyjax.data.tokenizer import INTERNVL_IMAGE_MARKER, build_tiny_tokenizer, l
 from skyjax.models.r1v import R1VConfig, check_image_tokens as check_r1v_tokens
 from skyjax.nn.functional import Functional
 from skyjax.train.config import DataConfig, ModelConfig
-from skyjax.train.pairs import BadRowError, fit_bucket, row_location, split_micro_batches
-from skyjax.train.setup import (ModelBundle, RecordPipeline, abstract, image_config, require_weights,
-                                 runtime_overrides)
+from skyjax.train.batching import BadRowError, abstract, fit_bucket, row_location, split_micro_batches
+from skyjax.train.bundle import ModelBundle, image_config, require_weights, runtime_overrides
+from skyjax.train.pipeline import RecordPipeline
 
 
 @dataclasses.dataclass

@@ -1,8 +1,10 @@
 """What differs between kinds of run, in one registry: `TASKS[cfg.kind]`.
 
-A `Task` bundles the objective, how its model is loaded, how its records are read and batched, its synthetic data,
-its held-out evaluation and what it adds to summary.json. The Trainer owns everything else (mesh, state, step,
-checkpoints, metrics, signals) and never asks which kind it runs.
+A `Task` bundles the objective, how its model is loaded, how its records are read and batched, where its batches
+come from (a skyjax.train.batch_source.BatchSource), its synthetic data, its held-out evaluation and what it adds to
+summary.json. The Trainer owns everything else (mesh, state, step, checkpoints, metrics, signals) and never asks which
+kind it runs. The evaluation functions take the trainer as an argument; this module does not import it (the trainer
+imports the tasks).
 
     reward_model  Bradley-Terry on preference pairs; Qwen2.5-VL + value head; eval = pair accuracy
     sft           next-token cross-entropy on assistant tokens; Skywork R1V (or Qwen2.5-VL); eval = held-out loss
@@ -13,22 +15,24 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import jax
 import numpy as np
 from jax.sharding import Mesh
 
 from skyjax.parallel.rules import use_mesh
+from skyjax.train.batch_source import pipeline_source
+from skyjax.train.batching import abstract, host_batch, to_device
+from skyjax.train.bundle import ModelBundle, image_config
 from skyjax.train.config import DataConfig
 from skyjax.train.objectives import OBJECTIVES, Objective, pair_scores
 from skyjax.train.optimizer import merge_params
-from skyjax.train.pairs import host_batch
-from skyjax.train.setup import ModelBundle, PairPipeline, RecordPipeline, abstract, load_reward_bundle, read_records
+from skyjax.train.pipeline import RecordPipeline, read_records
+from skyjax.train.setup import PairPipeline, load_reward_bundle
 from skyjax.train.sft import SFTPipeline, abstract_sft_batch, load_sft_bundle
 
-if TYPE_CHECKING:
-    from skyjax.train.trainer import Trainer
+Trainer = Any  # skyjax.train.trainer.Trainer (not imported: it imports this module)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +49,9 @@ class Task:
     # largest batch (the multi-host global batch when hosts > 1)
     row_unit: str = "rows"  # what one row of a batch is, for logs and throughput ("pairs_per_s")
     prepare: Callable | None = None  # (bundle, DataConfig) -> bundle: what the run's data settings change in the model
+    # (the task's pipeline, ModelBundle, RunConfig) -> BatchSource: what the trainer loops over (default: the
+    # pipeline's batches; an on-policy task wraps its prompt pipeline in a rollout source)
+    batch_source: Callable = pipeline_source
 
 
 def prepare_bundle(task: Task, bundle: ModelBundle, data: DataConfig) -> ModelBundle:
@@ -70,8 +77,6 @@ def eval_pipeline(trainer: "Trainer", files, **options) -> RecordPipeline:
 
 def eval_batches(trainer: "Trainer", pipe: RecordPipeline):
     """(host batch, row ids, device batch) for every batch of `pipe`, placed on the trainer's mesh."""
-    from skyjax.train.setup import to_device
-
     with use_mesh(trainer.mesh):
         for batch in pipe.dataset:
             if hasattr(trainer, "stop_if_signalled"):
@@ -86,6 +91,23 @@ def _bound(trainer: "Trainer", f):
 
     def run(trainable, frozen, batch):
         return f(fn.bind(merge_params(trainable, frozen)), jax.tree.map(lambda x: x[0], batch))
+
+    return run
+
+
+def _objective_sums(trainer: "Trainer"):
+    """The objective's sums of one micro-batch as a function of (train state, batch): the policy, the reference
+    model when the state holds one, and the objective's state (its update is dropped: evaluation changes nothing)."""
+    fn, objective = trainer.fn, trainer.objective
+    settings = objective.settings(trainer.cfg.objective)
+
+    def run(state, batch):
+        frozen, reference = state["frozen"], state.get("reference")
+        ref = None if reference is None else fn.bind(merge_params(reference, frozen))
+        _, sums, _ = objective.loss(fn.bind(merge_params(state["trainable"], frozen)),
+                                    jax.tree.map(lambda x: x[0], batch), settings, reference=ref,
+                                    state=state.get("objective"))
+        return sums
 
     return run
 
@@ -125,7 +147,6 @@ def bound_image_patches(bundle: ModelBundle, data: DataConfig) -> ModelBundle:
     patches instead of under a dense mask over the whole packed batch (skyjax.models.qwen2_5_vl_vision.attention_plan),
     the same result for less work; a larger image is a bad row (skyjax.train.pairs.featurize_pair)."""
     from skyjax.nn.functional import Functional
-    from skyjax.train.setup import image_config
 
     loaded = bundle.model
     bound = image_config(bundle, data).max_patches
@@ -168,14 +189,14 @@ def abstract_pair_batch(bundle: ModelBundle, data: DataConfig, micro_batches: in
 def objective_eval(trainer: "Trainer", path, *, blank_images: bool = False) -> dict[str, float]:
     """The objective's own metrics over a held-out file (SFT: mean loss as averaged in training, token accuracy,
     trained tokens), from its summed sums: exact however the file is batched."""
-    objective, ocfg = trainer.objective, trainer.cfg.objective
-    run = trainer.compiled("objective_sums", lambda: _bound(trainer, lambda m, mb: objective.loss(m, mb, ocfg)[1]))
+    run = trainer.compiled("objective_sums", lambda: _objective_sums(trainer))
+    parts = {k: v for k, v in trainer.state.items() if k != "opt"}  # the optimizer state is not needed
     total: dict[str, float] = {}
     for _, _, device in eval_batches(trainer, eval_pipeline(trainer, [path], blank_images=blank_images)):
-        sums = jax.device_get(run(trainer.state["trainable"], trainer.state["frozen"], device))
+        sums = jax.device_get(run(parts, device))
         for k, v in sums.items():
             total[k] = total.get(k, 0.0) + float(v)
-    return objective.report(total)
+    return trainer.objective.report(total)
 
 
 def sft_summary(trainer: "Trainer", evals: dict) -> dict:

@@ -1,12 +1,14 @@
 """The one training loop. The run's kind picks a task (skyjax.train.tasks: reward_model, sft; MPO and GRPO plug in
 the same way): its objective, model loader, data pipeline and evaluation. Nothing here depends on the kind.
 
-It owns: the mesh; the sharded train state (trainable params, frozen params, optimizer state) created under jit with
-explicit shardings; the jitted step (skyjax.train.step: gradient accumulation by a scan over micro-batches, AdamW,
-clipping); metrics (TensorBoard + JSONL + progress bar on the lead host); NaN/inf detection that stops with the step
-and the batch's row ids; SIGTERM (a TPU preemption) and SIGINT (Ctrl-C), which save a checkpoint and raise
+It owns: the mesh; the sharded train state (trainable params, frozen params, optimizer state, and when the
+objective asks for them a frozen reference of the trainable subtree and the objective's state) created under jit with
+explicit shardings; the loop over the task's batch source (skyjax.train.batch_source: next(state) -> host batch);
+the jitted step (skyjax.train.step: gradient accumulation by a scan over micro-batches, AdamW, clipping); metrics
+(TensorBoard + JSONL + progress bar on the lead host); NaN/inf detection that stops with the step and the batch's row
+ids; SIGTERM (a TPU preemption) and SIGINT (Ctrl-C), which save a checkpoint and raise
 `Preempted` (the CLI exits with PREEMPTED_EXIT_STATUS, writing no final outputs); orbax checkpoints (async, keep N)
-holding the data iterator's state too, restorable onto another mesh shape; and at the end, held-out evaluation, a
+holding the batch source's state too, restorable onto another mesh shape; and at the end, held-out evaluation, a
 skyjax checkpoint and a Hugging Face export. The run folder is the run's own (skyjax.train.run_dir).
 """
 
@@ -30,14 +32,15 @@ from skyjax.convert.safetensors_io import CheckpointError
 from skyjax.errors import PREEMPTED_EXIT_STATUS, Preempted, UserError  # noqa: F401  (re-exported)
 from skyjax.parallel.mesh import make_mesh
 from skyjax.parallel.rules import use_mesh
+from skyjax.train.batching import to_device
 from skyjax.train.config import RunConfig
 from skyjax.train.metrics import MetricsWriter
 from skyjax.train.optimizer import build_optimizer, flatten, frozen_predicate, merge_params, split_params
-from skyjax.train.pairs import host_batch
+from skyjax.train.pipeline import read_records
+from skyjax.train.reference import copy_of, load_reference
 from skyjax.train.run_dir import check_resume, claim_run_dir, saved_steps
-from skyjax.train.setup import read_records, to_device
-from skyjax.train.step import build_train_step, jit_train_step, report, state_shardings
-from skyjax.train.tasks import TASKS, prepare_bundle, score_pairs
+from skyjax.train.step import build_train_step, jit_train_step, objective_extras, report, state_shardings
+from skyjax.train.tasks import TASKS, prepare_bundle
 
 
 class NonFiniteError(UserError, FloatingPointError):
@@ -79,27 +82,36 @@ class Trainer:
         per_epoch = max(len(records) // cfg.data.batch_size, 1)
         self.total_steps = cfg.trainer.steps or max(int(math.ceil(cfg.trainer.epochs * per_epoch)), 1)
 
+        resuming = resume and (cfg.trainer.resume_step is not None or bool(saved_steps(self.run_dir / "checkpoints")))
         self.is_frozen = frozen_predicate(self.arch.name, cfg.trainer.freeze)
         self.optimizer, self.schedule = build_optimizer(cfg.optimizer, self.total_steps)
-        self.state_shardings = state_shardings(self.fn, self.optimizer, self.is_frozen, self.mesh)
+        needs_reference, objective_state = objective_extras(self.objective, cfg.objective)
+        if not needs_reference and (cfg.reference.source is not None or cfg.reference.precompute):
+            log(f"reference: the {self.objective.name} objective keeps no reference; reference.source / precompute "
+                f"are ignored")
+        self.state_shardings = state_shardings(self.fn, self.optimizer, self.is_frozen, self.mesh, needs_reference,
+                                               objective_state)
         trainable, frozen = split_params(model.params, self.is_frozen)
         if not flatten(trainable):
             raise ConfigError(f"trainer.freeze {cfg.trainer.freeze} freezes every parameter: nothing to train")
         opt_state = jax.jit(self.optimizer.init, out_shardings=self.state_shardings["opt"])(trainable)
         state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "frozen": frozen, "opt": opt_state}
+        if needs_reference:  # the trainable subtree only: the frozen parameters are the policy's own
+            # resuming, the checkpoint's reference replaces it: a copy of the right shapes is all that is needed
+            state["reference"] = self._reference(trainable, load=not resuming)
+        if objective_state is not None:
+            state["objective"] = objective_state
         # exactly the shardings the step returns, so the first and every later step share one compiled program
         self.state = jax.device_put(state, self.state_shardings)
         model.params = None  # the state owns the parameters now (they are donated to each step)
 
-        resume_from = None
-        if resume and (cfg.trainer.resume_step is not None or saved_steps(self.run_dir / "checkpoints")):
-            resume_from = self._resume_step()
+        resume_from = self._resume_step() if resuming else None
         self.ckpt = ocp.CheckpointManager(
             self.run_dir / "checkpoints",
             options=ocp.CheckpointManagerOptions(max_to_keep=cfg.trainer.keep_checkpoints,
                                                  enable_async_checkpointing=cfg.trainer.async_checkpointing),
             item_names=("state", "data"))
-        self.data_iter = iter(self.train_pipe.dataset)
+        self.batches = self.task.batch_source(self.train_pipe, self.bundle, cfg)
         self.start_step = 0
         if resume_from is not None:
             self.restore(resume_from)
@@ -126,6 +138,15 @@ class Trainer:
         heldout = make(folder, "heldout", syn.heldout, **{**kw, "seed": syn.seed + 1})
         return [train, *map(Path, data.train)], [heldout, *map(Path, data.eval)]
 
+    def _reference(self, trainable: dict, load: bool = True) -> dict:
+        """The reference's trainable subtree: a copy of the policy's at step 0, or loaded from reference.source
+        (unless not `load`)."""
+        source, shardings = self.cfg.reference.source, self.state_shardings["reference"]
+        if source is None or not load:
+            return copy_of(trainable, shardings)
+        return load_reference(source, self.task.load_bundle, self.cfg.model, self.mesh, self.run_dir / "reference",
+                              self.is_frozen, trainable, shardings)
+
     def compiled(self, name: str, make):
         """`jax.jit(make())`, built once per trainer (evaluation functions of the task)."""
         if name not in self._compiled:
@@ -141,7 +162,7 @@ class Trainer:
                 self.ckpt.wait_until_finished()
             return step
         self.ckpt.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(self.state),
-                                                     data=ocp.args.JsonSave(self.data_iter.get_state())),
+                                                     data=ocp.args.JsonSave(self.batches.get_state())),
                        force=True)
         if wait:
             self.ckpt.wait_until_finished()
@@ -171,7 +192,7 @@ class Trainer:
         try:
             restored = self.ckpt.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                                        data=ocp.args.JsonRestore()))
-            self.data_iter.set_state(restored["data"])
+            self.batches.set_state(restored["data"])
         except Exception as e:  # orbax / tensorstore errors have no common type: name the step and what to do
             raise self._unreadable(step, e) from e
         self.state = restored["state"]
@@ -252,7 +273,7 @@ class Trainer:
         try:
             with self.handling_signals(), use_mesh(self.mesh):
                 for step in range(self.start_step, end):
-                    batch, row_ids = host_batch(next(self.data_iter))
+                    batch, row_ids = self.batches.next(self.state)
                     rows += len(row_ids)
                     tokens += int(np.sum(batch["attention_mask"]))
                     if step == self.start_step:
@@ -329,10 +350,6 @@ class Trainer:
         return report(self.objective, host)
 
     # --- evaluation and outputs --------------------------------------------------------------------------------
-
-    def score_pairs(self, files, *, blank_images: bool = False) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        """Reward-model runs: scores of every (chosen, rejected) pair in the JSONL files (skyjax.train.tasks)."""
-        return score_pairs(self, files, blank_images=blank_images)
 
     def evaluate(self, **options) -> dict:
         """The task's held-out result for every eval file, by file stem (reward model: pair accuracy, `options`
