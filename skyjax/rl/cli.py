@@ -18,7 +18,7 @@ from pathlib import Path
 
 from skyjax.rl.distill import DRLCConfig
 
-EXAMPLE = """examples:
+EXAMPLE = """example:
   skyjax distill --data questions.jsonl --out scored.jsonl --judge heuristic
   skyjax distill --model ckpt/r1v --data questions.jsonl --out sft.jsonl --self-distill \\
       --max-new-tokens 4096 --temperature 0.6 --top-p 0.95 --num-samples 4 --max-rewrites 2
