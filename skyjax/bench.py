@@ -5,7 +5,7 @@
     skyjax bench --only compile,matmul --out c.json        # a subset
     skyjax bench --quick --out t.json compile.hidden=256 generate.batch=2   # dotted overrides of any setting
 
-Benchmarks are not tests (DESIGN.md): each one measures skyjax against a reference measured in the same run on the
+Benchmarks are not tests: each one measures skyjax against a reference measured in the same run on the
 same machine, and the numbers that matter are the ratios.
 
 rm_train_step   The reward-model train step (skyjax.train.bench.run_rm_bench): Qwen2.5-VL reward model, text hidden

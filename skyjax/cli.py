@@ -200,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in MULTI_HOST_COMMANDS:  # before any JAX backend work: join the pod's other processes
             initialize_from_environment()
-        if args.command in REWARD_MODEL_COMMANDS and getattr(args, "model", None) is not None:
+        policy_eval = getattr(args, "benchmark", None) in ("mathvista", "mmmu")  # these evaluate a policy, no head
+        if args.command in REWARD_MODEL_COMMANDS and getattr(args, "model", None) is not None and not policy_eval:
             from skyjax.convert.checkpoint import require_reward_model
 
             require_reward_model(args.model)  # before any weight is read: one line if it is not a reward model
@@ -216,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
             import traceback
 
             traceback.print_exc()
-        print(f"skyjax {args.command}: error: {one_line(e)}", file=sys.stderr)
+        name = " ".join(filter(None, (args.command, getattr(args, "benchmark", None))))  # "eval mathvista"
+        print(f"skyjax {name}: error: {one_line(e)}", file=sys.stderr)
         return USER_ERROR_EXIT_STATUS
 
 

@@ -1,4 +1,4 @@
-"""JSONL record formats (DESIGN.md "Record formats") parsed into one normalised, frozen `Record`.
+"""JSONL record formats (README "Records"; the formats below) parsed into one normalised, frozen `Record`.
 
 A line is one JSON object in TRL's conversational style::
 

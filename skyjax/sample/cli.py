@@ -1,8 +1,8 @@
 """`skyjax generate`: complete the prompts of a JSONL file with a Qwen2, Qwen2.5-VL or Skywork R1V / InternVL model
 (Hugging Face folder or skyjax checkpoint).
 
-Input rows are DESIGN.md records (`prompt` string or messages, optional `images` relative to the JSONL's folder,
-optional `answer`, `id`, `meta`). Each output row is the input object plus
+Input rows are skyjax records (skyjax.data.records: `prompt` string or messages, optional `images` relative to
+the JSONL's folder, optional `answer`, `id`, `meta`). Each output row is the input object plus
 
     text, token_ids (the stop token included when one ended the row), num_tokens, finish_reason ('stop'|'length')
 

@@ -69,7 +69,7 @@ class SyntheticDataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    train: tuple[str, ...] = ()  # JSONL files (DESIGN.md record formats; SFT rows for kind sft), concatenated, shuffled
+    train: tuple[str, ...] = ()  # JSONL files (skyjax.data.records; SFT rows for kind sft), concatenated, shuffled
     eval: tuple[str, ...] = ()  # held-out JSONL files evaluated after training (and every trainer.eval_every steps)
     synthetic: SyntheticDataConfig | None = None  # generate the demo task instead of reading files
     batch_size: int = 8  # pairs (reward model) or conversations (SFT) per optimizer step, over all hosts
