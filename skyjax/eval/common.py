@@ -61,22 +61,26 @@ def read_parquet_rows(path: str | os.PathLike) -> list[dict]:
     return pq.read_table(path).to_pylist()
 
 
+def data_shards(path: str | os.PathLike) -> list[Path]:
+    """The files a benchmark path stands for: itself, or a folder's parquet shards in sorted order."""
+    path = Path(path)
+    if path.is_dir():
+        shards = sorted(path.rglob("*.parquet"))
+        if not shards:
+            raise FileNotFoundError(f"{path}: folder holds no .parquet files")
+        return shards
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    return [path]
+
+
 def read_rows(path: str | os.PathLike) -> Iterator[tuple[str, int, dict]]:
     """Yield ``(source_file, line_or_row, row)`` from a JSONL file, a parquet file, or a folder of parquet shards.
 
     The kind is chosen by suffix: ``.parquet`` is parquet, anything else is JSONL. A folder (the Hugging Face
     dataset layout, e.g. ``data/test-00000-of-00001.parquet``) is read shard by shard in sorted order.
     """
-    path = Path(path)
-    if path.is_dir():
-        shards = sorted(path.rglob("*.parquet"))
-        if not shards:
-            raise FileNotFoundError(f"{path}: folder holds no .parquet files")
-    elif not path.exists():
-        raise FileNotFoundError(f"{path}: no such file")
-    else:
-        shards = [path]
-    for shard in shards:
+    for shard in data_shards(path):
         if shard.suffix == ".parquet":
             # Rows are numbered from 1 like lines, so "row 1" is the first row of the shard.
             for n, row in enumerate(read_parquet_rows(shard), start=1):

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from skyjax.eval.common import BenchmarkFormatError, location, read_parquet_rows
+from skyjax.eval.common import BenchmarkFormatError, data_shards, location, read_parquet_rows
 from skyjax.eval.verifiers import LETTERS, answers_match, extract_answer, parse_number, verify
 
 BENCHMARKS = ("mathvista", "mmmu")
@@ -322,15 +322,7 @@ def parse_mmmu_row(row: dict, base_dir: Path, source: str, line: int, index: int
 def _raw_rows(path: Path) -> Iterator[tuple[str, int, dict | BenchmarkFormatError]]:
     """(source, line or row, row) from JSONL, parquet or a folder of parquet shards; a line that is not a JSON object
     comes as an error in place of the row, so that it can be skipped like any other bad row."""
-    if path.is_dir():
-        shards = sorted(path.rglob("*.parquet"))
-        if not shards:
-            raise FileNotFoundError(f"{path}: folder holds no .parquet files")
-    elif not path.exists():
-        raise FileNotFoundError(f"{path}: no such file")
-    else:
-        shards = [path]
-    for shard in shards:
+    for shard in data_shards(path):
         if shard.suffix == ".parquet":
             for n, row in enumerate(read_parquet_rows(shard), start=1):
                 yield str(shard), n, row

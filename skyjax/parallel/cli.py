@@ -2,8 +2,8 @@
 `lm_forward_backward` kind: one Qwen2 causal-LM training step (next-token cross entropy, gradients, AdamW update).
 
 The lm step lives here rather than in aot.py because it needs a model, and `skyjax.parallel` must not import
-`skyjax.models` (docs/architecture.md: imports point one way). The trainer registers its own kinds (reward_model, sft) the same
-way, in skyjax/train/aot.py.
+`skyjax.models` (docs/architecture.md: imports point one way). The trainer registers its own kinds (reward_model,
+sft) the same way, in skyjax/train/aot.py.
 
     kind: lm_forward_backward
     model: {vocab_size: 152064, hidden_size: 3584, ..., dtype: bfloat16, remat: full}   # Qwen2Config fields
@@ -66,7 +66,8 @@ def build_lm_step(config_path, overrides, mesh):
     opt = optax.adamw(cfg.learning_rate, weight_decay=cfg.weight_decay)
     opt_shapes = jax.eval_shape(opt.init, fn.shapes)
     replicated = NamedSharding(mesh, P())
-    # optimizer moments shard like their parameters; the step counter is replicated (see environment.md)
+    # optimizer moments shard like their parameters; the step counter is replicated (created
+    # unsharded it would land on device 0 and the next jitted step would fail with incompatible devices)
     opt_sh = optax.tree_map_params(opt, lambda _, s: s, opt_shapes, param_sh, transform_non_params=lambda _: replicated)
     batch_shape = (cfg.batch_size, cfg.seq_len)
     batch_spec = logical_to_spec(("batch", "seq"), mesh, rules, shape=batch_shape, name="batch/input_ids")
