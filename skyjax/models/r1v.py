@@ -346,13 +346,15 @@ class R1VForConditionalGeneration(nnx.Module):
         cache: KVCache | None = None,
         cache_index: jax.Array | int = 0,
         feature_blocks: int = 1,
+        branch_ids: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Final-norm hidden states [B, L, E].
 
         pixel_values [N_pad, 3, S, S]: every row's tiles in order, padding tiles last. tiles_per_row [B]: real tiles
         per row (for the host-side count check; None = all N_pad tiles are real). positions default to the count of
         real tokens before each one (1-D RoPE), as `generate` does. `feature_blocks=H`: a multi-host global batch
-        of H hosts' rows and tiles (see `embed`).
+        of H hosts' rows and tiles (see `embed`). `branch_ids` [B, L]: continuations of one prompt in one row (a
+        preference pair's prompt computed once; see Qwen2Model), with `positions` moved back accordingly.
         """
         cfg = self.cfg
         if pixel_values is not None and cfg.image_token_id is not None and _is_concrete(input_ids, tiles_per_row):
@@ -364,7 +366,7 @@ class R1VForConditionalGeneration(nnx.Module):
                 raise ImageTokenMismatchError(f"{n} {IMAGE_TOKEN} placeholder tokens but no pixel_values were given")
         x = self.embed(input_ids, pixel_values, feature_blocks)
         return self.model(inputs_embeds=x, attention_mask=attention_mask, positions=positions, cache=cache,
-                          cache_index=cache_index)
+                          cache_index=cache_index, branch_ids=branch_ids)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         out = self.model.embed_tokens.attend(hidden) if self.lm_head is None else self.lm_head(hidden)

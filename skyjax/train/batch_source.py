@@ -52,7 +52,9 @@ class PipelineSource:
         self.iterator.set_state(saved)
 
 
-def pipeline_source(pipeline: RecordPipeline, bundle, cfg) -> PipelineSource:
-    """The default `Task.batch_source`: the task's record pipeline itself, (pipeline, ModelBundle, RunConfig) ->
-    source. A rollout task builds its source from the same arguments (the pipeline then yields prompts)."""
+def pipeline_source(pipeline: RecordPipeline, bundle, cfg, trainer=None) -> PipelineSource:
+    """The default `Task.batch_source`: the task's record pipeline itself, (pipeline, ModelBundle, RunConfig,
+    trainer=the Trainer being built) -> source. A rollout task builds its source from the same arguments (the
+    pipeline then yields prompts); MPO's reference.precompute source reads the trainer's model function, mesh and
+    held-out files from `trainer`."""
     return PipelineSource(pipeline)

@@ -2,8 +2,9 @@
 
     skyjax train configs/reward_model/stage1_7b.yaml optimizer.lr=1e-5 trainer.steps=100
 
-`kind` picks the task (skyjax.train.tasks): reward_model (Bradley-Terry on preference pairs) or sft (next-token
-cross-entropy on assistant tokens); mpo and grpo plug into the same trainer. Values the papers do not state are marked
+`kind` picks the task (skyjax.train.tasks): reward_model (Bradley-Terry on preference pairs), sft (next-token
+cross-entropy on assistant tokens) or mpo (DPO + BCO + SFT of a policy on preference pairs, against a frozen
+reference); grpo plugs into the same trainer. Values the papers do not state are marked
 UNCONFIRMED in the shipped YAML files and are ordinary options here.
 """
 
@@ -153,12 +154,46 @@ class SFTObjectiveConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MPOObjectiveConfig:
+    """Mixed preference optimisation on preference pairs: w_dpo * DPO (sigmoid) + w_bco * BCO (pair) + w_sft * SFT
+    (skyjax.train.losses.preference). Defaults: InternVL's MPO recipe, which Skywork R1V2 follows."""
+
+    beta: float = 0.1
+    dpo_weight: float = 0.8
+    bco_weight: float = 0.2
+    sft_weight: float = 1.0
+    label_smoothing: float = 0.0  # conservative DPO: the label is taken to be flipped with this probability
+    # "running": BCO's reward shift delta = the mean of every past batch's mean reward, updated before use (InternVL,
+    # R1V2); kept in the train state and checkpointed. "none": delta = 0 (TRL 1.16's bco_pair)
+    bco_delta: Literal["running", "none"] = "running"
+    # "token": mean NLL over every chosen token of the (micro-)batch (InternVL, TRL); "sequence": each chosen
+    # response's NLL / its length, averaged over pairs (R1V2's formula)
+    sft_average: Literal["token", "sequence"] = "token"
+    # the LM head runs over sequence chunks of this many tokens (0: at once), as objective.sft.logits_chunk
+    logits_chunk: int = 0
+
+    def __post_init__(self):
+        _positive("objective.mpo", self, "beta")
+        _non_negative("objective.mpo", self, "dpo_weight", "bco_weight", "sft_weight", "logits_chunk")
+        require("objective.mpo.label_smoothing", self.label_smoothing, 0 <= self.label_smoothing < 0.5,
+                "must be in [0, 0.5)")
+        require("objective.mpo", (self.dpo_weight, self.bco_weight, self.sft_weight),
+                self.dpo_weight + self.bco_weight + self.sft_weight > 0,
+                "dpo_weight, bco_weight and sft_weight cannot all be 0")
+        require("objective.mpo.bco_delta", self.bco_delta, self.bco_delta in ("running", "none"),
+                "'running' or 'none'")
+        require("objective.mpo.sft_average", self.sft_average, self.sft_average in ("token", "sequence"),
+                "'token' or 'sequence'")
+
+
+@dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
     """One section per objective (skyjax.train.objectives); the run's objective reads its own. A new objective adds
     its section here."""
 
     reward_model: RewardModelObjectiveConfig = RewardModelObjectiveConfig()
     sft: SFTObjectiveConfig = SFTObjectiveConfig()
+    mpo: MPOObjectiveConfig = MPOObjectiveConfig()
 
     # the flat keys of earlier versions: a one-line error naming the new key
     RENAMED_KEYS = {"margin": "reward_model.margin", "center_coef": "reward_model.center_coef",
@@ -214,7 +249,7 @@ class TrainerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    kind: Literal["reward_model", "sft"] = "reward_model"
+    kind: Literal["reward_model", "sft", "mpo"] = "reward_model"
     name: str = "run"
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()

@@ -57,7 +57,7 @@ import numpy as np
 HOSTS_KEY = "host_blocks"  # [A, H] int32 in a multi-host global batch (absent on one host)
 HOST_AXIS = 1  # host blocks run along the axis after the micro-batch axis
 ROW_KEYS = ("input_ids", "attention_mask", "assistant_mask")  # token rows [A, R, S] (skyjax.train.setup uses these)
-SEQ_KEYS = ROW_KEYS + ("branch_ids",)  # per-token arrays [A, R, S]: a larger sequence bucket pads them
+SEQ_KEYS = ROW_KEYS + ("branch_ids", "completion", "predict_from")  # per-token arrays [A, R, S]: a larger sequence bucket pads them
 SEQ_AXIS = 2
 
 # vision_meta (skyjax.models.qwen2_5_vl_vision.vision_inputs) by key: (padding value, how host h's copy is offset).

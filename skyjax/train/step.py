@@ -1,7 +1,7 @@
 """The train step as a pure function of (state, batch), shared by the Trainer and ahead-of-time compiles.
 
     step = build_train_step(fn, objective, optimizer, schedule, cfg.objective)
-    extras = objective_extras(objective, cfg.objective)        # (needs a reference?, initial objective state)
+    extras = objective_extras(objective, cfg.objective, cfg.reference)  # (keep a reference?, initial objective state)
     shardings = state_shardings(fn, optimizer, is_frozen, mesh, *extras)
     jitted = jax.jit(step, donate_argnums=0, out_shardings=(shardings, NamedSharding(mesh, P())))
     jitted.lower(abstract_state(fn, optimizer, is_frozen, mesh, *extras), abstract_batch)   # AOT: nothing allocated
@@ -94,10 +94,12 @@ def report(objective: Objective, stats: dict) -> dict:
     return {**objective.report(sums), **{k: float(stats[k]) for k in STEP_KEYS}}
 
 
-def objective_extras(objective: Objective, objective_cfg) -> tuple[bool, Any]:
-    """(whether the state keeps a reference, the objective's initial state or None) for this run's objective."""
+def objective_extras(objective: Objective, objective_cfg, reference_cfg=None) -> tuple[bool, Any]:
+    """(whether the state keeps a reference, the objective's initial state or None) for this run's objective. With
+    `reference_cfg.precompute` and an objective that can read precomputed log-probs, no reference is kept."""
     settings = objective.settings(objective_cfg)
-    return bool(objective.needs_reference(settings)), objective.initial_state(settings)
+    precomputed = bool(reference_cfg is not None and reference_cfg.precompute and objective.precompute)
+    return bool(objective.needs_reference(settings)) and not precomputed, objective.initial_state(settings)
 
 
 def state_shardings(fn: Functional, optimizer: optax.GradientTransformation, is_frozen, mesh: Mesh,

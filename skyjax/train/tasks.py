@@ -9,6 +9,8 @@ imports the tasks).
     reward_model  Bradley-Terry on preference pairs; Qwen2.5-VL + value head; eval = pair accuracy
     sft           next-token cross-entropy on assistant tokens; Skywork R1V (or Qwen2.5-VL); eval = held-out loss
                   and token accuracy
+    mpo           DPO + BCO + SFT of a policy (Skywork R1V or Qwen2.5-VL) on preference pairs against a frozen
+                  reference (resident, or its log-probs precomputed); eval = the objective's metrics on held-out pairs
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from skyjax.train.objectives import OBJECTIVES, Objective, pair_scores
 from skyjax.train.optimizer import merge_params
 from skyjax.train.pipeline import RecordPipeline, read_records
 from skyjax.train.setup import PairPipeline, load_reward_bundle
+from skyjax.train.mpo import MPOPipeline
 from skyjax.train.sft import SFTPipeline, abstract_sft_batch, load_sft_bundle
 
 Trainer = Any  # skyjax.train.trainer.Trainer (not imported: it imports this module)
@@ -75,13 +78,18 @@ def eval_pipeline(trainer: "Trainer", files, **options) -> RecordPipeline:
                          batch_size=cfg.trainer.eval_batch_size, drop_remainder=False, pad_last=True, **options)
 
 
-def eval_batches(trainer: "Trainer", pipe: RecordPipeline):
-    """(host batch, row ids, device batch) for every batch of `pipe`, placed on the trainer's mesh."""
+def eval_batches(trainer: "Trainer", pipe: RecordPipeline, *, augmented: bool = True):
+    """(host batch, row ids, device batch) for every batch of `pipe`, placed on the trainer's mesh. A batch source
+    that adds to its batches what the step needs beyond the records (`augment(batch, row_ids)`, e.g. precomputed
+    reference log-probs) adds it to these too."""
+    augment = getattr(getattr(trainer, "batches", None), "augment", None) if augmented else None
     with use_mesh(trainer.mesh):
         for batch in pipe.dataset:
             if hasattr(trainer, "stop_if_signalled"):
                 trainer.stop_if_signalled()  # a preemption during evaluation: stop now (the checkpoint is saved)
             batch, row_ids = host_batch(batch)
+            if augment is not None:
+                batch = augment(batch, row_ids)
             yield batch, row_ids, to_device(batch, trainer.mesh)
 
 
@@ -207,6 +215,86 @@ def sft_summary(trainer: "Trainer", evals: dict) -> dict:
     return out
 
 
+# --- MPO --------------------------------------------------------------------------------------------------------------
+
+
+def mpo_summary(trainer: "Trainer", evals: dict) -> dict:
+    out: dict[str, Any] = {"eval": evals}
+    if "heldout" in evals:
+        for key in ("loss", "rewards/accuracies", "rewards/margins"):
+            out[f"heldout_{key.replace('rewards/', 'reward_')}"] = evals["heldout"][key]
+    return out
+
+
+def precompute_reference_logps(trainer: "Trainer", state: dict, records, eval_files) -> dict[str, list[float]]:
+    """{file:line: [chosen, rejected]}: the reference's sequence log-probs of every training and held-out pair, in
+    one ordered pass (reference.precompute). The reference is the step-0 policy in `state`, or reference.source
+    (loaded for the pass, then dropped). Non-finite log-probs are an error naming the rows."""
+    from skyjax.train.batching import BadRowError
+    from skyjax.train.losses.preference import nonfinite_rows
+    from skyjax.train.mpo import MPOPipeline, precompute_files
+    from skyjax.train.objectives.mpo import sequence_logps
+    from skyjax.train.reference import load_reference
+
+    cfg = trainer.cfg
+    if jax.process_count() > 1:
+        raise NotImplementedError(f"reference.precompute on {jax.process_count()} hosts is not supported yet: keep "
+                                  "the reference resident (reference.precompute: false)")
+    if cfg.reference.source is None:
+        reference = state["trainable"]  # the policy at step 0
+    else:
+        shardings = jax.tree.map(lambda x: x.sharding, state["trainable"])
+        reference = load_reference(cfg.reference.source, trainer.task.load_bundle, cfg.model, trainer.mesh,
+                                   trainer.run_dir / "reference", trainer.is_frozen, state["trainable"], shardings)
+    rows = precompute_files(records, eval_files, cfg.data.on_error)
+    pipe = MPOPipeline(rows, trainer.bundle, cfg.data, epochs=1, shuffle=False, batch_size=cfg.trainer.eval_batch_size,
+                       drop_remainder=False, pad_last=True)
+    fn, chunk = trainer.fn, cfg.objective.mpo.logits_chunk
+
+    def logps(ref, frozen, batch):
+        mb = jax.tree.map(lambda x: x[0], batch)
+        chosen, rejected, _, _ = sequence_logps(fn.bind(merge_params(ref, frozen)), mb, chunk)
+        return chosen, rejected
+
+    run = jax.jit(logps)
+    table: dict[str, list[float]] = {}
+    trainer.log(f"reference.precompute: the reference's log-probs of {len(rows)} pairs, one pass before training")
+    for batch, row_ids, device in eval_batches(trainer, pipe, augmented=False):
+        chosen, rejected = map(np.asarray, run(reference, state["frozen"], device))
+        keep = np.asarray(batch["pair_weight"][0]) > 0
+        bad = nonfinite_rows({"chosen": chosen[keep], "rejected": rejected[keep]})
+        if bad:
+            names = sorted({row_ids[int(np.flatnonzero(keep)[i])] for idx in bad.values() for i in idx})
+            raise BadRowError(f"{', '.join(names)}: the reference's log-probs are not finite")
+        for i in np.flatnonzero(keep):
+            table[row_ids[i]] = [float(chosen[i]), float(rejected[i])]
+    return table
+
+
+def mpo_batch_source(pipeline, bundle: ModelBundle, cfg, trainer=None):
+    """The MPO pipeline's batches; with reference.precompute, plus the reference's log-probs (computed once, before
+    the first step, and kept in the source's checkpointed state)."""
+    from skyjax.train.batch_source import PipelineSource
+    from skyjax.train.mpo import ReferenceLogpsSource
+
+    if not cfg.reference.precompute:
+        return PipelineSource(pipeline)
+    if trainer is None:
+        raise ValueError("reference.precompute needs the trainer (its model, mesh and held-out files)")
+
+    def compute(state, records, eval_files):
+        return precompute_reference_logps(trainer, state, records, eval_files)
+
+    return ReferenceLogpsSource(pipeline, compute, trainer.eval_files)
+
+
+def _abstract_mpo_batch(bundle: ModelBundle, data: DataConfig, micro_batches: int, mesh: Mesh, hosts: int = 1,
+                        **options) -> dict:
+    from skyjax.train.mpo import abstract_mpo_batch
+
+    return abstract_mpo_batch(bundle, data, micro_batches, mesh, hosts, **options)
+
+
 def _synthetic_pairs(folder, name, n, **kw) -> Path:
     from skyjax.data.synthetic import make_records
 
@@ -225,6 +313,8 @@ TASKS: dict[str, Task] = {
                          prepare=bound_image_patches),
     "sft": Task("sft", OBJECTIVES["sft"], "sft", load_sft_bundle, SFTPipeline, _synthetic_sft, objective_eval,
                 sft_summary, abstract_sft_batch),
+    "mpo": Task("mpo", OBJECTIVES["mpo"], "preference", load_sft_bundle, MPOPipeline, _synthetic_pairs,
+                objective_eval, mpo_summary, _abstract_mpo_batch, row_unit="pairs", batch_source=mpo_batch_source),
 }
 
 
@@ -238,4 +328,6 @@ def abstract_batch(cfg, bundle: ModelBundle, mesh: Mesh, hosts: int = 1) -> dict
     Only the bundle's model architecture and config and its image settings are read (params may be None and the
     tokenizer absent), so an AOT builder can pass an abstract model: with `skyjax.train.step.abstract_state` and
     `build_train_step` this lowers the run's step without allocating anything."""
-    return TASKS[cfg.kind].abstract_batch(bundle, cfg.data, cfg.optimizer.grad_accum, mesh, hosts=hosts)
+    task = TASKS[cfg.kind]
+    options = {"precomputed": True} if cfg.reference.precompute and task.objective.precompute else {}
+    return task.abstract_batch(bundle, cfg.data, cfg.optimizer.grad_accum, mesh, hosts=hosts, **options)

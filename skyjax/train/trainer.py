@@ -60,6 +60,10 @@ class Trainer:
             missing = [p for p in getattr(cfg.data, key) if not Path(p).is_file()]
             if missing:
                 raise ConfigError(f"data.{key}: {', '.join(map(str, missing))} does not exist")
+        source = cfg.reference.source
+        if source is not None and source != "tiny" and not Path(source).exists():
+            raise ConfigError(f"reference.source {source} does not exist (a Hugging Face folder, a skyjax checkpoint "
+                              f"or 'tiny')")
         # the run folder is this run's (skyjax.train.run_dir): every host checks, the lead host moves and writes
         normalize = lambda saved: to_dict(from_dict(RunConfig, saved))  # noqa: E731  (today's defaults filled in)
         check_resume(self.run_dir, to_dict(cfg), resume=resume, normalize=normalize)
@@ -85,8 +89,9 @@ class Trainer:
         resuming = resume and (cfg.trainer.resume_step is not None or bool(saved_steps(self.run_dir / "checkpoints")))
         self.is_frozen = frozen_predicate(self.arch.name, cfg.trainer.freeze)
         self.optimizer, self.schedule = build_optimizer(cfg.optimizer, self.total_steps)
-        needs_reference, objective_state = objective_extras(self.objective, cfg.objective)
-        if not needs_reference and (cfg.reference.source is not None or cfg.reference.precompute):
+        needs_reference, objective_state = objective_extras(self.objective, cfg.objective, cfg.reference)
+        if not self.objective.needs_reference(self.objective.settings(cfg.objective)) and (
+                cfg.reference.source is not None or cfg.reference.precompute):
             log(f"reference: the {self.objective.name} objective keeps no reference; reference.source / precompute "
                 f"are ignored")
         self.state_shardings = state_shardings(self.fn, self.optimizer, self.is_frozen, self.mesh, needs_reference,
@@ -111,7 +116,7 @@ class Trainer:
             options=ocp.CheckpointManagerOptions(max_to_keep=cfg.trainer.keep_checkpoints,
                                                  enable_async_checkpointing=cfg.trainer.async_checkpointing),
             item_names=("state", "data"))
-        self.batches = self.task.batch_source(self.train_pipe, self.bundle, cfg)
+        self.batches = self.task.batch_source(self.train_pipe, self.bundle, cfg, trainer=self)
         self.start_step = 0
         if resume_from is not None:
             self.restore(resume_from)

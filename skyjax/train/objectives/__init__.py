@@ -15,8 +15,12 @@ An `Objective` is:
     init_state(settings) -> pytree | None
         the objective's state before the first step; None (the default): stateless, no `objective` in the state.
     report(summed sums) -> metrics (host side).
+    precompute
+        whether the loss can take the reference's log-probs from the batch (reference.precompute: true), so that the
+        reference need not be resident during training.
 
-Reward model and SFT are stateless and reference-free (`stateless` adapts their `(model, batch, cfg) -> (loss, sums)`
+MPO (objectives/mpo.py) needs a reference and keeps BCO's running shift as state. Reward model and SFT are stateless
+and reference-free (`stateless` adapts their `(model, batch, cfg) -> (loss, sums)`
 functions). A new objective: its loss in its own file here, its config section in skyjax.train.config
 (ObjectiveConfig), one `register(Objective(...))` line below, and a Task in skyjax.train.tasks that uses it.
 """
@@ -26,10 +30,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+from skyjax.train.objectives.mpo import init_state as mpo_init_state, mpo_objective, needs_reference as mpo_needs_reference
 from skyjax.train.objectives.reward import bradley_terry, pair_scores, reward_model_loss, shared_prompt_scores
 from skyjax.train.objectives.sft import masked_cross_entropy, next_token_targets, sft_loss, sft_report, token_nll
 
-__all__ = ["OBJECTIVES", "Objective", "bradley_terry", "finalize", "masked_cross_entropy", "next_token_targets",
+__all__ = ["OBJECTIVES", "Objective", "bradley_terry", "finalize", "masked_cross_entropy", "mpo_objective",
+           "next_token_targets",
            "pair_scores", "register", "reward_model_loss", "sft_loss", "sft_report", "shared_prompt_scores",
            "stateless", "token_nll"]
 
@@ -64,6 +70,9 @@ class Objective:
     needs_reference: Callable[[Any], bool] = never  # (settings) -> keep a frozen reference in the train state?
     init_state: Callable[[Any], Any] | None = None  # (settings) -> the initial state pytree; None: stateless
     section: str | None = None  # its config section under `objective` (default: its name)
+    # whether its loss can read the reference's log-probs from the batch instead (reference.precompute: the batch
+    # source computes them in one pass before training, and the state then holds no reference)
+    precompute: bool = False
 
     def settings(self, objective_cfg) -> Any:
         """This objective's section of the run's `objective` config."""
@@ -87,3 +96,5 @@ def register(objective: Objective, *, replace: bool = False) -> Objective:
 
 register(Objective("reward_model", stateless(reward_model_loss)))
 register(Objective("sft", stateless(sft_loss), sft_report))
+register(Objective("mpo", mpo_objective, needs_reference=mpo_needs_reference, init_state=mpo_init_state,
+                   precompute=True))
