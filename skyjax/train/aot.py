@@ -204,7 +204,7 @@ def host_batch_text(cfg, batch: dict, hosts: int) -> str:
 
 def build_run_step(config_path, overrides, mesh):
     """(jitted train step, (abstract state, abstract batch), description, {hosts, host_batch}) of a reward_model /
-    sft run config. The batch is the one the topology's hosts feed the step (one host: the single-host batch)."""
+    sft / mpo run config. The batch is the one the topology's hosts feed the step (one host: the single-host batch)."""
     from skyjax.config import ConfigError, load_config
     from skyjax.parallel.topology import device_hosts
     from skyjax.train.config import RunConfig
@@ -229,7 +229,7 @@ def build_run_step(config_path, overrides, mesh):
     objective = TASKS[cfg.kind].objective
     step = build_train_step(fn, objective, optimizer, schedule, cfg.objective)
     # a reference (when the objective needs one) is resident in the state: its memory is part of the compile
-    extras = objective_extras(objective, cfg.objective)
+    extras = objective_extras(objective, cfg.objective, cfg.reference)  # reference.precompute: none resident
     jitted = jit_train_step(step, state_shardings(fn, optimizer, is_frozen, mesh, *extras), mesh)
     state = abstract_state(fn, optimizer, is_frozen, mesh, *extras)  # dims that do not divide raise ShardingError
     host_of = device_hosts(mesh.devices.flat)
@@ -251,3 +251,4 @@ def build_run_step(config_path, overrides, mesh):
 
 register_aot_builder("reward_model", build_run_step)
 register_aot_builder("sft", build_run_step)
+register_aot_builder("mpo", build_run_step)

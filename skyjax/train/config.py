@@ -248,6 +248,32 @@ class TrainerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MPODemoConfig:
+    """The stages of the built-in MPO demo before MPO itself (skyjax.train.mpo_demo; configs/demo/mpo.yaml): a short
+    SFT warm start of the policy, a reward model on the same task, and `skyjax pairs`. Only with kind mpo and
+    data.synthetic."""
+
+    warmup_steps: int = 30  # SFT steps of the policy on the synthetic task (data.synthetic.train rows)
+    warmup_lr: float = 3.0e-3
+    reward_rows: int = 2000  # preference pairs the reward model trains on
+    reward_steps: int = 100
+    reward_lr: float = 3.0e-3
+    reward_batch_size: int = 16
+    reward_init_std: float = 0.1
+    prompts: int = 256  # prompts the pairs are sampled for
+    num_samples: int = 8  # responses per prompt
+    temperature: float = 1.0
+    max_new_tokens: int = 8
+    min_margin: float = 0.0
+
+    def __post_init__(self):
+        _positive("demo", self, "warmup_steps", "warmup_lr", "reward_rows", "reward_steps", "reward_lr",
+                  "reward_batch_size", "reward_init_std", "prompts", "num_samples", "max_new_tokens")
+        require("demo.num_samples", self.num_samples, self.num_samples >= 2, "must be >= 2 (a pair needs two)")
+        _non_negative("demo", self, "temperature", "min_margin")
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     kind: Literal["reward_model", "sft", "mpo"] = "reward_model"
     name: str = "run"
@@ -258,8 +284,11 @@ class RunConfig:
     reference: ReferenceConfig = ReferenceConfig()
     trainer: TrainerConfig = TrainerConfig()
     mesh: MeshConfig = MeshConfig()
+    demo: MPODemoConfig | None = None  # kind mpo + data.synthetic: the built-in demo's earlier stages
 
     def __post_init__(self):
+        if self.demo is not None and (self.kind != "mpo" or self.data.synthetic is None):
+            raise ConfigError("demo: the built-in demo's stages need kind: mpo and data.synthetic")
         if self.data.batch_size % self.optimizer.grad_accum:
             raise ConfigError(f"data.batch_size {self.data.batch_size} is not a multiple of optimizer.grad_accum "
                              f"{self.optimizer.grad_accum}")
