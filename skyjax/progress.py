@@ -45,6 +45,12 @@ class JobProgress:
             if new and self._bar is not None:
                 self._bar.set_description(self.desc, refresh=False)
 
+    def phase(self, desc: str) -> None:
+        """Rename the bar for the next part of the job (e.g. "pairs: sample" then "pairs: score"); still one bar."""
+        self.desc = desc
+        if self._bar is not None:
+            self._bar.set_description(desc, refresh=True)
+
     def update(self, n: int) -> None:
         if self._bar is not None:
             self._bar.update(n)

@@ -32,10 +32,14 @@ class Completion:
 GenerateFn = Callable[[Sequence[GenRequest], int], list[list[Completion]]]
 
 
-def model_generator(loaded, tokenizer, adapter, sampling, *, batch_size: int = 8, seed: int = 0) -> GenerateFn:
+def model_generator(loaded, tokenizer, adapter, sampling, *, batch_size: int = 8, seed: int = 0,
+                    step: Callable[[Any], Any] | None = None) -> GenerateFn:
     """A `GenerateFn` on `skyjax.sample.decode.generate`: requests in batches of `batch_size` (padded with empty
     rows, so one program serves every batch), each row's penalty its repetition penalty, samples keyed by
-    (seed, round, input line)."""
+    (seed, round, input line). `step(shape)`, a context manager such as `JobProgress.step`, is entered around each
+    batch's device work (its shape: the input arrays' shapes), so a progress bar can say when a batch compiles."""
+    import contextlib
+
     import jax
 
     from skyjax.sample.cli import _completion, _pad_batch
@@ -68,10 +72,13 @@ def model_generator(loaded, tokenizer, adapter, sampling, *, batch_size: int = 8
             penalties = [r.penalty for r in chunk] + [1.0] * (batch_size - n)
             keys = jax.vmap(lambda i: jax.random.fold_in(round_key, i))(
                 np.asarray([r.key for r in chunk] + [0] * (batch_size - n), np.int32))
-            res = generate(adapter, loaded.params, inputs,
-                           dataclasses.replace(sampling, repetition_penalty=tuple(penalties)),
-                           prompt_keys=keys, flags=flags, check=False)
-            toks, lens, stopped = (np.asarray(x) for x in (res.tokens, res.lengths, res.stopped))
+            shape = tuple(np.shape(v) for v in jax.tree_util.tree_leaves(inputs))
+            with step(shape) if step is not None else contextlib.nullcontext():
+                res = generate(adapter, loaded.params, inputs,
+                               dataclasses.replace(sampling, repetition_penalty=tuple(penalties)),
+                               prompt_keys=keys, flags=flags, check=False)
+                toks = np.asarray(res.tokens)  # wait inside the step: "compiling" shows until the batch is done
+            lens, stopped = np.asarray(res.lengths), np.asarray(res.stopped)
             for i, r in enumerate(chunk):
                 think = opened(r.conversation)
                 comps = []
