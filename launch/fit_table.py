@@ -83,6 +83,12 @@ RM = "configs/reward_model/stage1_7b.yaml"
 RM_FIXED = ("model.source=shape:qwen2_5_vl_7b", f"data.seq_buckets=[{RM_SEQ}]", "model.remat=full")
 R1V_PROJ = "configs/sft/r1v_38b_projector.yaml"
 R1V_FULL = "configs/sft/r1v_38b_full.yaml"
+R1V_MPO = "configs/mpo/r1v_38b.yaml"
+
+
+def mpo_fixed(seq: int, precompute: bool = False) -> tuple[str, ...]:
+    return ("model.source=shape:r1v_38b", f"data.seq_buckets=[{seq}]", f"data.max_length={seq}",
+            f"objective.mpo.logits_chunk={min(seq, 2048)}", f"reference.precompute={str(precompute).lower()}")
 
 
 def r1v_fixed(seq: int) -> tuple[str, ...]:
@@ -111,6 +117,12 @@ ROWS = [
         "sft", patches_per_item=SFT_TILES_PER_ROW, sizes=(32,)),
     Row("r1v_full_v5p_4x4x4_8k", "R1V 38B projector+LLM", R1V_FULL, "v5p:4x4x4", (1, 64, 1), r1v_fixed(8192), "sft",
         patches_per_item=SFT_TILES_PER_ROW, sizes=(64,)),
+    # Skywork R1V-38B MPO (projector + LLM, ViT frozen): one 8192-token row per pair (prompt with a 13-tile image,
+    # chosen, rejected), the reference resident in the state or its log-probs precomputed (no reference in memory)
+    Row("r1v_mpo_v5p_4x4x4_8k_tp", "R1V 38B MPO, reference resident", R1V_MPO, "v5p:4x4x4", (1, 16, 4),
+        mpo_fixed(8192), "sft", patches_per_item=SFT_TILES_PER_ROW, sizes=(16,)),
+    Row("r1v_mpo_pre_v5p_4x4x4_8k_tp", "R1V 38B MPO, reference precomputed", R1V_MPO, "v5p:4x4x4", (1, 16, 4),
+        mpo_fixed(8192, precompute=True), "sft", patches_per_item=SFT_TILES_PER_ROW, sizes=(16,)),
 ]
 
 

@@ -191,6 +191,9 @@ def run_demo(cfg: RunConfig, run_dir: Path, *, resume: bool = True) -> dict:
                                                 temperature=demo.temperature, max_new_tokens=demo.max_new_tokens,
                                                 seed=syn.seed),
                              progress=cfg.trainer.progress)
+        from skyjax.rl.pairs import format_report
+
+        _log(format_report(report))
         (run_dir / "pairs_report.json").write_text(json.dumps(report, indent=2))
     report = json.loads((run_dir / "pairs_report.json").read_text())
     control_pairs = run_dir / "pairs_control.jsonl"
