@@ -56,6 +56,8 @@ def format_summary(summary: dict) -> str:
     lines = [f"{summary['name']} ({summary['kind']}): {summary['steps']} steps in {summary['seconds']:.0f} s"]
     notes = {"heldout_accuracy": "held-out pairs, with the images",
              "blind_accuracy": "the same pairs with the images blanked (chance is 0.5)"}
+    if summary["kind"] == "grpo":
+        notes = {"heldout_accuracy": "held-out greedy accuracy (the answer verified)"}
     for key, value in summary.items():
         if isinstance(value, float) and key != "seconds":
             lines.append(f"  {key:<20} {value:.3f}" + (f"   {notes[key]}" if key in notes else ""))

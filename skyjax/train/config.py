@@ -187,6 +187,60 @@ class MPOObjectiveConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class GRPOObjectiveConfig:
+    """GRPO's clipped surrogate (skyjax.train.losses.policy), TRL 1.16's semantics. The rollouts themselves are
+    configured in the `rollout` section."""
+
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
+    epsilon: float = 0.2  # the ratio is clipped below at 1 - epsilon
+    epsilon_high: float | None = None  # ... and above at 1 + epsilon_high (DAPO's clip-higher: 0.28); null: epsilon
+    delta: float | None = None  # two-sided GRPO: cap the unclipped ratio
+    beta: float = 0.0  # k3 KL to the reference (0: no reference is kept)
+    kl_bias_correction: bool = True  # the k3 KL times pi / pi_old (TRL's use_bias_correction_kl)
+    logits_chunk: int = 0  # as objective.sft.logits_chunk
+
+    def __post_init__(self):
+        _non_negative("objective.grpo", self, "epsilon", "beta", "logits_chunk")
+        _positive("objective.grpo", self, "epsilon_high", "delta", optional=True)
+        require("objective.grpo.loss_type", self.loss_type, self.loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"),
+                "grpo, bnpo, dr_grpo or dapo")
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardSpec:
+    """One reward function of GRPO (skyjax.rl.rewards): a built-in name (accuracy, format, overlong) or a dotted
+    path `package.module:function`, its weight, and keyword options passed to it."""
+
+    name: str = "accuracy"
+    weight: float = 1.0
+    options: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    """How kind grpo samples (skyjax.train.grpo): data.batch_size prompts per step, each with num_generations
+    completions drawn with the policy's current parameters on the training mesh."""
+
+    num_generations: int = 8
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    num_iterations: int = 1  # optimizer steps on each rollout batch (pi_old: the sampler's log-probs)
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    mask_truncated_completions: bool = False  # completions cut at max_new_tokens do not count
+    rewards: tuple[RewardSpec, ...] = (RewardSpec("accuracy"),)
+    seed: int = 0
+
+    def __post_init__(self):
+        _positive("rollout", self, "num_generations", "max_new_tokens", "num_iterations")
+        _non_negative("rollout", self, "temperature", "top_k")
+        require("rollout.top_p", self.top_p, 0 < self.top_p <= 1, "must be in (0, 1]")
+        require("rollout.rewards", list(self.rewards), bool(self.rewards), "at least one reward")
+
+
+@dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
     """One section per objective (skyjax.train.objectives); the run's objective reads its own. A new objective adds
     its section here."""
@@ -194,6 +248,7 @@ class ObjectiveConfig:
     reward_model: RewardModelObjectiveConfig = RewardModelObjectiveConfig()
     sft: SFTObjectiveConfig = SFTObjectiveConfig()
     mpo: MPOObjectiveConfig = MPOObjectiveConfig()
+    grpo: GRPOObjectiveConfig = GRPOObjectiveConfig()
 
     # the flat keys of earlier versions: a one-line error naming the new key
     RENAMED_KEYS = {"margin": "reward_model.margin", "center_coef": "reward_model.center_coef",
@@ -275,7 +330,7 @@ class MPODemoConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    kind: Literal["reward_model", "sft", "mpo"] = "reward_model"
+    kind: Literal["reward_model", "sft", "mpo", "grpo"] = "reward_model"
     name: str = "run"
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -285,6 +340,7 @@ class RunConfig:
     trainer: TrainerConfig = TrainerConfig()
     mesh: MeshConfig = MeshConfig()
     demo: MPODemoConfig | None = None  # kind mpo + data.synthetic: the built-in demo's earlier stages
+    rollout: RolloutConfig = RolloutConfig()  # kind grpo: sampling and rewards
 
     def __post_init__(self):
         if self.demo is not None and (self.kind != "mpo" or self.data.synthetic is None):

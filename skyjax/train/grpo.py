@@ -1,0 +1,288 @@
+"""GRPO's data: prompts -> rollouts with the policy's CURRENT parameters on the training mesh -> rewards ->
+group advantages -> the batch the step trains on (`RolloutSource`, the batch source of kind grpo).
+
+Each step (skyjax.train.batch_source: `next(state)`), for data.batch_size prompts (generate records: prompt, images,
+optional answer):
+
+    1. the sampler (skyjax.sample.decode.generate) draws rollout.num_generations completions per prompt with
+       merge(state.trainable, state.frozen): the very parameters the step is about to update, no copy of the weights;
+       keys fold (rollout.seed, the rollout's index, the prompt's position), so a resumed run draws the same samples;
+    2. every reward function (skyjax.rl.rewards; rollout.rewards, a weight each) scores every completion; the
+       weighted sum gives one reward per completion, and group_advantages (skyjax.train.losses.advantages) the
+       advantage of each against its prompt's group;
+    3. the batch: per completion one row [left-padded prompt | completion | padding] (the sampler's own layout, so
+       positions and log-probs agree), `completion` marks its tokens, `old_logps` holds the sampler's raw log-probs
+       (pi_old), `advantages`; the prompt's tiles are repeated for each of its completions.
+
+The same rollout batch serves rollout.num_iterations optimizer steps (pi_old stays the sampler's log-probs, so from
+the second step on the importance ratio moves off 1 and the clip acts). Skywork R1V policies (InternVL tiles);
+Qwen2.5-VL policies are not wired yet (a ConfigError says so).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from skyjax.config import ConfigError
+from skyjax.data.records import Record
+from skyjax.train.batching import BadRowError, fit_bucket, row_location
+from skyjax.train.bundle import ModelBundle
+from skyjax.train.config import DataConfig
+from skyjax.train.optimizer import merge_params
+from skyjax.train.pipeline import RecordPipeline
+from skyjax.train.sft import load_images
+
+
+@dataclasses.dataclass
+class PromptExample:
+    row_id: str  # file:line
+    where: str
+    record: Record
+    images: list  # PIL images, decoded
+
+
+class PromptPipeline(RecordPipeline):
+    """Generate records -> batches of decoded prompts (host objects: the rollout source tokenizes and samples)."""
+
+    example_type = PromptExample
+
+    def featurize(self, record: Record) -> PromptExample:
+        where = row_location(record)
+        return PromptExample(where, where, record, load_images(record, where, self.blank))
+
+    def collate(self, examples, weights) -> dict:
+        return {"prompts": list(examples), "weights": list(weights), "row_ids": [e.row_id for e in examples]}
+
+
+def _prompt_text(tokenizer, record: Record) -> str:
+    from skyjax.data.chat import renderable_messages
+
+    _, text = renderable_messages(tokenizer, record.conversation(), "<image>", add_generation_prompt=True)
+    return text
+
+
+class RolloutSource:
+    """The batch source of kind grpo (see the module docstring). `stats` holds the last rollout's metrics."""
+
+    def __init__(self, pipeline: PromptPipeline, bundle: ModelBundle, cfg, trainer):
+        from skyjax.rl.rewards import load_reward
+        from skyjax.sample.adapters import adapter_for
+
+        if bundle.model.arch.name not in ("internvl", "internvl_chat"):
+            raise ConfigError(f"kind grpo: {bundle.model.arch.name} policies are not supported yet (Skywork R1V / "
+                              f"InternVL are)")
+        self.pipeline, self.iterator = pipeline, iter(pipeline.dataset)
+        self.cfg, self.rollout, self.trainer = cfg, cfg.rollout, trainer
+        self.tokenizer = bundle.tokenizer
+        self.adapter = adapter_for(bundle.model)
+        self.model_cfg = bundle.model.config
+        try:
+            self.rewards = [load_reward(r.name, **r.options) for r in cfg.rollout.rewards]
+        except ValueError as e:
+            raise ConfigError(f"rollout.rewards: {e}") from None
+        self.weights = [float(r.weight) for r in cfg.rollout.rewards]
+        self.rollouts = 0  # rollout batches drawn so far (keys the sampler)
+        self.cached: tuple[dict, list[str]] | None = None
+        self.used = 0
+        self.stats: dict[str, float] = {}
+
+    # --- rollouts ----------------------------------------------------------------------------------------------
+
+    def sampling(self):
+        from skyjax.sample.cli import default_stop_ids
+        from skyjax.sample.decode import Sampling
+
+        r = self.rollout
+        stop = tuple(default_stop_ids(self.trainer.bundle.model, self.tokenizer))
+        return Sampling(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                        repetition_penalty=r.repetition_penalty, stop_token_ids=stop, num_samples=r.num_generations)
+
+    def generate(self, state: dict, examples: Sequence[PromptExample]):
+        """(prepared inputs, tokens [B*G, N], raw log-probs [B*G, N], lengths [B*G], stopped [B*G]) host arrays."""
+        from skyjax.sample.decode import generate
+
+        inputs = self.adapter.prepare([e.record.conversation() for e in examples], [e.images for e in examples],
+                                      self.tokenizer)
+        self.adapter.check(inputs)
+        params = merge_params(state["trainable"], state["frozen"])
+        root = jax.random.fold_in(jax.random.key(self.rollout.seed), self.rollouts)
+        keys = jax.vmap(lambda i: jax.random.fold_in(root, i))(jnp.arange(len(examples)))
+        out = generate(self.adapter, params, inputs, self.sampling(), prompt_keys=keys, check=False)
+        return inputs, *(np.asarray(x) for x in (out.tokens, out.logprobs, out.lengths, out.stopped))
+
+    def score(self, examples, tokens, lengths):
+        """Rewards per completion [B*G] (weighted sum), per component [B*G, K], and the completions' texts."""
+        from skyjax.rl.rewards import Rollout, compute_rewards, weighted_sum
+
+        g = self.rollout.num_generations
+        rows, texts = [], []
+        for r in range(tokens.shape[0]):
+            e = examples[r // g]
+            ids = tokens[r, : lengths[r]].tolist()
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            texts.append(text)
+            rows.append(Rollout(prompt=_prompt_text(self.tokenizer, e.record), completion=text, completion_ids=ids,
+                                images=tuple(e.record.images), answer=e.record.answer,
+                                meta=dict(e.record.meta or {})))
+        table = compute_rewards(self.rewards, rows)
+        return weighted_sum(table, self.weights), table, texts
+
+    def build_batch(self, examples, inputs, tokens, logps, lengths, stopped, advantages, rewards) -> dict:
+        """The training batch [A, b, ...] of B*G completion rows (see the module docstring)."""
+        g, a = self.rollout.num_generations, self.cfg.optimizer.grad_accum
+        ids_p = np.repeat(np.asarray(inputs["input_ids"]), g, axis=0)  # [R, S_p] (left padded)
+        mask_p = np.repeat(np.asarray(inputs["attention_mask"]).astype(bool), g, axis=0)
+        rows, n = tokens.shape
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        live = np.arange(n)[None] < lengths[:, None]  # [R, N]
+        completion = live & (stopped[:, None] if self.rollout.mask_truncated_completions else True)
+        ids = np.concatenate([ids_p, np.where(live, tokens, pad)], axis=1).astype(np.int32)
+        mask = np.concatenate([mask_p, live], axis=1)
+        comp = np.concatenate([np.zeros_like(mask_p), completion], axis=1)
+        old = np.concatenate([np.zeros(mask_p.shape, np.float32), np.where(live, logps, 0.0)], axis=1)
+        if rows % a:
+            raise ConfigError(f"{rows} completion rows (data.batch_size x rollout.num_generations) do not split into "
+                              f"optimizer.grad_accum={a} micro-batches")
+        per = rows // a
+        tiles = self._tiles(inputs, g, per, a)
+        batch = {"input_ids": ids, "attention_mask": mask, "completion": comp, "old_logps": old.astype(np.float32),
+                 "advantages": np.asarray(advantages, np.float32), "rewards": np.nan_to_num(rewards).astype(np.float32),
+                 "lengths": lengths.astype(np.float32), "truncated": (~stopped).astype(np.float32),
+                 "zero_std": self._zero_std(rewards),
+                 "row_weight": np.ones(rows, np.float32)}
+        out = {k: v.reshape(a, per, *v.shape[1:]) for k, v in batch.items()}
+        if tiles is not None:
+            out["vision"] = {"pixel_values": tiles}
+        return out
+
+    def _zero_std(self, rewards) -> np.ndarray:
+        """1 for each completion whose prompt's group rewards are all equal (no learning signal), else 0."""
+        g = self.rollout.num_generations
+        grouped = np.nan_to_num(np.asarray(rewards, np.float64)).reshape(-1, g)
+        return np.repeat(np.ptp(grouped, axis=1) <= 1e-8, g).astype(np.float32)
+
+    def _tiles(self, inputs, g: int, per: int, a: int):
+        """R1V: each micro-batch's rows' tiles in row order (a prompt's tiles once per completion), padded to one
+        tile bucket -> [A, T, 3, s, s]; None for a text-only batch."""
+        pixels = inputs.get("pixel_values")
+        if pixels is None:
+            return None
+        pixels = np.asarray(pixels)
+        counts = np.asarray(inputs["tiles_per_row"]).astype(int)
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        per_row = [pixels[starts[b]:starts[b + 1]] for b in range(len(counts)) for _ in range(g)]  # row r = b*g+k
+        groups = [np.concatenate(per_row[i * per:(i + 1) * per]) for i in range(a)]
+        most = max(max(x.shape[0] for x in groups), 1)
+        size = fit_bucket(most, self.cfg.data.tile_buckets, "tile", "a rollout batch")
+        out = np.zeros((a, size, *pixels.shape[1:]), np.float32)
+        for i, x in enumerate(groups):
+            out[i, : x.shape[0]] = x
+        return out
+
+    def next(self, state: dict) -> tuple[dict, list[str]]:
+        from skyjax.train.losses.advantages import group_advantages
+
+        if self.cached is not None and self.used < self.rollout.num_iterations:
+            self.used += 1
+            return self.cached
+        prompts = next(self.iterator)
+        examples = prompts["prompts"]
+        inputs, tokens, logps, lengths, stopped = self.generate(state, examples)
+        rewards, table, texts = self.score(examples, tokens, lengths)
+        adv, metrics = group_advantages(jnp.asarray(rewards), self.rollout.num_generations,
+                                        self.rollout.scale_rewards)
+        self.rollouts += 1
+        batch = self.build_batch(examples, inputs, tokens, logps, lengths, stopped, np.asarray(adv), rewards)
+        row_ids = [e.row_id for e in examples for _ in range(self.rollout.num_generations)]
+        self.stats = {k: float(v) for k, v in metrics.items()}
+        for k, spec in enumerate(self.cfg.rollout.rewards):
+            col = table[:, k]
+            self.stats[f"rewards/{spec.name}"] = float(np.nanmean(col)) if np.isfinite(col).any() else float("nan")
+        self.last_texts = texts
+        self.cached, self.used = (batch, row_ids), 1
+        return batch, row_ids
+
+    def get_state(self) -> Any:
+        return {"pipeline": self.iterator.get_state(), "rollouts": self.rollouts}
+
+    def set_state(self, saved: Any) -> None:
+        self.iterator.set_state(saved["pipeline"])
+        self.rollouts = int(saved["rollouts"])
+        self.cached, self.used = None, 0
+
+
+def rollout_source(pipeline, bundle: ModelBundle, cfg, trainer=None) -> RolloutSource:
+    if trainer is None:
+        raise ValueError("the rollout source needs the trainer (its mesh and model)")
+    return RolloutSource(pipeline, bundle, cfg, trainer)
+
+
+def grpo_report(sums: dict) -> dict:
+    """Loss terms as averaged by the step; rollout metrics per completion row."""
+    w = max(float(sums["weight"]), 1e-9)
+    rows = max(float(sums["rows"]), 1e-9)
+    out = {k: float(v) / w for k, v in sums.items() if k not in ("weight", "rows") and not k.startswith("rollout/")}
+    out.update({k.split("/", 1)[1]: float(v) / rows for k, v in sums.items() if k.startswith("rollout/")})
+    return out
+
+
+# --- held-out evaluation ----------------------------------------------------------------------------------------------
+
+
+def greedy_eval(trainer, path, *, blank_images: bool = False, max_new_tokens: int | None = None) -> dict:
+    """Held-out greedy accuracy of the current policy on generate rows with answers (skyjax.eval.verifiers), and the
+    mean completion length, with the trainer's parameters on its mesh."""
+    from skyjax.eval.verifiers import verify
+    from skyjax.parallel.rules import use_mesh
+    from skyjax.sample.decode import generate
+    from skyjax.train.pipeline import read_records
+
+    src: RolloutSource = trainer.batches
+    cfg = trainer.cfg
+    records, _ = read_records([path], cfg.data.on_error, kind="generate")
+    sampling = dataclasses.replace(src.sampling(), temperature=0.0, num_samples=1,
+                                   max_new_tokens=max_new_tokens or src.rollout.max_new_tokens)
+    params = merge_params(trainer.state["trainable"], trainer.state["frozen"])
+    correct, lengths = [], []
+    bs = cfg.trainer.eval_batch_size
+    with use_mesh(trainer.mesh):
+        for start in range(0, len(records), bs):
+            chunk = records[start:start + bs]
+            images = [load_images(r, row_location(r), blank_images) for r in chunk]
+            convs = [r.conversation() for r in chunk]
+            n = len(chunk)
+            convs += [convs[0]] * (bs - n)  # one shape for every batch
+            images += [images[0]] * (bs - n)
+            inputs = src.adapter.prepare(convs, images, src.tokenizer)
+            out = generate(src.adapter, params, inputs, sampling, seed=0)
+            toks, lens = np.asarray(out.tokens), np.asarray(out.lengths)
+            for i, r in enumerate(chunk):
+                text = src.tokenizer.decode(toks[i, : lens[i]].tolist(), skip_special_tokens=True)
+                if r.answer is None:
+                    raise BadRowError(f"{row_location(r)}: held-out rows of kind grpo need an 'answer'")
+                correct.append(verify(text, r.answer).correct)
+                lengths.append(int(lens[i]))
+    return {"accuracy": float(np.mean(correct)), "completion_length": float(np.mean(lengths)),
+            "rows": len(records)}
+
+
+def grpo_summary(trainer, evals: dict) -> dict:
+    out: dict[str, Any] = {"eval": evals}
+    if "heldout" in evals:
+        out["heldout_accuracy"] = evals["heldout"]["accuracy"]
+    return out
+
+
+def synthetic_prompts(folder, name, n, **kw):
+    from skyjax.train.mpo_demo import make_prompts
+
+    return make_prompts(folder, name, n, **kw)
+
+
+def abstract_grpo_batch(bundle: ModelBundle, data: DataConfig, micro_batches: int, mesh, hosts: int = 1, **_):
+    raise ConfigError("skyjax aot does not compile the GRPO step yet")

@@ -1,0 +1,79 @@
+"""GRPO's objective (objective.grpo): the clipped surrogate of skyjax.train.losses.policy on rollouts, with an
+optional k3 KL to the frozen reference.
+
+A rollout micro-batch (skyjax.train.grpo) holds, per completion row: the left-padded prompt followed by the sampled
+completion (`input_ids`, `attention_mask` [b, S]), `completion` [b, S] (the completion's tokens that count),
+`old_logps` [b, S] (the sampler's raw log-probs of those tokens, aligned with `completion`), `advantages` [b] and
+`row_weight` [b] (0 for padding rows), plus the policy's image inputs (`vision`). Positions are the count of real
+tokens before each token (R1V) or M-RoPE over the whole row (Qwen2.5-VL): what the sampler used, so at the first
+update of a rollout the policy's log-probs equal `old_logps`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from skyjax.train.config import GRPOObjectiveConfig
+from skyjax.train.global_batch import host_blocks
+from skyjax.train.losses.policy import PolicyLossConfig, grpo_policy_loss
+from skyjax.train.objectives.sft import token_nll
+
+
+def policy_config(cfg: GRPOObjectiveConfig, max_new_tokens: int | None = None) -> PolicyLossConfig:
+    return PolicyLossConfig(loss_type=cfg.loss_type, epsilon_low=cfg.epsilon,
+                            epsilon_high=cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high,
+                            beta=cfg.beta, kl_ratio_correction=cfg.kl_bias_correction, ratio_cap=cfg.delta,
+                            max_completion_length=max_new_tokens)
+
+
+def completion_logps(model, batch: dict, logits_chunk: int = 0) -> jax.Array:
+    """log pi(token) [b, S] of every token from the position before it (0 at position 0), fp32."""
+    ids = batch["input_ids"]
+    vision = dict(batch.get("vision", {}))
+    hosts = host_blocks(batch)
+    if hosts > 1 and vision:
+        vision["feature_blocks"] = hosts
+    hidden, _ = model.hidden_states(ids, attention_mask=batch["attention_mask"], **vision)
+    # position t - 1 predicts token t: shift the hidden states right by one (position 0 predicts nothing)
+    shifted = jnp.concatenate([hidden[:, :1], hidden[:, :-1]], axis=1)
+    nll, _ = token_nll(shifted, model.logits, ids, logits_chunk)
+    return jnp.where(jnp.arange(ids.shape[1])[None] > 0, -nll, 0.0)
+
+
+def grpo_objective(model, batch: dict, cfg: GRPOObjectiveConfig, *, reference=None, state=None):
+    mask = batch["completion"] & (batch["row_weight"][:, None] > 0)
+    logps = completion_logps(model, batch, cfg.logits_chunk)
+    ref_logps = None
+    if cfg.beta:
+        if reference is None:
+            raise ValueError("objective.grpo.beta > 0 needs the reference (kept in the train state)")
+        ref_logps = jax.lax.stop_gradient(completion_logps(reference, batch, cfg.logits_chunk))
+    pcfg = policy_config(cfg, batch["input_ids"].shape[1])
+    weight_rows = jnp.sum((jnp.sum(mask, axis=1) > 0).astype(jnp.float32))
+    tokens = jnp.sum(mask.astype(jnp.float32))
+    # the step averages micro-batches by "weight": tokens for the token-level aggregations, rows otherwise
+    weight = tokens if cfg.loss_type in ("bnpo", "dapo") else weight_rows
+    normalizer = jnp.maximum(tokens, 1.0) if cfg.loss_type == "dapo" else None
+    loss, metrics = grpo_policy_loss(logps, batch["advantages"], mask, pcfg, old_logps=batch["old_logps"],
+                                     ref_logps=ref_logps, token_normalizer=normalizer)
+    keep = ("loss", "policy_loss", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
+    sums = {k: metrics[k] * weight for k in keep if k in metrics}
+    ratio = jnp.exp(jnp.where(mask, logps - batch["old_logps"], 0.0))
+    sums["ratio_max_dev"] = jax.lax.stop_gradient(jnp.max(jnp.where(mask, jnp.abs(ratio - 1.0), 0.0))) * weight
+    sums["weight"] = weight
+    # per completion row (grpo_report divides these by "rows"): what the rollout produced
+    rw = batch["row_weight"].astype(jnp.float32)
+    sums["rows"] = jnp.sum(rw)
+    for key in ("rewards", "lengths", "truncated", "zero_std"):
+        if key in batch:
+            sums[f"rollout/{ROLLOUT_NAMES[key]}"] = jnp.sum(batch[key].astype(jnp.float32) * rw)
+    return loss, sums, state
+
+
+ROLLOUT_NAMES = {"rewards": "reward", "lengths": "completion_length", "truncated": "truncated_fraction",
+                 "zero_std": "frac_reward_zero_std"}
+
+
+def needs_reference(cfg: GRPOObjectiveConfig) -> bool:
+    return bool(cfg.beta)
