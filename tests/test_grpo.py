@@ -41,8 +41,8 @@ def trainer(tmp_path_factory):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = load_config(RunConfig, None, [
         "kind=grpo", "model.source=tiny", "model.tiny_layers=2", "model.tiny_vision_depth=2",
-        "model.tiny_init_std=0.2", f"data.train=[{data}]", "data.batch_size=4", "data.max_tiles=2",
-        "data.tile_buckets=[64]", "optimizer.grad_accum=2", "trainer.steps=2", "trainer.progress=false",
+        "model.tiny_init_std=0.2", f"data.train=[{data}]", "data.batch_size=4", "data.max_tiles=1",
+        "data.tile_buckets=[16]", "optimizer.grad_accum=2", "trainer.steps=2", "trainer.progress=false",
         "trainer.export=false", "trainer.async_checkpointing=false", "mesh.shape=[2,2,2]",
         f"rollout.num_generations={G}", "rollout.max_new_tokens=6", "rollout.temperature=1.0",
         f"rollout.rewards=[{{name: '{__name__}:length_reward', weight: 0.5, options: {{scale: 2.0}}}}]"])
@@ -59,7 +59,7 @@ def test_pi_old_equals_a_fresh_forward_and_advantages_are_the_groups(trainer):
     assert a * b == 4 * G and len(row_ids) == 4 * G
     pads = np.argmax(batch["attention_mask"], axis=-1).reshape(-1)  # left padding before each prompt
     assert len(set(pads.tolist())) > 1  # prompts of different lengths in one batch
-    assert batch["vision"]["pixel_values"].shape[:2] == (a, 64)
+    assert batch["vision"]["pixel_values"].shape[:2] == (a, 16)
     assert batch["completion"].sum() > 0
     model = trainer.fn.bind(merge_params(trainer.state["trainable"], trainer.state["frozen"]))
     worst = 0.0
