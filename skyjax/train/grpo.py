@@ -79,7 +79,11 @@ class RolloutSource:
         self.pipeline, self.iterator = pipeline, iter(pipeline.dataset)
         self.cfg, self.rollout, self.trainer = cfg, cfg.rollout, trainer
         self.tokenizer = bundle.tokenizer
-        self.adapter = adapter_for(bundle.model)
+        # the run's tiling (data.max_tiles), as SFT and MPO tile their images
+        from skyjax.train.sft import vision_format
+
+        self.adapter = dataclasses.replace(adapter_for(bundle.model),
+                                           image_cfg=vision_format(bundle, cfg.data).image_cfg)
         self.model_cfg = bundle.model.config
         try:
             self.rewards = [load_reward(r.name, **r.options) for r in cfg.rollout.rewards]
