@@ -3,6 +3,7 @@
     skyjax bench --out bench.json                          # the settings the issues name (tens of minutes on CPU)
     skyjax bench --quick --out bench_quick.json            # smaller settings, ~2-3 minutes on a 2-core machine
     skyjax bench --only compile,matmul --out c.json        # a subset
+    skyjax bench --only mpo_step --out m.json              # the MPO step against TRL's DPOTrainer as MPO
     skyjax bench --quick --out t.json compile.hidden=256 generate.batch=2   # dotted overrides of any setting
 
 Benchmarks are not tests: each one measures skyjax against a reference measured in the same run on the
@@ -48,10 +49,23 @@ rm_train_step_gpu  Only where JAX's backend is a GPU (otherwise recorded as skip
                 (skyjax.train.bench.run_rm_gpu_bench, GPU_SHAPES), both layouts, against transformers + PyTorch on
                 the same GPU in the same run; `mfu` = the step's jaxpr FLOPs / time / the GPU's dense bf16
                 datasheet peak (GPU_BF16_PEAK), `reference_mfu` the same for PyTorch's step.
+mpo_step        The MPO train step (skyjax.train.mpo_bench.run_mpo_bench): the `kind: mpo` step (DPO 0.8 + BCO 0.2 + SFT
+                1.0, beta 0.1, reference resident in the state) against TRL 1.16's DPOTrainer configured as MPO
+                (loss_type [sigmoid, bco_pair, sft], loss_weights [0.8, 0.2, 1.0], ref_model a resident copy,
+                precompute_ref_log_probs false), timed as transformers' loop runs a step (training_step, clipping,
+                AdamW, scheduler). The same text-only Qwen2 causal LM on both sides (hidden 256 x 4 layers, vocab
+                4096: MPO_BENCH_SHAPES; random weights saved once and loaded by both), fp32, no gradient checkpointing,
+                8 pairs of random tokens (prompt 128-256, responses 32-160 tokens, fixed seed). TRL's batch is its
+                collator's (two rows per pair); skyjax's is the trainer's (one shared-prompt row per pair).
+                bco_delta "none" (TRL's bco_pair), so both compute the same loss: `loss_abs_diff` (first step) and
+                `loss_abs_diff_all_steps` check it. `trl_speedup` = trl_s / skyjax_s (medians of `steps` alternating
+                steps after a warm-up; `compile_s` apart); `layouts.precomputed_reference` is skyjax's
+                reference.precompute step (no reference in the state), `precompute_vs_trl_resident` its ratio to
+                TRL's resident-reference step. `config.setup` states the setup in words.
 
 The JSON has one entry per benchmark (each with its `config`), `matmul_peak_flops_per_s`,
-`rm_train_step_flops_fraction`, `machine` (platform, backend, device kind and count, CPU count, load average,
-jax / torch / transformers versions, XLA_FLAGS), `date`, and `settings` (every setting used, after --quick and
+`rm_train_step_flops_fraction`, `machine` (platform, backend, device kind and count, CPU count, load average at
+the start and at the end, jax / torch / transformers versions, XLA_FLAGS), `date`, and `settings` (every setting used, after --quick and
 overrides). `run_benchmarks(only, settings)` is the same thing as a function.
 """
 
@@ -72,7 +86,7 @@ from typing import Any
 from skyjax.parallel.aot import count_flops  # noqa: F401  (part of this module's interface)
 from skyjax.train.bench import RM_BENCH_FREEZE
 
-BENCHMARKS = ("rm_train_step", "generate", "compile", "matmul", "rm_train_step_gpu", "score")
+BENCHMARKS = ("rm_train_step", "generate", "compile", "matmul", "rm_train_step_gpu", "score", "mpo_step")
 COMPILE_RATIO_LIMIT = 1.5
 
 # The settings the issues name. Every key is a keyword argument of the benchmark's function.
@@ -88,6 +102,9 @@ DEFAULT_SETTINGS: dict[str, dict[str, Any]] = {
                               freeze=list(RM_BENCH_FREEZE)),
     # data: VL-RewardBench's data.jsonl (None: synthetic rows with its length distribution); rows None = all
     "score": dict(rows=None, data=None, reference_rows=None, max_batch_tokens=None, torch_baseline=True),
+    # shapes None: skyjax.train.mpo_bench.MPO_BENCH_SHAPES (Qwen2, hidden 256 x 4 layers, vocab 4096)
+    "mpo_step": dict(pairs=8, steps=5, prompt_len=[128, 256], response_len=[32, 160], shapes=None, seq_multiple=32,
+                     bco_delta="none", lr=1e-6, precompute=True, trl_baseline=True),
 }
 
 # --quick: the same benchmarks, small enough that the whole command takes ~2-3 minutes on 2 CPU cores. The compile
@@ -106,6 +123,10 @@ QUICK_SETTINGS: dict[str, dict[str, Any]] = {
                     layers=[2, 28], repeats=1, dtype="float32", remat="none", warmup=True),
     "rm_train_step_gpu": dict(pairs=2, steps=2, shapes=None, freeze=list(RM_BENCH_FREEZE)),
     "score": dict(rows=200, data=None, reference_rows=100, max_batch_tokens=None, torch_baseline=True),
+    "mpo_step": dict(pairs=2, steps=2, prompt_len=[12, 20], response_len=[4, 10], seq_multiple=8, bco_delta="none",
+                     lr=1e-6, precompute=True, trl_baseline=True,
+                     shapes=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=512)),
 }
 
 
@@ -342,7 +363,17 @@ def run_benchmarks(only=BENCHMARKS, settings: dict | None = None, log=print) -> 
         entry = run_score_bench(**settings["score"], log=log)
         entry["wall_s"] = time.perf_counter() - t
         out["score"] = entry
+    if "mpo_step" in only:
+        from skyjax.train.mpo_bench import run_mpo_bench
+
+        log("mpo_step: the kind: mpo train step, skyjax vs TRL's DPOTrainer configured as MPO")
+        t = time.perf_counter()
+        entry = run_mpo_bench(**settings["mpo_step"], log=log)
+        entry["wall_s"] = time.perf_counter() - t
+        out["mpo_step"] = entry
     out["wall_s"] = time.perf_counter() - t_all
+    if hasattr(os, "getloadavg"):  # the load at the end too: a shared machine's other work shows here
+        out["machine"]["load_average_end"] = list(os.getloadavg())
     return out
 
 
@@ -380,6 +411,17 @@ def table(result: dict) -> str:
                      "-" if r.get("reference_rows_per_s") is None else f"{r['reference_rows_per_s']:.4g}",
                      ("-" if r.get("speedup") is None else f"{r['speedup']:.2f}x faster")
                      + f", {r['compiles']} compiles"))
+    if "mpo_step" in result:
+        r = result["mpo_step"]
+        trl = r.get("trl_s")
+        rows.append(("mpo_step vs TRL (s/step)", f"{r['skyjax_s']:.4g}", "-" if trl is None else f"{trl:.4g}",
+                     "-" if r.get("trl_speedup") is None else f"{r['trl_speedup']:.2f}x faster"))
+        pre = (r.get("layouts") or {}).get("precomputed_reference")
+        if pre:
+            rows.append(("mpo_step reference.precompute (s/step)", f"{pre['skyjax_s']:.4g}",
+                         "-" if trl is None else f"{trl:.4g}",
+                         "-" if r.get("precompute_vs_trl_resident") is None
+                         else f"{r['precompute_vs_trl_resident']:.2f}x (TRL resident)"))
     if "matmul_peak_flops_per_s" in result:
         frac = result.get("rm_train_step_flops_fraction")
         rows.append(("matmul peak (GFLOP/s)", f"{result['matmul_peak_flops_per_s'] / 1e9:.4g}", "-",
@@ -408,6 +450,10 @@ def settings_for(quick: bool, overrides=()) -> dict:
         from skyjax.train.bench import BENCH_SHAPES
 
         base["rm_train_step"]["shapes"] = copy.deepcopy(BENCH_SHAPES)
+    if base["mpo_step"].get("shapes") is None and any(o.startswith("mpo_step.shapes.") for o in overrides):
+        from skyjax.train.mpo_bench import MPO_BENCH_SHAPES
+
+        base["mpo_step"]["shapes"] = copy.deepcopy(MPO_BENCH_SHAPES)
     for item in overrides:
         parts = item.split("=", 1)[0].strip().split(".")
         if len(parts) < 2 or parts[0] not in base or parts[1] not in base[parts[0]]:
@@ -436,10 +482,11 @@ def _cmd_bench(args) -> int:
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
-        "bench", help="run every benchmark (RM train step, generate, compile time, matmul peak) -> JSON + table",
+        "bench", help="run every benchmark (RM train step, generate, compile time, matmul peak, scoring, MPO step) "
+                      "-> JSON + table",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run the project's benchmarks against references measured in the same run (transformers + "
-                    "PyTorch, the machine's matmul peak), write one JSON file and print a table of the ratios.\n\n"
+                    "PyTorch, TRL, the machine's matmul peak), write one JSON file and print a table of the ratios.\n\n"
                     f"benchmarks: {', '.join(BENCHMARKS)}\n\n"
                     "example:\n  skyjax bench --quick --out bench_quick.json\n"
                     "  skyjax bench --out bench.json --only rm_train_step,matmul rm_train_step.pairs=2")

@@ -1,5 +1,6 @@
 """`skyjax bench`: the harness at tiny sizes (every benchmark, its references included), the JSON it writes, --only,
-and the FLOP count it divides by the matmul peak. Timings are never asserted (benchmarks are not tests): only the
+and the FLOP count it divides by the matmul peak. mpo_step (the one that builds a TRL trainer) runs in a test of its
+own, at its --quick settings. Timings are never asserted (benchmarks are not tests): only the
 arithmetic between the recorded numbers and the shape of the result."""
 
 import json
@@ -29,6 +30,7 @@ TINY = {
     "rm_train_step_gpu": dict(pairs=1, steps=1, shapes=TINY_RM_SHAPES),
     "score": dict(rows=3, reference_rows=2),
 }
+BUT_MPO = tuple(b for b in BENCHMARKS if b != "mpo_step")  # mpo_step: test_mpo_step_quick_against_trl
 
 
 def _number(x):
@@ -37,7 +39,7 @@ def _number(x):
 
 @pytest.fixture(scope="module")
 def result():
-    out = run_benchmarks(BENCHMARKS, TINY, log=lambda _: None)
+    out = run_benchmarks(BUT_MPO, TINY, log=lambda _: None)
     return json.loads(json.dumps(out))  # what the JSON file holds
 
 
@@ -74,7 +76,7 @@ def test_every_benchmark_and_its_reference(result):
     m = result["machine"]
     assert m["backend"] == "cpu" and m["device_count"] >= 1 and m["cpu_count"] >= 1
     assert m["jax"] == jax.__version__ and m["torch"] and m["transformers"] and m["device_kind"]
-    assert result["date"][:2] == "20" and result["benchmarks"] == list(BENCHMARKS)
+    assert result["date"][:2] == "20" and result["benchmarks"] == list(BUT_MPO)
     lines = table(result).splitlines()
     assert [line.split()[0] for line in lines[2:]] == ["rm_train_step"] * 2 + ["generate", "compile", "score",
                                                                                 "matmul"]
@@ -122,6 +124,8 @@ def test_settings_and_bad_arguments(capsys):
     assert quick["generate"]["batch"] == 3 and quick["rm_train_step"]["shapes"]["text"]["num_hidden_layers"] == 1
     full = settings_for(False, ["rm_train_step.shapes.vision.depth=2"])  # filled from BENCH_SHAPES first
     assert full["rm_train_step"]["shapes"]["vision"]["depth"] == 2
+    mpo = settings_for(False, ["mpo_step.shapes.num_hidden_layers=2"])["mpo_step"]  # from MPO_BENCH_SHAPES
+    assert mpo["shapes"]["num_hidden_layers"] == 2 and mpo["shapes"]["hidden_size"] == 256
     assert full["rm_train_step"]["shapes"]["text"]["hidden_size"] == 512
     assert full["generate"]["batch"] == 8 and full["generate"]["new_tokens"] == 128
     with pytest.raises(ConfigError, match="not a setting"):
@@ -187,3 +191,33 @@ def test_score_benchmark_on_a_handful_of_rows():
     assert r["speedup"] == pytest.approx(r["skyjax_rows_per_s"] / r["reference_rows_per_s"], rel=1e-9)
     assert r["max_abs_diff"] < 1e-4  # fp32 on both sides
     assert "score (rows/s)" in table(out) and "compiles" in table(out)
+
+
+def test_mpo_step_quick_against_trl():
+    """mpo_step at its --quick settings: skyjax's kind: mpo step and TRL's DPOTrainer as MPO on the same tiny Qwen2
+    and pairs; every figure is recorded and finite, the ratios are the recorded times' ratios, and the two sides'
+    losses agree at every step (the same loss, the same updates)."""
+    pytest.importorskip("trl")
+    settings = settings_for(True)
+    out = json.loads(json.dumps(run_benchmarks(["mpo_step"], settings, log=lambda _: None)))
+    r, quick = out["mpo_step"], settings["mpo_step"]
+    for value in (r["skyjax_s"], r["trl_s"], r["trl_speedup"], r["compile_s"], r["skyjax_pairs_per_s"],
+                  r["trl_pairs_per_s"], r["flops_per_step"], r["precompute_vs_trl_resident"]):
+        assert _number(value), value
+    assert r["trl_speedup"] == pytest.approx(r["trl_s"] / r["skyjax_s"], rel=1e-9)
+    assert r["skyjax_pairs_per_s"] == pytest.approx(quick["pairs"] / r["skyjax_s"], rel=1e-9)
+    assert r["trl_pairs_per_s"] == pytest.approx(quick["pairs"] / r["trl_s"], rel=1e-9)
+    pre = r["layouts"]["precomputed_reference"]
+    assert _number(pre["skyjax_s"]) and _number(pre["compile_s"])
+    assert r["precompute_vs_trl_resident"] == pytest.approx(r["trl_s"] / pre["skyjax_s"], rel=1e-9)
+    assert r["layouts"]["resident_reference"]["skyjax_s"] == r["skyjax_s"]
+    assert all(len(t) == quick["steps"] for t in r["times_s"].values()) and set(r["times_s"]) == {
+        "trl", "resident_reference", "precomputed_reference"}
+    assert r["loss_abs_diff"] < 1e-4 and r["loss_abs_diff_all_steps"] < 1e-4
+    b = r["batch"]
+    assert b["pairs"] == quick["pairs"] == len(b["prompt_tokens"]) and b["skyjax"]["rows"] == quick["pairs"]
+    assert b["trl"]["rows"] == 2 * quick["pairs"] and b["skyjax"]["seq_len"] % quick["seq_multiple"] == 0
+    assert r["config"]["setup"].startswith("text-only Qwen2ForCausalLM") and r["config"]["bco_delta"] == "none"
+    assert r["config"]["model"]["hidden_size"] == 64 and r["config"]["trl"]["trl"]
+    assert out["settings"]["mpo_step"]["pairs"] == quick["pairs"] and out["benchmarks"] == ["mpo_step"]
+    assert [line.split()[0] for line in table(out).splitlines()[2:]] == ["mpo_step"] * 2

@@ -296,8 +296,14 @@ class Qwen2ForCausalLM(nnx.Module):
         out = self.model.embed_tokens.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
         return constrain(out, ("batch", "seq", "vocab"))  # [B, S, V]
 
+    def hidden_states(self, input_ids: jax.Array, **kwargs) -> tuple[jax.Array, KVCache | None]:
+        """Final-norm hidden states [B, S, E] and the cache: the model without its head, as R1V and Qwen2.5-VL have
+        it (so objectives that run the head themselves, e.g. MPO's chunked log-probs, take a text-only policy too).
+        Keyword arguments are Qwen2Model's (attention_mask, positions, branch_ids, cache, ...)."""
+        return self.model(input_ids, **kwargs)
+
     def __call__(self, input_ids: jax.Array, **kwargs) -> tuple[jax.Array, KVCache | None]:
-        hidden, cache = self.model(input_ids, **kwargs)
+        hidden, cache = self.hidden_states(input_ids, **kwargs)
         return self.logits(hidden), cache
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
