@@ -60,14 +60,15 @@ def make_rollout(seed: int, b: int = 6, t: int = 9, token_advantages: bool = Fal
 def trl_grpo(batch: dict, *, loss_type: str, epsilon_low: float, epsilon_high: float, beta: float,
              bias_correction_kl: bool = True, delta: float | None = None, max_completion_length: int = 16,
              grad_accum: int = 1, num_items: float | None = None, num_processes: int = 1,
-             steps_per_generation: int = 1, with_old: bool = True) -> tuple[float, np.ndarray, dict]:
+             steps_per_generation: int = 1, with_old: bool = True, level: str = "token"
+             ) -> tuple[float, np.ndarray, dict]:
     """TRL 1.16's GRPO loss on `batch`: (loss, d loss / d per-token log-probs [b, t], logged metrics)."""
     tr = object.__new__(GRPOTrainer)
     leaf = torch.tensor(batch["logps"], requires_grad=True)
     entropies = torch.tensor(batch["entropies"])
     tr._get_per_token_logps_and_entropies = lambda *args, **kwargs: (leaf, entropies, None)
     tr.top_entropy_quantile, tr.aux_loss_enabled, tr.off_policy_mask_threshold = 1.0, False, None
-    tr.importance_sampling_level, tr.loss_type = "token", loss_type
+    tr.importance_sampling_level, tr.loss_type = level, loss_type
     tr.epsilon_low, tr.epsilon_high, tr.beta = epsilon_low, epsilon_high, beta
     tr.args = types.SimpleNamespace(use_bias_correction_kl=bias_correction_kl, delta=delta,
                                     steps_per_generation=steps_per_generation)
@@ -112,16 +113,23 @@ CASES = [  # (beta, kl ratio correction, two-sided cap, epsilon_high)
 ]
 
 
+@pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
 @pytest.mark.parametrize("beta,kl_correction,cap,eps_high", CASES)
-def test_policy_loss_matches_trl(loss_type, beta, kl_correction, cap, eps_high):
-    """Value, gradient with respect to the per-token log-probs, and the logged metrics equal TRL's."""
+def test_policy_loss_matches_trl(loss_type, beta, kl_correction, cap, eps_high, level):
+    """Value, gradient with respect to the per-token log-probs, and the logged metrics equal TRL's, with one
+    importance ratio per token or per completion (GSPO's sequence level)."""
     batch = make_rollout(seed=zlib.crc32(repr((loss_type, beta, kl_correction, cap, eps_high)).encode()))
+    if level == "sequence":  # per-sequence ratios move less: push every other completion's ratio out of the clip
+        # range on the side its advantage clips (high for A > 0, low for A < 0)
+        push = -0.6 * np.sign(batch["advantages"]) * (np.arange(len(batch["advantages"])) % 2 == 0)
+        batch["old"] = (batch["old"] + push[:, None] * batch["mask"]).astype(np.float32)
     cfg = PolicyLossConfig(loss_type=loss_type, epsilon_low=0.2, epsilon_high=eps_high, beta=beta,
-                           kl_ratio_correction=kl_correction, ratio_cap=cap, max_completion_length=16)
+                           kl_ratio_correction=kl_correction, ratio_cap=cap, max_completion_length=16,
+                           importance_sampling_level=level)
     loss, grad, metrics = skyjax_grpo(batch, cfg)
     t_loss, t_grad, t_metrics = trl_grpo(batch, loss_type=loss_type, epsilon_low=0.2, epsilon_high=eps_high,
-                                         beta=beta, bias_correction_kl=kl_correction, delta=cap)
+                                         beta=beta, bias_correction_kl=kl_correction, delta=cap, level=level)
     close(loss, t_loss)
     close(grad, t_grad)
     assert np.abs(t_grad).max() > 1e-3

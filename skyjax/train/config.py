@@ -197,11 +197,15 @@ class GRPOObjectiveConfig:
     delta: float | None = None  # two-sided GRPO: cap the unclipped ratio
     beta: float = 0.0  # k3 KL to the reference (0: no reference is kept)
     kl_bias_correction: bool = True  # the k3 KL times pi / pi_old (TRL's use_bias_correction_kl)
+    # "token": a ratio per token; "sequence": one per completion, exp(mean log-ratio) (GSPO)
+    importance_sampling_level: Literal["token", "sequence"] = "token"
     logits_chunk: int = 0  # as objective.sft.logits_chunk
 
     def __post_init__(self):
         _non_negative("objective.grpo", self, "epsilon", "beta", "logits_chunk")
         _positive("objective.grpo", self, "epsilon_high", "delta", optional=True)
+        require("objective.grpo.importance_sampling_level", self.importance_sampling_level,
+                self.importance_sampling_level in ("token", "sequence"), "'token' or 'sequence'")
         require("objective.grpo.loss_type", self.loss_type, self.loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"),
                 "grpo, bnpo, dr_grpo or dapo")
 

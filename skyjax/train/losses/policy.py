@@ -30,12 +30,18 @@ class PolicyLossConfig:
     ratio_cap: float | None = None  # two-sided GRPO: cap the unclipped ratio at this value (TRL's `delta`)
     # dr_grpo's fixed divisor per row: the generation cap (max new tokens), not the padded width of the batch
     max_completion_length: int | None = None
+    # "token": one importance ratio per token; "sequence": one per completion, exp of the mean per-token log-ratio
+    # (GSPO; TRL's importance_sampling_level)
+    importance_sampling_level: str = "token"
 
     def __post_init__(self):
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type {self.loss_type!r} is not one of {LOSS_TYPES}")
         if self.loss_type == "dr_grpo" and not self.max_completion_length:
             raise ValueError("loss_type 'dr_grpo' needs max_completion_length (the generation cap)")
+        if self.importance_sampling_level not in ("token", "sequence"):
+            raise ValueError(f"importance_sampling_level {self.importance_sampling_level!r} is not 'token' or "
+                             f"'sequence'")
         if self.epsilon_low < 0 or self.epsilon_high < 0:
             raise ValueError("epsilon_low and epsilon_high must be >= 0")
 
@@ -90,11 +96,14 @@ def grpo_policy_loss(logps: jax.Array, advantages: jax.Array, mask: jax.Array,
     adv = adv[:, None] if adv.ndim == 1 else adv
 
     # padding may hold anything: the log-ratio is zeroed there before exp so it cannot overflow into 0 * inf = NaN
-    ratio = jnp.exp(jnp.where(live, logps - old, 0.0))
+    log_ratio = jnp.where(live, logps - old, 0.0)
+    if cfg.importance_sampling_level == "sequence":  # one ratio per completion [B, 1]: its mean log-ratio
+        log_ratio = (jnp.sum(log_ratio * m, axis=-1) / jnp.maximum(jnp.sum(m, axis=-1), 1.0))[:, None]
+    ratio = jnp.exp(log_ratio)
     clipped = jnp.clip(ratio, 1.0 - cfg.epsilon_low, 1.0 + cfg.epsilon_high)
     if cfg.ratio_cap is not None:
         ratio = jnp.minimum(ratio, cfg.ratio_cap)
-    per_token = -jnp.minimum(ratio * adv, clipped * adv)
+    per_token = jnp.broadcast_to(-jnp.minimum(ratio * adv, clipped * adv), m.shape)
 
     metrics: dict = {}
     if cfg.beta != 0.0:
@@ -128,18 +137,22 @@ def grpo_policy_loss(logps: jax.Array, advantages: jax.Array, mask: jax.Array,
     low = ((ratio_d < 1.0 - cfg.epsilon_low) & (adv < 0)).astype(jnp.float32)
     high = ((ratio_d > 1.0 + cfg.epsilon_high) & (adv > 0)).astype(jnp.float32)
     region = jnp.maximum(low, high)
-    low_rows, has = _row_means(low, m)
-    high_rows, _ = _row_means(high, m)
-    any_rows = jnp.any(has)
-    metrics.update({
-        "loss": jax.lax.stop_gradient(loss),
-        "policy_loss": jax.lax.stop_gradient(policy_loss),
-        "clip_ratio/low_mean": _masked_mean(low, m),
-        "clip_ratio/high_mean": _masked_mean(high, m),
-        "clip_ratio/region_mean": _masked_mean(region, m),
-        "clip_ratio/low_min": jnp.where(any_rows, jnp.min(jnp.where(has, low_rows, jnp.inf)), jnp.nan),
-        "clip_ratio/high_max": jnp.where(any_rows, jnp.max(jnp.where(has, high_rows, -jnp.inf)), jnp.nan),
-    })
+    metrics.update({"loss": jax.lax.stop_gradient(loss), "policy_loss": jax.lax.stop_gradient(policy_loss)})
+    if low.shape[-1] == 1:  # one ratio per completion (sequence level): fractions of completions, as TRL logs them
+        metrics.update({"clip_ratio/low_mean": jnp.mean(low), "clip_ratio/high_mean": jnp.mean(high),
+                        "clip_ratio/region_mean": jnp.mean(region), "clip_ratio/low_min": jnp.min(low),
+                        "clip_ratio/high_max": jnp.max(high)})
+    else:
+        low_rows, has = _row_means(low, m)
+        high_rows, _ = _row_means(high, m)
+        any_rows = jnp.any(has)
+        metrics.update({
+            "clip_ratio/low_mean": _masked_mean(low, m),
+            "clip_ratio/high_mean": _masked_mean(high, m),
+            "clip_ratio/region_mean": _masked_mean(region, m),
+            "clip_ratio/low_min": jnp.where(any_rows, jnp.min(jnp.where(has, low_rows, jnp.inf)), jnp.nan),
+            "clip_ratio/high_max": jnp.where(any_rows, jnp.max(jnp.where(has, high_rows, -jnp.inf)), jnp.nan),
+        })
     if entropies is not None:
         metrics["entropy"] = _masked_mean(jax.lax.stop_gradient(entropies.astype(jnp.float32)), m)
     return loss, metrics

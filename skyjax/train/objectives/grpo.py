@@ -24,7 +24,8 @@ def policy_config(cfg: GRPOObjectiveConfig, max_new_tokens: int | None = None) -
     return PolicyLossConfig(loss_type=cfg.loss_type, epsilon_low=cfg.epsilon,
                             epsilon_high=cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high,
                             beta=cfg.beta, kl_ratio_correction=cfg.kl_bias_correction, ratio_cap=cfg.delta,
-                            max_completion_length=max_new_tokens)
+                            max_completion_length=max_new_tokens,
+                            importance_sampling_level=cfg.importance_sampling_level)
 
 
 def completion_logps(model, batch: dict, logits_chunk: int = 0) -> jax.Array:
