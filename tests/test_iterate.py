@@ -185,3 +185,44 @@ def test_distillation_rebuilds_a_rounds_rows(tmp_path, monkeypatch):
     report = json.loads((tmp_path / "run" / "round_0" / "distill.report.json").read_text())
     assert (report["kept"], report["dropped"]) == (2, 1)
     assert not list((tmp_path / "run" / "round_0").glob("*.partial.jsonl"))
+
+
+def test_score_sources_meta_and_reward_model(tmp_path, monkeypatch):
+    """meta scores through thresholds; reward-model scores (a stand-in scorer) through quantiles, each batch logged
+    so that a scoring stopped after its first batch resumes with the rest only."""
+    from skyjax.eval import scorer as scorer_module
+
+    rows = [{"prompt": f"Q{i}?", "completion": "A" * (i + 1), "meta": {"score": i % 6}} for i in range(12)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = [f"sft.data.train=[{tmp_path / 'train.jsonl'}]", "sft.kind=sft"]
+    cfg = load_config(it.IterateConfig, None, common + ["score.source=meta", "score.levels=thresholds",
+                                                       "score.thresholds=[1,2,3,4,5]"])
+    job = it.IterativeSFT(cfg, tmp_path / "meta")
+    pool = it.read_samples([tmp_path / "train.jsonl"])
+    assert job._levels(1, pool) == {s.key: i % 6 for i, s in enumerate(pool)}
+
+    scored, stop = [], [True]
+
+    class Scorer:  # the RewardScorer protocol the job uses: score_conversations(convs, on_batch=...)
+        def __init__(self, model, **kw):
+            assert model == "rm_folder" and kw["batch_size"] == 64
+
+        def score_conversations(self, convs, on_batch):
+            for start in range(0, len(convs), 5):
+                batch = convs[start: start + 5]
+                scored.append([c.key for c in batch])
+                on_batch([c.key for c in batch], [float(len(c.messages[-1]["content"])) for c in batch])
+                if stop[0]:
+                    raise KeyboardInterrupt
+
+    monkeypatch.setattr(scorer_module, "RewardScorer", Scorer)
+    cfg = load_config(it.IterateConfig, None, common + ["score.source=reward_model", "score.reward_model=rm_folder"])
+    job = it.IterativeSFT(cfg, tmp_path / "rm")
+    with pytest.raises(KeyboardInterrupt):
+        job._levels(1, pool)
+    stop[0] = False
+    levels = job._levels(1, pool)
+    assert scored[1][0] == pool[5].key and len(scored) == 1 + 2  # the first five rows were not scored again
+    assert [levels[s.key] for s in pool] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]  # longer answers score higher
+    saved = read_jsonl(tmp_path / "rm" / "scores.jsonl")
+    assert [r["raw"] for r in saved] == [float(i + 1) for i in range(12)]
