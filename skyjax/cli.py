@@ -13,8 +13,8 @@ from pathlib import Path
 
 # Modules that add their own subcommands (kept light: heavy imports happen inside the command functions).
 COMMAND_MODULES: list[str] = ["skyjax.train.cli", "skyjax.convert.internvl", "skyjax.parallel.cli", "skyjax.sample.cli",
-                               "skyjax.eval.cli", "skyjax.bench", "skyjax.rl.cli",
-                               "skyjax.rl.pairs"]
+                               "skyjax.eval.cli", "skyjax.bench", "skyjax.rl.cli", "skyjax.rl.pairs",
+                               "skyjax.train.iterate"]
 
 
 def _mesh_arg(text: str) -> tuple[int, ...]:

@@ -55,6 +55,17 @@ class JobProgress:
         if self._bar is not None:
             self._bar.update(n)
 
+    def set_description(self, desc: str) -> None:
+        """A new label for the bar (a job of several stages names the one running)."""
+        self.desc = desc
+        if self._bar is not None:
+            self._bar.set_description(desc, refresh=True)
+
+    def set_postfix_str(self, text: str, refresh: bool = True) -> None:
+        """Text after the counts (e.g. the step and loss of a training stage); "" clears it."""
+        if self._bar is not None:
+            self._bar.set_postfix_str(text, refresh=refresh)
+
     def write(self, message: str) -> None:
         """Print a line above the bar (or plainly when there is no bar)."""
         if self._bar is not None:

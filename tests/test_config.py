@@ -103,12 +103,16 @@ def test_every_shipped_run_config_loads():
 
     from skyjax.train.config import RunConfig
 
+    from skyjax.train.iterate_config import IterateConfig
+
     root = Path(__file__).resolve().parents[1] / "configs"
-    paths = sorted(root.glob("demo/*.yaml")) + sorted(root.glob("reward_model/*.yaml"))
+    iterate = root / "demo/iterative_sft.yaml"  # `skyjax iterate`'s config: an SFT run section and the rounds
+    paths = sorted(set(root.glob("demo/*.yaml")) - {iterate}) + sorted(root.glob("reward_model/*.yaml"))
     assert len(paths) >= 5
     for path in paths:
         cfg = load_config(RunConfig, path)
         assert cfg.kind == "reward_model", path
+    assert load_config(IterateConfig, iterate).sft.kind == "sft"
     stage1 = load_config(RunConfig, root / "reward_model/stage1_7b.yaml")
     stage2 = load_config(RunConfig, root / "reward_model/stage2_7b.yaml")
     assert (stage1.optimizer.lr, stage2.optimizer.lr) == (1e-5, 1e-6)  # the paper's two stages

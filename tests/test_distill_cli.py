@@ -70,24 +70,29 @@ def test_heuristic_scores_end_to_end(tmp_path):
     got = read_jsonl(out)
     assert len(got) == len(rows)
     for g, src in zip(got, rows):
-        assert {k: g[k] for k in src} == src  # the input row unchanged
-        d = g["distill"]
+        assert {k: g[k] for k in src if k != "meta"} == {k: v for k, v in src.items() if k != "meta"}
+        assert set(g) == set(src) | {"meta"}  # the scores go under meta: no key the record reader rejects
+        assert {k: v for k, v in g["meta"].items() if k not in ("distill", "repetition_penalty")} == \
+            src.get("meta", {})  # the input's own meta kept
+        parse_record(g, kind="generate")  # reads back as a record (skyjax generate's input)
+        d = g["meta"]["distill"]
+        assert g["meta"]["repetition_penalty"] == d["penalty"]  # where `skyjax generate` reads a row's P
         assert set(d) == {"clarity", "s_v", "s_t", "s_i", "s_v_norm", "s_t_norm", "s_i_norm", "penalty", "judge"}
         assert d["judge"] == "heuristic"
         assert all(0 <= d[k] <= 1 for k in ("clarity", "s_v", "s_t", "s_i", "s_v_norm", "s_t_norm", "s_i_norm"))
         assert 1 <= d["penalty"] <= 2
         assert d["penalty"] == pytest.approx(drlc_penalty(d["s_v_norm"], d["s_t_norm"], d["s_i_norm"]), abs=1e-5)
-    norms = np.array([[g["distill"][k] for k in ("s_v_norm", "s_t_norm", "s_i_norm")] for g in got])
+    norms = np.array([[g["meta"]["distill"][k] for k in ("s_v_norm", "s_t_norm", "s_i_norm")] for g in got])
     np.testing.assert_allclose(norms.min(0), 0, atol=1e-6)  # min-max over the data set
     np.testing.assert_allclose(norms.max(0), 1, atol=1e-6)
-    clar = [g["distill"]["clarity"] for g in got]
+    clar = [g["meta"]["distill"]["clarity"] for g in got]
     assert clar[0] > clar[1] > 0 and clar[0] > clar[2] and clar[3] == 0  # sharp > blurred, small; no image: 0
-    p = [g["distill"]["penalty"] for g in got]
+    p = [g["meta"]["distill"]["penalty"] for g in got]
     assert p[0] == min(p) and p[0] < p[1]  # the hard causal question on a sharp image: the longest chains
     # --alpha 0 turns the penalty off: every row 1
     assert main(["distill", "--data", str(tmp_path / "in.jsonl"), "--out", str(out), "--alpha", "0",
                  "--no-progress"]) == 0
-    assert [g["distill"]["penalty"] for g in read_jsonl(out)] == [1.0] * len(rows)
+    assert [g["meta"]["distill"]["penalty"] for g in read_jsonl(out)] == [1.0] * len(rows)
 
 
 @pytest.mark.parametrize("bad, where, what", [
@@ -205,6 +210,81 @@ def test_self_distill_keep_rewrite_drop_accounting(tmp_path):
     assert bins[0]["mean_tokens"] == pytest.approx(np.mean([lengths[i] for i in low]))
 
 
+class Stop(Exception):
+    """Stands for a kill in the middle of a job."""
+
+
+def test_scoring_resumes_after_a_kill(tmp_path, monkeypatch):
+    """A scoring job killed after its first judged batch keeps that batch in OUT.partial.jsonl; the rerun judges only
+    the rest and writes what one uninterrupted run writes; a partial file of another job is refused."""
+    from skyjax.rl.judge import ProtocolJudge
+
+    rows = make_rows(tmp_path)
+    write_jsonl(tmp_path / "in.jsonl", rows)
+    once, out = tmp_path / "once.jsonl", tmp_path / "out.jsonl"
+    common = ["--data", str(tmp_path / "in.jsonl"), "--batch-size", "2", "--no-progress"]
+    assert main(["distill", "--out", str(once), *common]) == 0
+    judged, score = [], ProtocolJudge.score
+
+    def judging(die: bool):
+        def run(self, queries):
+            if die and judged:
+                raise Stop
+            judged.append([int(q.where.rsplit(":", 1)[1]) for q in queries])
+            return score(self, queries)
+        return run
+
+    monkeypatch.setattr(ProtocolJudge, "score", judging(die=True))
+    with pytest.raises(Stop):
+        main(["distill", "--out", str(out), *common])
+    partial = tmp_path / "out.jsonl.partial.jsonl"
+    assert not out.exists() and len(read_jsonl(partial)) == 1 + 2  # the header, the first batch's two rows
+    judged.clear()
+    monkeypatch.setattr(ProtocolJudge, "score", judging(die=False))
+    assert main(["distill", "--out", str(out), *common]) == 0
+    assert judged == [[3, 4]]  # only the rows the killed job had not judged
+    assert out.read_text() == once.read_text() and not partial.exists()
+    # a partial file of another job (other alpha) is refused with one line
+    write_jsonl(partial, [{"job": {"data": "elsewhere"}}])
+    assert main(["distill", "--out", str(out), *common, "--alpha", "0.5"]) == 2
+
+
+def test_self_distill_resumes_after_a_kill(tmp_path):
+    """Killed during the second batch of chains, the rerun generates only the rows not logged, and OUT and the report
+    equal an uninterrupted run's."""
+    rows = make_rows(tmp_path)
+    write_jsonl(tmp_path / "in.jsonl", rows)
+    plan = {i: {"q": q[:20], "a": a, "ok_rounds": ok} for i, ((_, _, _, q, a), ok)
+            in enumerate(zip(QUESTIONS, [{0}, {2}, set(), {1, 2}]))}
+    from skyjax.rl.cli import run
+
+    def job(out):
+        return build_parser().parse_args(["distill", "--data", str(tmp_path / "in.jsonl"), "--out", str(out),
+                                          "--self-distill", "--batch-size", "2", "--no-progress"])
+
+    calls = []
+    assert run(job(tmp_path / "once.jsonl"), generate_fn=scripted_generator(plan, calls)) == 0
+    first, script = [], scripted_generator(plan, [])
+
+    def dying(requests, rnd):
+        if any(r.key > 2 for r in requests):  # the second batch (input lines 3, 4)
+            raise Stop
+        first.append([r.key for r in requests])
+        return script(requests, rnd)
+
+    out = tmp_path / "sft.jsonl"
+    with pytest.raises(Stop):
+        run(job(out), generate_fn=dying)
+    assert not out.exists() and first[0] == [1, 2]
+    calls = []
+    assert run(job(out), generate_fn=scripted_generator(plan, calls)) == 0
+    assert {r.key for _, reqs in calls for r in reqs} == {3, 4}  # the first batch's rows were not redone
+    assert out.read_text() == (tmp_path / "once.jsonl").read_text()
+    assert (tmp_path / "sft.report.json").read_text().replace("sft.jsonl", "once.jsonl") == \
+        (tmp_path / "once.report.json").read_text()
+    assert not (tmp_path / "sft.jsonl.partial.jsonl").exists()
+
+
 # ------------------------------------------------------------------------------------------------ with a real model
 
 
@@ -311,10 +391,10 @@ def test_model_judge_image_necessity_on_qwen2_5_vl(tmp_path):
     assert main(["distill", "--model", str(folder), "--data", str(tmp_path / "in.jsonl"), "--out", str(out),
                  "--judge", "model", "--mesh", "1,1,1", "--no-progress"]) == 0
     got = read_jsonl(out)
-    nec = [g["distill"]["judge_details"]["image_necessity"] for g in got]
-    assert nec[1] == 0.0 and nec[0] != 0.0 and all(g["distill"]["judge"] == "model" for g in got)
-    s_v = got[0]["distill"]["s_v"]
-    assert s_v == pytest.approx(0.5 * (got[0]["distill"]["clarity"] + 1 / (1 + math.exp(-nec[0]))), abs=1e-5)
+    nec = [g["meta"]["distill"]["judge_details"]["image_necessity"] for g in got]
+    assert nec[1] == 0.0 and nec[0] != 0.0 and all(g["meta"]["distill"]["judge"] == "model" for g in got)
+    s_v = got[0]["meta"]["distill"]["s_v"]
+    assert s_v == pytest.approx(0.5 * (got[0]["meta"]["distill"]["clarity"] + 1 / (1 + math.exp(-nec[0]))), abs=1e-5)
 
 
 def test_row_penalty_r1v_image_rows_and_opened_think(tmp_path):

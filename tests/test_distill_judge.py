@@ -199,9 +199,9 @@ def test_distill_cli_with_endpoint_judge(stub, tmp_path, capsys):
             "--judge-workers", "1", "--no-progress"]
     assert main(args) == 0
     got = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [g["distill"]["judge"] for g in got] == ["endpoint"] * 3
-    assert [g["distill"]["s_i_norm"] for g in got] == [1.0, 0.0, pytest.approx(3 / 8, abs=1e-6)]
-    assert got[0]["distill"]["judge_details"]["integration"] == 9.0
+    assert [g["meta"]["distill"]["judge"] for g in got] == ["endpoint"] * 3
+    assert [g["meta"]["distill"]["s_i_norm"] for g in got] == [1.0, 0.0, pytest.approx(3 / 8, abs=1e-6)]
+    assert got[0]["meta"]["distill"]["judge_details"]["integration"] == 9.0
     # a malformed answer on the second row stops the job with an error naming that row
     stub.requests.clear()
     stub.script = [("ok", GOOD), ("raw", "not json")]
@@ -226,7 +226,7 @@ def test_user_judge_by_dotted_path(tmp_path, monkeypatch, capsys):
     out = tmp_path / "out.jsonl"
     common = ["distill", "--data", str(tmp_path / "in.jsonl"), "--out", str(out), "--no-progress", "--judge"]
     assert main(common + ["my_judges:LengthJudge"]) == 0
-    got = [json.loads(line)["distill"] for line in out.read_text().splitlines()]
+    got = [json.loads(line)["meta"]["distill"] for line in out.read_text().splitlines()]
     assert [g["judge"] for g in got] == ["my_judges:LengthJudge"] * 2
     assert [g["s_v"] for g in got] == [0.5, 0.0] and [g["s_t"] for g in got] == [4, 21]
     assert [g["s_i_norm"] for g in got] == [0.0, 1.0]

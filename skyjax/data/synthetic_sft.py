@@ -16,13 +16,17 @@ import json
 from pathlib import Path
 
 import numpy as np
+from PIL import ImageFilter
 
 from skyjax.data.synthetic import QUESTIONS, SYSTEM, draw_scene, prepare_folder
 
 
 def make_sft_records(folder: str | Path, name: str, n: int, *, seed: int, image_size: int = 56,
-                     tasks=("colour", "shape", "position")) -> Path:
-    """Write `name`.jsonl (+ PNGs under images/) with n SFT rows; returns the JSONL path."""
+                     tasks=("colour", "shape", "position"), blur: float = 0.0) -> Path:
+    """Write `name`.jsonl (+ PNGs under images/) with n SFT rows; returns the JSONL path. `blur` > 0 blurs each
+    image with a Gaussian of radius drawn uniformly from [0, blur] px, independently of its answer (images of
+    varying sharpness, for quality scores such as skyjax.rl.distill.image_clarity); 0 leaves the rows exactly as
+    without it."""
     folder = prepare_folder(folder, tasks)
     rng = np.random.RandomState(seed)
     out = folder / f"{name}.jsonl"
@@ -36,6 +40,8 @@ def make_sft_records(folder: str | Path, name: str, n: int, *, seed: int, image_
             else:
                 question, answers = QUESTIONS[task]
                 image, right = draw_scene(rng, task, image_size)
+                if blur > 0:
+                    image = image.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.0, blur))))
                 rel = f"images/{name}_{i:06d}.png"
                 image.save(folder / rel)
                 answer, images = answers[right], [rel]

@@ -2,9 +2,11 @@
 
 Scores every row (image clarity, S_v, S_t, S_I from a judge), min-max normalises them over the file and computes the
 row's sampling repetition penalty P = min(2, exp(alpha * (1 - (S_v + beta*S_t + gamma*S_I) / (1 + beta + gamma)))).
-Without --self-distill each output row is the input row plus a "distill" object. With --self-distill the model
-samples <think> chains with each row's P, keeps the verified ones, resamples wrong rows with the answer hinted (up to
---max-rewrites times) and writes SFT records, plus OUT's report (.report.json beside it). See docs/distill.md.
+Without --self-distill each output row is the input row with the scores in meta.distill and P in
+meta.repetition_penalty (what `skyjax generate` reads). With --self-distill the model samples <think> chains with each
+row's P, keeps the verified ones, resamples wrong rows with the answer hinted (up to --max-rewrites times) and writes
+SFT records, plus OUT's report (.report.json beside it). A stopped job resumes: rerun the same command (finished rows
+are kept in OUT.partial.jsonl). See docs/distill.md.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ EXAMPLE = """example:
 
 input line:  {"images": ["img/incline.png"], "prompt": "Why does the block slide?", "answer": "B",
               "meta": {"choices": ["...", "..."]}}
-output line: the input plus "distill": {"clarity", "s_v", "s_t", "s_i", "s_v_norm", "s_t_norm", "s_i_norm",
-              "penalty", "judge"} (scoring only), or an SFT record {"prompt", "completion", ...} (--self-distill)"""
+output line: the input with "meta": {..., "distill": {"clarity", "s_v", "s_t", "s_i", "s_v_norm", "s_t_norm",
+              "s_i_norm", "penalty", "judge"}, "repetition_penalty": P} (scoring only), or an SFT record
+              {"prompt", "completion", ...} (--self-distill)"""
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -115,7 +118,7 @@ def _model_generate_fn(args, loaded, tokenizer, adapter):
 
 def run(args, generate_fn=None) -> int:
     """The command; `generate_fn` replaces the model's generator (tests script the chains with it)."""
-    from skyjax.rl.distill_run import read_rows, score_rows, self_distill
+    from skyjax.rl.distill_run import distill_file, read_rows
     from skyjax.rl.judge import make_judge
 
     if args.batch_size < 1:
@@ -165,22 +168,18 @@ def run(args, generate_fn=None) -> int:
                 from skyjax.parallel import use_mesh
 
                 stack.enter_context(use_mesh(mesh))
-            scores = score_rows(rows, judge, config, args.batch_size, tick)
-            if not args.self_distill:
-                with open(args.out, "w", encoding="utf-8") as f:
-                    for r, s in zip(rows, scores):
-                        f.write(json.dumps({**r.obj, "distill": s}, ensure_ascii=False) + "\n")
-                _log(f"wrote {len(rows)} scored rows to {args.out} in {time.time() - t0:.1f}s")
-                return 0
-            if generate_fn is None:
+            if args.self_distill and generate_fn is None:
                 generate_fn = _model_generate_fn(args, loaded, tokenizer, adapter)
-            with open(args.out, "w", encoding="utf-8") as f:
-                report = self_distill(rows, scores, generate_fn, f, max_rewrites=args.max_rewrites,
-                                      batch_size=args.batch_size, choices_key=args.choices_key,
-                                      quantiles=args.quantiles, tick=tick)
+            report = distill_file(rows, judge, config, args.out, job=job_of(args, judge.name),
+                                  generate_fn=generate_fn if args.self_distill else None,
+                                  max_rewrites=args.max_rewrites, batch_size=args.batch_size,
+                                  choices_key=args.choices_key, quantiles=args.quantiles, tick=tick)
     finally:
         if bar is not None:
             bar.close()
+    if not args.self_distill:
+        _log(f"wrote {len(rows)} scored rows to {args.out} in {time.time() - t0:.1f}s")
+        return 0
     report = {"data": str(args.data), "out": str(args.out), "judge": judge.name,
               "alpha": config.alpha, "beta": config.beta, "gamma": config.gamma, **report}
     report_path(args.out).write_text(json.dumps(report, indent=2) + "\n")
@@ -188,3 +187,20 @@ def run(args, generate_fn=None) -> int:
          f"wrote {report['kept'] + report['rewritten']} SFT records to {args.out} and {report_path(args.out)} "
          f"in {time.time() - t0:.1f}s")
     return 0
+
+
+def job_of(args, judge_name: str) -> dict:
+    """What a resumed job must share with the one that wrote OUT.partial.jsonl: the input file, the judge and the
+    DRLC weights, and with --self-distill the model and every setting that changes a chain (not --batch-size, not
+    --quantiles: sampling is keyed by input line, the report is computed at the end)."""
+    from skyjax.eval.score_log import file_identity
+
+    job = {**file_identity(args.data), "judge": judge_name, "judge_url": args.judge_url,
+           "judge_model": args.judge_model, "judge_rate": args.judge_rate,
+           "alpha": args.alpha, "beta": args.beta, "gamma": args.gamma, "self_distill": args.self_distill}
+    if args.self_distill:
+        job.update(model=None if args.model is None else str(Path(args.model).resolve()),
+                   max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                   top_k=args.top_k, num_samples=args.num_samples, max_rewrites=args.max_rewrites, seed=args.seed,
+                   choices_key=args.choices_key, stop_token_ids=args.stop_token_ids, dtype=args.dtype)
+    return job

@@ -3,6 +3,7 @@
     rows = read_rows(path)                                  records + decoded images; errors name file:line
     scores = score_rows(rows, judge, DRLCConfig(...))       clarity, S_v, S_t, S_I, normalised, penalty P
     report = self_distill(rows, scores, generate_fn, ...)   <think> chains sampled with P, verified, rewritten
+    report = distill_file(rows, judge, config, out, job=...)  the two above, resumable: what `skyjax distill` runs
 
 `generate_fn(requests, round) -> [[Completion] * G per request]` is the only model-facing part of self-distillation:
 `model_generator` (skyjax.rl.generation) builds it on `skyjax.sample.decode.generate` (each request's P is its row's
@@ -11,7 +12,9 @@ repetition penalty, in one batch); tests pass a scripted one to check the keep /
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +24,7 @@ import numpy as np
 
 from skyjax.rl.distill import DRLCConfig, drlc_penalty, minmax_normalise
 from skyjax.rl.generation import Completion, GenerateFn, GenRequest, model_generator  # noqa: F401
-from skyjax.rl.judge import Judge, Query
+from skyjax.rl.judge import Judge, JudgeScores, Query
 
 THINK_INSTRUCTION = ("\n\nThink step by step inside <think> and </think> before answering. The last line of your "
                      "response should follow this format: 'Answer: \\boxed{$FINAL_ANSWER}'. Avoid repeating steps "
@@ -88,32 +91,60 @@ def read_rows(path: Path) -> list[Row]:
     return rows
 
 
-def score_rows(rows: Sequence[Row], judge: Judge, config: DRLCConfig = DRLCConfig(), batch_size: int = 8,
-               tick: Callable[[int], None] = lambda n: None) -> list[dict]:
-    """One `distill` dict per row: raw scores from the judge, min-max normalised over `rows`, the DRLC penalty."""
-    raw = []
+def judge_rows(rows: Sequence[Row], judge: Judge, batch_size: int = 8,
+               tick: Callable[[int], None] = lambda n: None,
+               on_batch: Callable[[Sequence[Row], list[JudgeScores]], None] | None = None) -> list[JudgeScores]:
+    """The judge's raw scores of every row, in batches of `batch_size`; `on_batch(rows, scores)` after each."""
+    raw: list[JudgeScores] = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start: start + batch_size]
         queries = [Query(r.question, r.images, r.record.answer, tuple(r.record.conversation()), r.where)
                    for r in chunk]
-        raw.extend(judge.score(queries))
+        scores = list(judge.score(queries))
+        if len(scores) != len(chunk):
+            raise ValueError(f"{chunk[0].where}: the {judge.name} judge returned {len(scores)} scores for "
+                             f"{len(chunk)} rows")
+        raw.extend(scores)
+        if on_batch is not None:
+            on_batch(chunk, scores)
         tick(len(chunk))
-    table = np.array([[s.s_v, s.s_t, s.s_i] for s in raw], np.float64)
+    return raw
+
+
+def drlc_scores(rows: Sequence[Row], raw: Sequence[JudgeScores], judge_name: str,
+                config: DRLCConfig = DRLCConfig()) -> list[dict]:
+    """One `distill` dict per row: the raw scores, min-max normalised over `rows`, the DRLC penalty."""
+    table = np.array([[s.s_v, s.s_t, s.s_i] for s in raw], np.float64).reshape(-1, 3)
     bad = np.argwhere(~np.isfinite(table))
     if bad.size:
-        raise ValueError(f"{rows[bad[0][0]].where}: the {judge.name} judge gave a non-finite score")
+        raise ValueError(f"{rows[bad[0][0]].where}: the {judge_name} judge gave a non-finite score")
     norm = minmax_normalise(table)
     penalty = np.atleast_1d(drlc_penalty(norm[:, 0], norm[:, 1], norm[:, 2], config.alpha, config.beta,
                                          config.gamma, config.cap))
     out = []
     for s, n, p in zip(raw, norm, penalty):
         d = {"clarity": s.clarity, "s_v": s.s_v, "s_t": s.s_t, "s_i": s.s_i, "s_v_norm": float(n[0]),
-             "s_t_norm": float(n[1]), "s_i_norm": float(n[2]), "penalty": float(p), "judge": judge.name}
+             "s_t_norm": float(n[1]), "s_i_norm": float(n[2]), "penalty": float(p), "judge": judge_name}
         d = {k: round(v, 6) if isinstance(v, float) else v for k, v in d.items()}
         if s.details:
             d["judge_details"] = dict(s.details)
         out.append(d)
     return out
+
+
+def score_rows(rows: Sequence[Row], judge: Judge, config: DRLCConfig = DRLCConfig(), batch_size: int = 8,
+               tick: Callable[[int], None] = lambda n: None) -> list[dict]:
+    """One `distill` dict per row: raw scores from the judge, min-max normalised over `rows`, the DRLC penalty."""
+    return drlc_scores(rows, judge_rows(rows, judge, batch_size, tick), judge.name, config)
+
+
+def scored_row(row: Row, scores: dict) -> dict:
+    """The output row of scoring only: the input row with `meta.distill` (the scores) and `meta.repetition_penalty`
+    (P, where `skyjax generate` reads a row's penalty), so the file reads back as records of every kind."""
+    meta = dict(row.obj.get("meta") or {})
+    meta["distill"] = scores
+    meta["repetition_penalty"] = scores["penalty"]
+    return {**row.obj, "meta": meta}
 
 
 # ------------------------------------------------------------------------------------------------ self-distillation
@@ -173,6 +204,7 @@ def sft_record(row: Row, scores: dict, c: Completion, source: str, attempts: int
     may live in another folder than the input."""
     meta = dict(row.record.meta or {})
     meta["distill"] = {**scores, "source": source, "attempts": attempts, "num_tokens": c.num_tokens}
+    meta["repetition_penalty"] = scores["penalty"]  # the P the chain was sampled with, where `generate` reads it
     out: dict[str, Any] = {}
     if row.record.images:
         out["images"] = list(row.record.images)
@@ -183,23 +215,45 @@ def sft_record(row: Row, scores: dict, c: Completion, source: str, attempts: int
     return out
 
 
-def self_distill(rows: Sequence[Row], scores: Sequence[dict], generate_fn: GenerateFn, out_file: TextIO, *,
-                 max_rewrites: int = 2, batch_size: int = 8, choices_key: str = "choices", quantiles: int = 4,
-                 tick: Callable[[int], None] = lambda n: None) -> dict:
+@dataclass(frozen=True)
+class RowResult:
+    """What self-distillation made of one row: `outcome` kept / rewritten / dropped, the chain's tokens (NaN when
+    dropped), the samples generated for the row, and the SFT record written (None when dropped)."""
+
+    line: int
+    outcome: str
+    num_tokens: float
+    samples: int
+    record: dict | None
+
+    def to_json(self) -> dict:
+        return {"line": self.line, "outcome": self.outcome,
+                "num_tokens": None if not np.isfinite(self.num_tokens) else self.num_tokens,
+                "samples": self.samples, "record": self.record}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "RowResult":
+        tokens = d.get("num_tokens")
+        return cls(int(d["line"]), str(d["outcome"]), float("nan") if tokens is None else float(tokens),
+                   int(d["samples"]), d.get("record"))
+
+
+def distill_chains(rows: Sequence[Row], scores: Sequence[dict], generate_fn: GenerateFn, *, max_rewrites: int = 2,
+                   batch_size: int = 8, choices_key: str = "choices", tick: Callable[[int], None] = lambda n: None,
+                   on_batch: Callable[[list[RowResult]], None] = lambda results: None) -> list[RowResult]:
     """Sample chains with each row's penalty, keep verified ones, resample wrong rows with the answer hinted up to
-    `max_rewrites` times, append SFT records to `out_file` batch by batch. Returns the report dict."""
+    `max_rewrites` times; `on_batch(results)` after each batch of `batch_size` rows. Returns every row's result."""
     if max_rewrites < 0:
         raise ValueError(f"--max-rewrites must be >= 0, got {max_rewrites}")
     missing = [r.where for r in rows if not r.record.answer]
     if missing:
         raise ValueError(f"{missing[0]}: self-distillation needs each row's 'answer' ({len(missing)} row(s) lack one)")
-    outcome: list[str] = []
-    tokens: list[float] = []
-    samples = 0
+    results: list[RowResult] = []
     for start in range(0, len(rows), batch_size):
         chunk, chunk_scores = rows[start: start + batch_size], scores[start: start + batch_size]
         convs = [r.record.conversation() for r in chunk]
         chosen: list[tuple[Completion, str, int] | None] = [None] * len(chunk)
+        samples = [0] * len(chunk)
         for rnd in range(max_rewrites + 1):
             todo = [i for i in range(len(chunk)) if chosen[i] is None]
             if not todo:
@@ -207,11 +261,11 @@ def self_distill(rows: Sequence[Row], scores: Sequence[dict], generate_fn: Gener
             reqs = [GenRequest(with_instruction(convs[i], THINK_INSTRUCTION if rnd == 0 else
                                                 HINT_INSTRUCTION.format(answer=chunk[i].record.answer)),
                                chunk[i].images, chunk_scores[i]["penalty"], chunk[i].line) for i in todo]
-            results = generate_fn(reqs, rnd)
-            if len(results) != len(reqs):
-                raise RuntimeError(f"the generator returned {len(results)} results for {len(reqs)} prompts")
-            for i, comps in zip(todo, results):
-                samples += len(comps)
+            generated = generate_fn(reqs, rnd)
+            if len(generated) != len(reqs):
+                raise RuntimeError(f"the generator returned {len(generated)} results for {len(reqs)} prompts")
+            for i, comps in zip(todo, generated):
+                samples[i] += len(comps)
                 row = chunk[i]
                 for c in comps:  # the first verified sample; sample order is the generator's (seeded) order
                     try:
@@ -221,18 +275,103 @@ def self_distill(rows: Sequence[Row], scores: Sequence[dict], generate_fn: Gener
                     if ok:
                         chosen[i] = (c, "kept" if rnd == 0 else "rewritten", rnd + 1)
                         break
-        for row, sc, pick in zip(chunk, chunk_scores, chosen):
+        batch = []
+        for row, sc, pick, n in zip(chunk, chunk_scores, chosen, samples):
             if pick is None:
-                outcome.append("dropped")
-                tokens.append(float("nan"))
+                batch.append(RowResult(row.line, "dropped", float("nan"), n, None))
                 continue
             c, source, attempts = pick
-            outcome.append(source)
-            tokens.append(float(c.num_tokens))
-            out_file.write(json.dumps(sft_record(row, sc, c, source, attempts), ensure_ascii=False) + "\n")
-        out_file.flush()
+            batch.append(RowResult(row.line, source, float(c.num_tokens), n,
+                                   sft_record(row, sc, c, source, attempts)))
+        on_batch(batch)
+        results.extend(batch)
         tick(len(chunk))
-    return build_report(outcome, [s["penalty"] for s in scores], tokens, samples, quantiles, max_rewrites)
+    return results
+
+
+def self_distill(rows: Sequence[Row], scores: Sequence[dict], generate_fn: GenerateFn, out_file: TextIO, *,
+                 max_rewrites: int = 2, batch_size: int = 8, choices_key: str = "choices", quantiles: int = 4,
+                 tick: Callable[[int], None] = lambda n: None) -> dict:
+    """`distill_chains`, appending the SFT records to `out_file` batch by batch. Returns the report dict."""
+    def write(results: list[RowResult]) -> None:
+        for r in results:
+            if r.record is not None:
+                out_file.write(json.dumps(r.record, ensure_ascii=False) + "\n")
+        out_file.flush()
+
+    results = distill_chains(rows, scores, generate_fn, max_rewrites=max_rewrites, batch_size=batch_size,
+                             choices_key=choices_key, tick=tick, on_batch=write)
+    return report_of(results, scores, quantiles, max_rewrites)
+
+
+def report_of(results: Sequence[RowResult], scores: Sequence[dict], quantiles: int, max_rewrites: int) -> dict:
+    return build_report([r.outcome for r in results], [s["penalty"] for s in scores],
+                        [r.num_tokens for r in results], sum(r.samples for r in results), quantiles, max_rewrites)
+
+
+# --------------------------------------------------------------------------------------------- the resumable job
+
+
+def distill_file(rows: Sequence[Row], judge: Judge, config: DRLCConfig, out: Path, *, job: dict,
+                 generate_fn: GenerateFn | None = None, max_rewrites: int = 2, batch_size: int = 8,
+                 choices_key: str = "choices", quantiles: int = 4,
+                 tick: Callable[[int], None] = lambda n: None) -> dict:
+    """Score `rows` and (with a `generate_fn`) self-distill them into `out`, resumably: every judged batch's raw
+    scores and every distilled batch's results are appended to `OUT.partial.jsonl` (header: `job`, what must match
+    to resume) as they finish; a rerun skips the rows found there (by input line) and continues. Sampling is keyed
+    by (seed, round, line), so a resumed job writes what an uninterrupted one would. At the end `out` is written in
+    input order (scored rows, or the SFT records of kept and rewritten rows) and the log is removed.
+
+    Returns {"rows": n} after scoring only, else the self-distillation report."""
+    from skyjax.eval.score_log import JobLog, partial_path
+
+    log = JobLog(partial_path(out), job)
+    raw: dict[int, JudgeScores] = {}
+    chains: dict[int, RowResult] = {}
+    try:
+        for entry in log.open():
+            if "raw" in entry:
+                raw[int(entry["line"])] = JudgeScores(**entry["raw"])
+            elif "chain" in entry:
+                chains[int(entry["line"])] = RowResult.from_json(entry["chain"])
+        tick(len(raw))
+
+        def judged(chunk: Sequence[Row], scores: list[JudgeScores]) -> None:
+            raw.update({r.line: s for r, s in zip(chunk, scores)})
+            log.write({"line": r.line, "raw": dataclasses.asdict(s)} for r, s in zip(chunk, scores))
+
+        # the judges score each row on its own, so rows judged in a resumed job score as in one pass; the
+        # normalisation runs over every row at the end
+        judge_rows([r for r in rows if r.line not in raw], judge, batch_size, tick, on_batch=judged)
+        scores = drlc_scores(rows, [raw[r.line] for r in rows], judge.name, config)
+        tmp = out.with_name(out.name + ".tmp")
+        if generate_fn is None:
+            with open(tmp, "w", encoding="utf-8") as f:
+                for r, s in zip(rows, scores):
+                    f.write(json.dumps(scored_row(r, s), ensure_ascii=False) + "\n")
+            os.replace(tmp, out)
+            log.finish()
+            return {"rows": len(rows)}
+        tick(sum(1 for r in rows if r.line in chains))
+
+        def distilled(results: list[RowResult]) -> None:
+            chains.update({x.line: x for x in results})
+            log.write({"line": x.line, "chain": x.to_json()} for x in results)
+
+        todo = [i for i, r in enumerate(rows) if r.line not in chains]
+        distill_chains([rows[i] for i in todo], [scores[i] for i in todo], generate_fn, max_rewrites=max_rewrites,
+                       batch_size=batch_size, choices_key=choices_key, tick=tick, on_batch=distilled)
+        results = [chains[r.line] for r in rows]
+        with open(tmp, "w", encoding="utf-8") as f:
+            for x in results:
+                if x.record is not None:
+                    f.write(json.dumps(x.record, ensure_ascii=False) + "\n")
+        os.replace(tmp, out)
+        report = report_of(results, scores, quantiles, max_rewrites)
+        log.finish()
+        return report
+    finally:
+        log.close()
 
 
 def build_report(outcome: Sequence[str], penalties: Sequence[float], tokens: Sequence[float], samples: int,
