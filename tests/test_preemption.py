@@ -272,6 +272,8 @@ def test_two_processes_stop_at_one_step_on_one_sigterm_resume_and_restore_on_one
         assert "SIGTERM on another process" in errs[0] and "already stopping" in errs[1]
         assert not any((run / name).exists() for name in ("checkpoint", "summary.json"))
         no_leftovers(run)
+        # each process wrote the same synthetic rows into its own folder (none read a file another was writing)
+        assert (run / "data-process1" / "train.jsonl").read_text() == (run / "data" / "train.jsonl").read_text()
 
         started += (job := two_processes(run, [f"trainer.steps={step + 1}", "trainer.save_every=2"], "rerun"))
         codes = wait_all(job)

@@ -137,7 +137,10 @@ class Trainer:
         data = self.cfg.data
         if data.synthetic is None:
             return [Path(p) for p in data.train], [Path(p) for p in data.eval]
-        syn, folder, make = data.synthetic, self.run_dir / "data", self.task.make_synthetic
+        # every process writes the (seeded, identical) synthetic data, each into its own folder: processes sharing a
+        # disk would otherwise rewrite the file another one is reading
+        folder = self.run_dir / ("data" if self.lead else f"data-process{jax.process_index()}")
+        syn, make = data.synthetic, self.task.make_synthetic
         kw = dict(seed=syn.seed, image_size=syn.image_size, tasks=tuple(syn.tasks))
         train = make(folder, "train", syn.train, **kw)
         heldout = make(folder, "heldout", syn.heldout, **{**kw, "seed": syn.seed + 1})
