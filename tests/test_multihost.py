@@ -5,7 +5,9 @@ assembled into the global batch, and the objective on it equals the objective on
 scores, summed metrics), for the reward model and for SFT (R1V tiles, Qwen2.5-VL patches). Then a real two-process
 job (jax.distributed on localhost, gloo CPU collectives, 4 CPU devices each): each process reads its half of the pairs
 and `to_device` assembles the global batch on the (2, 2, 2) mesh; the scores equal one process with 8 devices. The
-same with the real Trainer for 2 steps is opt-in (SKYJAX_TEST_MULTIPROCESS_TRAINER=1: about 2 minutes on 2 cores).
+same with the real Trainer for 2 steps, compared with one process, is opt-in (SKYJAX_TEST_MULTIPROCESS_TRAINER=1: about 2
+minutes on 2 cores); the two-process `skyjax train` that is preempted, resumes and restores onto one process runs in
+CI (tests/test_preemption.py).
 """
 
 import dataclasses

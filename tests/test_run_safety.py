@@ -165,6 +165,17 @@ def test_config_values_are_checked_with_the_key_and_range(tmp_path, monkeypatch)
     assert code == 2 and not (tmp_path / "r").exists()
 
 
+def test_each_process_makes_its_share_of_the_mesh_devices(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert cpu_devices_for(MeshConfig((2, 2, 2))) == 8
+    assert cpu_devices_for(MeshConfig((2, 2, 2)), processes=2) == 4  # was 16 each: "16 are available"
+    assert cpu_devices_for(MeshConfig((2, 2, 2), num_slices=2), processes=4) == 4
+    assert cpu_devices_for(MeshConfig((-1, 2, 2)), processes=2) == 2  # 2 cores each, 4 in all: [1, 2, 2]
+    assert cpu_devices_for(MeshConfig((-1, 3, 1)), processes=2) == 3  # rounded up so that 3 divides the 6
+    with pytest.raises(MeshError, match=r"mesh\.shape \[1, 3, 1\] = 3 devices do not split over 2 processes"):
+        cpu_devices_for(MeshConfig((1, 3, 1)), processes=2)
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
     from skyjax.convert.checkpoint import load_model, save_checkpoint
     from skyjax.train.config import ModelConfig

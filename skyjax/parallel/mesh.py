@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from typing import Callable, Sequence
 
 import jax
@@ -69,25 +70,61 @@ class MeshConfig:
         return shape
 
 
-def cpu_devices_for(config: MeshConfig) -> int:
-    """How many CPU devices a CPU-only run of `config` gets: the product of a fully given shape; with a -1 entry,
-    the host's cores (at most MAX_AUTO_CPU_DEVICES) rounded up to a multiple of the fixed entries, so the -1 axis
-    spans several devices the way it would on an accelerator host. Times the number of slices."""
+def cpu_devices_for(config: MeshConfig, processes: int = 1) -> int:
+    """How many CPU devices each of `processes` processes of a CPU-only run of `config` gets.
+
+    A fully given shape: its product times the number of slices, split evenly over the processes (a MeshError if it
+    does not split). With a -1 entry, on one process: the host's cores (at most MAX_AUTO_CPU_DEVICES) rounded up to a
+    multiple of the fixed entries, so the -1 axis spans several devices the way it would on an accelerator host,
+    times the number of slices; on several: each process's cores rounded up so that all processes' devices together
+    split into the slices and the fixed entries."""
     known = math.prod(s for s in config.shape if s != -1)
     if -1 not in config.shape:
-        return known * config.num_slices
+        total = known * config.num_slices
+        if total % processes:
+            raise MeshError(f"mesh.shape {list(config.shape)}"
+                            + (f" x mesh.num_slices={config.num_slices}" if config.num_slices > 1 else "")
+                            + f" = {total} devices do not split over {processes} processes: use a shape whose "
+                              f"device count is a multiple of {processes}, or -1 for one axis")
+        return total // processes
     cores = min(os.cpu_count() or 1, MAX_AUTO_CPU_DEVICES)
-    return known * max(1, math.ceil(cores / known)) * config.num_slices
+    if processes == 1:
+        return known * max(1, math.ceil(cores / known)) * config.num_slices
+    step = known * config.num_slices // math.gcd(known * config.num_slices, processes)  # devices * processes divide
+    return step * max(1, math.ceil(cores / step))
 
 
-def expose_cpu_devices(config: MeshConfig) -> None:
-    """Before the JAX backend starts: give the CPU platform `cpu_devices_for(config)` devices (or more if already
-    asked for: XLA_FLAGS / jax_num_cpu_devices). Harmless on TPU/GPU hosts, whose meshes use the accelerators; a
-    no-op once a backend is up (a notebook, the tests), which keeps the devices that exist."""
+def job_processes() -> int:
+    """The number of processes of this job, known before any JAX backend starts: jax.distributed's, once it is
+    initialised (skyjax.parallel.distributed.initialize_from_environment), else 1."""
     try:
-        jax.config.update("jax_num_cpu_devices", max(cpu_devices_for(config), jax.config.jax_num_cpu_devices or 1))
+        from jax._src import distributed
+
+        return distributed.global_state.num_processes or 1
+    except (ImportError, AttributeError):  # pragma: no cover  (another JAX layout)
+        return 1
+
+
+def expose_cpu_devices(config: MeshConfig, processes: int | None = None) -> None:
+    """Before the JAX backend starts: give the CPU platform `cpu_devices_for(config, processes)` devices in this
+    process (or more if already asked for: `asked_cpu_devices`), `processes` defaulting to the job's
+    (`job_processes`): with two processes, mesh.shape [2, 2, 2] makes 4 devices in each. Harmless on TPU/GPU
+    hosts, whose meshes use the accelerators; a no-op once a backend is up (a notebook, the tests), which keeps the
+    devices that exist."""
+    processes = job_processes() if processes is None else processes
+    try:
+        jax.config.update("jax_num_cpu_devices", max(cpu_devices_for(config, processes), asked_cpu_devices()))
     except RuntimeError:
         pass
+
+
+def asked_cpu_devices() -> int:
+    """The CPU device count already asked for: jax_num_cpu_devices, else XLA_FLAGS'
+    --xla_force_host_platform_device_count, else 1."""
+    if jax.config.jax_num_cpu_devices > 0:
+        return jax.config.jax_num_cpu_devices
+    found = re.search(r"--xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", ""))
+    return int(found.group(1)) if found else 1
 
 
 def make_mesh(config: MeshConfig | Sequence[int] = MeshConfig(), devices: Sequence[jax.Device] | None = None) -> Mesh:

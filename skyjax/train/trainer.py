@@ -7,7 +7,8 @@ explicit shardings; the loop over the task's batch source (skyjax.train.batch_so
 the jitted step (skyjax.train.step: gradient accumulation by a scan over micro-batches, AdamW, clipping); metrics
 (TensorBoard + JSONL + progress bar on the lead host); NaN/inf detection that stops with the step and the batch's row
 ids; SIGTERM (a TPU preemption) and SIGINT (Ctrl-C), which save a checkpoint and raise
-`Preempted` (the CLI exits with PREEMPTED_EXIT_STATUS, writing no final outputs); orbax checkpoints (async, keep N)
+`Preempted` (the CLI exits with PREEMPTED_EXIT_STATUS, writing no final outputs), at the same step on every process
+when one of several gets the signal (skyjax.train.preemption, docs/preemption.md); orbax checkpoints (async, keep N)
 holding the batch source's state too, restorable onto another mesh shape; and at the end, held-out evaluation, a
 skyjax checkpoint and a Hugging Face export. The run folder is the run's own (skyjax.train.run_dir).
 """
@@ -37,6 +38,7 @@ from skyjax.train.config import RunConfig
 from skyjax.train.metrics import MetricsWriter
 from skyjax.train.optimizer import build_optimizer, flatten, frozen_predicate, merge_params, split_params
 from skyjax.train.pipeline import read_records
+from skyjax.train.preemption import StopVote
 from skyjax.train.reference import copy_of, load_reference
 from skyjax.train.run_dir import check_resume, claim_run_dir, saved_steps
 from skyjax.train.step import build_train_step, jit_train_step, objective_extras, report, state_shardings
@@ -113,8 +115,10 @@ class Trainer:
         resume_from = self._resume_step() if resuming else None
         self.ckpt = ocp.CheckpointManager(
             self.run_dir / "checkpoints",
+            # cleanup_tmp_directories: a save cut short by a hard kill leaves a temporary folder, never a step folder
             options=ocp.CheckpointManagerOptions(max_to_keep=cfg.trainer.keep_checkpoints,
-                                                 enable_async_checkpointing=cfg.trainer.async_checkpointing),
+                                                 enable_async_checkpointing=cfg.trainer.async_checkpointing,
+                                                 cleanup_tmp_directories=True),
             item_names=("state", "data"))
         self.batches = self.task.batch_source(self.train_pipe, self.bundle, cfg, trainer=self)
         self.start_step = 0
@@ -128,8 +132,9 @@ class Trainer:
         self.train_step = build_train_step(self.fn, self.objective, self.optimizer, self.schedule, cfg.objective)
         self._step = jit_train_step(self.train_step, self.state_shardings, self.mesh)
         self._compiled: dict[str, object] = {}  # jitted evaluation functions of the task, by name
-        self._stop_signal = None
+        self._stop_signal = None  # the signal this process got, or that the processes agreed on
         self._handling_signals = False
+        self._vote = StopVote(self.mesh)  # on several processes the stop signal is agreed on (a collective)
 
     # --- setup -------------------------------------------------------------------------------------------------
 
@@ -137,7 +142,10 @@ class Trainer:
         data = self.cfg.data
         if data.synthetic is None:
             return [Path(p) for p in data.train], [Path(p) for p in data.eval]
-        syn, folder, make = data.synthetic, self.run_dir / "data", self.task.make_synthetic
+        # every process writes the (seeded, identical) synthetic data, each into its own folder: processes sharing a
+        # disk would otherwise rewrite the file another one is reading
+        folder = self.run_dir / ("data" if self.lead else f"data-process{jax.process_index()}")
+        syn, make = data.synthetic, self.task.make_synthetic
         kw = dict(seed=syn.seed, image_size=syn.image_size, tasks=tuple(syn.tasks))
         train = make(folder, "train", syn.train, **kw)
         heldout = make(folder, "heldout", syn.heldout, **{**kw, "seed": syn.seed + 1})
@@ -232,7 +240,8 @@ class Trainer:
     def _on_signal(self, signum, frame):
         if self._stop_signal is None:
             self._stop_signal = signum
-            self.log(f"{signal.Signals(signum).name}: stopping after this step: saving a checkpoint first (exit status "
+            when = "this step" if self._vote.processes == 1 else "a step every process agrees on"
+            self.log(f"{signal.Signals(signum).name}: stopping after {when}: saving a checkpoint first (exit status "
                      f"{PREEMPTED_EXIT_STATUS})")
         else:  # a second signal: the save must still finish (a half-written checkpoint would be lost)
             self.log(f"{signal.Signals(signum).name}: already stopping; waiting for the checkpoint to be written")
@@ -260,9 +269,18 @@ class Trainer:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
 
+    def _agreed(self, signum: int | None) -> bool:
+        """Whether the processes stop, from an agreed signal (0: no); a process that got none takes it on."""
+        if signum and self._stop_signal is None:
+            self._stop_signal = signum
+            self.log(f"{signal.Signals(signum).name} on another process: stopping after this step: saving a "
+                     f"checkpoint first (exit status {PREEMPTED_EXIT_STATUS})")
+        return bool(signum)
+
     def stop_if_signalled(self) -> None:
-        """After a stop signal: wait for the checkpoint being written, then raise `Preempted`."""
-        if self._stop_signal is not None:
+        """After a stop signal: wait for the checkpoint being written, then raise `Preempted`. On several processes
+        this is a vote (skyjax.train.preemption): every process calls it at the same point and all stop, or none."""
+        if self._agreed(self._vote.agree(self._stop_signal)):
             self.ckpt.wait_until_finished()
             steps = saved_steps(self.run_dir / "checkpoints")
             raise Preempted(self._stop_signal, steps[-1] if steps else 0, self.run_dir / "checkpoints")
@@ -284,6 +302,7 @@ class Trainer:
                     if step == self.start_step:
                         writer.compiling()
                     self.state, sums = self._step(self.state, to_device(batch, self.mesh))
+                    vote = self._vote.poll(self._stop_signal)  # several processes: the previous step's vote
                     if step == self.start_step:  # the call returns once compiled (the step itself runs async)
                         writer.compiled()
                         t0 = time.time()
@@ -303,7 +322,7 @@ class Trainer:
                         window, t0, rows, tokens = [], time.time(), 0, 0
                     writer.advance(1, {k: history[-1][k] for k in ("loss", "accuracy") if k in history[-1]}
                                    if history else None)
-                    if self._stop_signal is not None:
+                    if self._stop_signal is not None if vote is None else self._agreed(vote):
                         break
                     if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 != end:
                         try:
@@ -315,12 +334,12 @@ class Trainer:
                                          prefix=f"eval/{name}")
                     if cfg.save_every and (step + 1) % cfg.save_every == 0:
                         self.save()
-                    if self._stop_signal is not None:
+                    if vote is None and self._stop_signal is not None:  # several processes: the next poll tells
                         break
                 if pending is not None:
                     self._check(*pending)
                 saved = self.save(wait=True)
-                if self._stop_signal is not None:
+                if self._agreed(self._vote.agree(self._stop_signal)):
                     writer.message(f"{signal.Signals(self._stop_signal).name}: saved a checkpoint at step {saved}")
                     self.stop_if_signalled()
         finally:
