@@ -115,3 +115,23 @@ def make_records(folder: str | Path, name: str, n: int, *, seed: int, image_size
                    "meta": {"task": task}}
             f.write(json.dumps(row) + "\n")
     return out
+
+
+def make_prompts(folder: Path, name: str, n: int, *, seed: int, image_size: int, tasks) -> Path:
+    """`name`.jsonl with n generate rows {"images", "prompt", "answer"} of the synthetic task (prompt: the system
+    turn and the user turn with the image, as half of the SFT rows have it)."""
+    folder = prepare_folder(folder, tasks)
+    rng = np.random.RandomState(seed)
+    out = folder / f"{name}.jsonl"
+    with out.open("w") as f:
+        for i in range(n):
+            task = tasks[rng.randint(len(tasks))]
+            question, answers = QUESTIONS[task]
+            image, right = draw_scene(rng, task, image_size)
+            rel = f"images/{name}_{i:06d}.png"
+            image.save(folder / rel)
+            prompt = [{"role": "system", "content": SYSTEM},
+                      {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+            f.write(json.dumps({"id": f"{name}-{i}", "images": [rel], "prompt": prompt, "answer": answers[right],
+                                "meta": {"task": task}}) + "\n")
+    return out

@@ -226,15 +226,6 @@ def rollout_source(pipeline, bundle: ModelBundle, cfg, trainer=None) -> RolloutS
     return RolloutSource(pipeline, bundle, cfg, trainer)
 
 
-def grpo_report(sums: dict) -> dict:
-    """Loss terms as averaged by the step; rollout metrics per completion row."""
-    w = max(float(sums["weight"]), 1e-9)
-    rows = max(float(sums["rows"]), 1e-9)
-    out = {k: float(v) / w for k, v in sums.items() if k not in ("weight", "rows") and not k.startswith("rollout/")}
-    out.update({k.split("/", 1)[1]: float(v) / rows for k, v in sums.items() if k.startswith("rollout/")})
-    return out
-
-
 # --- held-out evaluation ----------------------------------------------------------------------------------------------
 
 
@@ -283,7 +274,7 @@ def grpo_summary(trainer, evals: dict) -> dict:
 
 
 def synthetic_prompts(folder, name, n, **kw):
-    from skyjax.train.mpo_demo import make_prompts
+    from skyjax.data.synthetic import make_prompts
 
     return make_prompts(folder, name, n, **kw)
 

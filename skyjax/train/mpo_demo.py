@@ -38,28 +38,6 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def make_prompts(folder: Path, name: str, n: int, *, seed: int, image_size: int, tasks) -> Path:
-    """`name`.jsonl with n generate rows {"images", "prompt", "answer"} of the synthetic task (prompt: the system
-    turn and the user turn with the image, as half of the SFT rows have it)."""
-    from skyjax.data.synthetic import QUESTIONS, SYSTEM, draw_scene, prepare_folder
-
-    folder = prepare_folder(folder, tasks)
-    rng = np.random.RandomState(seed)
-    out = folder / f"{name}.jsonl"
-    with out.open("w") as f:
-        for i in range(n):
-            task = tasks[rng.randint(len(tasks))]
-            question, answers = QUESTIONS[task]
-            image, right = draw_scene(rng, task, image_size)
-            rel = f"images/{name}_{i:06d}.png"
-            image.save(folder / rel)
-            prompt = [{"role": "system", "content": SYSTEM},
-                      {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-            f.write(json.dumps({"id": f"{name}-{i}", "images": [rel], "prompt": prompt, "answer": answers[right],
-                                "meta": {"task": task}}) + "\n")
-    return out
-
-
 def greedy_accuracy(policy: Path, prompts: Path, *, max_new_tokens: int, batch_size: int = 32) -> dict:
     """Held-out greedy accuracy of a policy folder on generate rows with answers (skyjax.eval.verifiers), and how
     often each answer was given."""
@@ -112,7 +90,7 @@ def swapped_pairs(pairs: Path, out: Path, seed: int) -> int:
 
 def _stage(name: str, cfg: RunConfig, run_dir: Path) -> dict:
     """Train one stage (skipped when its summary.json says it finished) and return its summary."""
-    from skyjax.train.cli import train
+    from skyjax.train.run import train
 
     done = run_dir / "summary.json"
     if done.is_file():
@@ -141,7 +119,7 @@ def fresh_start(run_dir: Path) -> None:
 def run_demo(cfg: RunConfig, run_dir: Path, *, resume: bool = True) -> dict:
     """The whole demo (see the module docstring); returns the summary written to run_dir/summary.json. A rerun
     resumes: finished stages are skipped, an interrupted one resumes from its checkpoint."""
-    from skyjax.data.synthetic import make_records
+    from skyjax.data.synthetic import make_prompts, make_records
     from skyjax.data.synthetic_sft import make_sft_records
 
     t0 = time.time()

@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from skyjax.train.objectives.grpo import grpo_objective, needs_reference as grpo_needs_reference
+from skyjax.train.objectives.grpo import grpo_objective, grpo_report, needs_reference as grpo_needs_reference
 from skyjax.train.objectives.mpo import init_state as mpo_init_state, mpo_objective, needs_reference as mpo_needs_reference
 from skyjax.train.objectives.reward import bradley_terry, pair_scores, reward_model_loss, shared_prompt_scores
 from skyjax.train.objectives.sft import masked_cross_entropy, next_token_targets, sft_loss, sft_report, token_nll
@@ -99,12 +99,4 @@ register(Objective("reward_model", stateless(reward_model_loss)))
 register(Objective("sft", stateless(sft_loss), sft_report))
 register(Objective("mpo", mpo_objective, needs_reference=mpo_needs_reference, init_state=mpo_init_state,
                    precompute=True))
-
-
-def _grpo_report(sums: dict) -> dict:
-    from skyjax.train.grpo import grpo_report
-
-    return grpo_report(sums)
-
-
-register(Objective("grpo", grpo_objective, _grpo_report, needs_reference=grpo_needs_reference))
+register(Objective("grpo", grpo_objective, grpo_report, needs_reference=grpo_needs_reference))

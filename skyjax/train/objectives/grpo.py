@@ -78,3 +78,12 @@ ROLLOUT_NAMES = {"rewards": "reward", "lengths": "completion_length", "truncated
 
 def needs_reference(cfg: GRPOObjectiveConfig) -> bool:
     return bool(cfg.beta)
+
+
+def grpo_report(sums: dict) -> dict:
+    """Loss terms as averaged by the step; rollout metrics per completion row."""
+    w = max(float(sums["weight"]), 1e-9)
+    rows = max(float(sums["rows"]), 1e-9)
+    out = {k: float(v) / w for k, v in sums.items() if k not in ("weight", "rows") and not k.startswith("rollout/")}
+    out.update({k.split("/", 1)[1]: float(v) / rows for k, v in sums.items() if k.startswith("rollout/")})
+    return out
