@@ -425,6 +425,9 @@ class IterativeSFT:
         previous = None if t == 0 else _read_json(self.round_dir(t - 1) / "round.json")
         pool = self._pool(t, previous)
         if t == 0:
+            if not pool:
+                raise IterateError(f"no training rows for stage 1 ({self.round_dir(0) / 'distill.jsonl'} is empty: "
+                                   f"distillation kept no row)")
             selection = {"round": 0, "tau": None, "pool": len(pool), "d_rm": len(pool), "errors": 0, "overlap": 0,
                          "train_rows": len(pool), "wrong_before": None, "lr": cfg.lr(0)}
             if not (rdir / "data.jsonl").is_file():
@@ -764,8 +767,12 @@ class IterativeSFT:
                 for start in range(0, len(rest), g.batch_size):
                     chunk = rest[start: start + g.batch_size]
                     requests = [GenRequest(s.question, _images(s), 1.0, i) for i, s in chunk]
-                    with use_mesh(mesh):
-                        answers = generate(requests, 0)
+                    try:
+                        with use_mesh(mesh):
+                            answers = generate(requests, 0)
+                    except ValueError as e:  # e.g. a batch's images need more tiles than the largest bucket
+                        raise IterateError(f"{self.where}: generating answers for the rows from {chunk[0][1].where} "
+                                           f"in batches of generation.batch_size={g.batch_size}: {e}") from e
                     entries = []
                     for (_, s), (c,) in zip(chunk, answers):
                         try:
