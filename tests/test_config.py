@@ -109,9 +109,11 @@ def test_every_shipped_run_config_loads():
     iterate = root / "demo/iterative_sft.yaml"  # `skyjax iterate`'s config: an SFT run section and the rounds
     paths = sorted(set(root.glob("demo/*.yaml")) - {iterate}) + sorted(root.glob("reward_model/*.yaml"))
     assert len(paths) >= 5
+    kinds = {}
     for path in paths:
-        cfg = load_config(RunConfig, path)
-        assert cfg.kind == "reward_model", path
+        kinds[path.name] = load_config(RunConfig, path).kind
+    assert kinds.pop("mpo.yaml") == "mpo"  # the MPO demo (its earlier stages in its `demo` section)
+    assert set(kinds.values()) == {"reward_model"}, kinds
     assert load_config(IterateConfig, iterate).sft.kind == "sft"
     stage1 = load_config(RunConfig, root / "reward_model/stage1_7b.yaml")
     stage2 = load_config(RunConfig, root / "reward_model/stage2_7b.yaml")

@@ -79,7 +79,7 @@ class RecordingSource(PipelineSource):
 def probe_task(monkeypatch):
     """kind reward_model runs the probe objective (and a recording batch source) for this test."""
     task = dataclasses.replace(tasks_mod.TASKS["reward_model"], objective=PROBE,
-                               batch_source=lambda pipe, bundle, cfg: RecordingSource(pipe))
+                               batch_source=lambda pipe, bundle, cfg, trainer=None: RecordingSource(pipe))
     monkeypatch.setitem(tasks_mod.TASKS, "reward_model", task)
     return task
 
