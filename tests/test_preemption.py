@@ -262,8 +262,12 @@ def test_two_processes_stop_at_one_step_on_one_sigterm_resume_and_restore_on_one
         started += (job := two_processes(run, ["trainer.steps=100000", "trainer.save_every=2"], "first"))
         wait_until(job, lambda: len(train_rows(run)) >= 3)
         job[1].proc.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
-        job[1].proc.send_signal(signal.SIGTERM)  # a second one while stopping: still one checkpoint, still 143
+        wait_until(job, lambda: "SIGTERM: stopping after" in job[1].err())
+        # a second one while stopping: process 0 frozen, process 1 cannot finish its save (a barrier with 0) before
+        os.kill(job[0].proc.pid, signal.SIGSTOP)
+        job[1].proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        os.kill(job[0].proc.pid, signal.SIGCONT)
         codes = wait_all(job)
         errs = [r.err() for r in job]
         assert codes == [PREEMPTED_EXIT_STATUS] * 2, "\n".join(e[-3000:] for e in errs)
