@@ -658,3 +658,15 @@ def test_hosts_contiguous_orders_hosts_and_keeps_each_hosts_order():
         [d.id for d in out.flat]
     single = np.array([Dev(i, 0) for i in range(8)], dtype=object).reshape(2, 2, 2)
     assert [d.id for d in hosts_contiguous(single, lambda d: 0).flat] == list(range(8))
+
+
+def test_mpo_step_compiles_with_the_reference_resident_and_precomputed():
+    """kind mpo's real step for a TPU topology: with the reference resident the state holds a second copy of the
+    trainable subtree; precomputed, it holds none and the batch carries the reference's log-probs instead."""
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "demo" / "mpo.yaml"
+    resident = compile_config(config, ["mesh.shape=[1,4,1]"], topology="v5e:2x2")
+    precomputed = compile_config(config, ["mesh.shape=[1,4,1]", "reference.precompute=true"], topology="v5e:2x2")
+    assert resident.fits and precomputed.fits
+    assert precomputed.argument_bytes < resident.argument_bytes
