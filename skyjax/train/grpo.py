@@ -77,7 +77,7 @@ class RolloutSource:
             raise ConfigError(f"kind grpo: {bundle.model.arch.name} policies are not supported yet (Skywork R1V / "
                               f"InternVL are)")
         self.pipeline, self.iterator = pipeline, iter(pipeline.dataset)
-        self.cfg, self.rollout, self.trainer = cfg, cfg.rollout, trainer
+        self.cfg, self.rollout = cfg, cfg.rollout
         self.tokenizer = bundle.tokenizer
         # the run's tiling (data.max_tiles), as SFT and MPO tile their images
         from skyjax.train.sft import vision_format
@@ -90,6 +90,9 @@ class RolloutSource:
         except ValueError as e:
             raise ConfigError(f"rollout.rewards: {e}") from None
         self.weights = [float(r.weight) for r in cfg.rollout.rewards]
+        from skyjax.sample.cli import default_stop_ids
+
+        self.stop_ids = tuple(default_stop_ids(bundle.model, self.tokenizer))
         self.rollouts = 0  # rollout batches drawn so far (keys the sampler)
         self.cached: tuple[dict, list[str]] | None = None
         self.used = 0
@@ -98,13 +101,12 @@ class RolloutSource:
     # --- rollouts ----------------------------------------------------------------------------------------------
 
     def sampling(self):
-        from skyjax.sample.cli import default_stop_ids
         from skyjax.sample.decode import Sampling
 
         r = self.rollout
-        stop = tuple(default_stop_ids(self.trainer.bundle.model, self.tokenizer))
         return Sampling(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                        repetition_penalty=r.repetition_penalty, stop_token_ids=stop, num_samples=r.num_generations)
+                        repetition_penalty=r.repetition_penalty, stop_token_ids=self.stop_ids,
+                        num_samples=r.num_generations)
 
     def generate(self, state: dict, examples: Sequence[PromptExample]):
         """(prepared inputs, tokens [B*G, N], raw log-probs [B*G, N], lengths [B*G], stopped [B*G]) host arrays."""
@@ -124,13 +126,14 @@ class RolloutSource:
         from skyjax.rl.rewards import Rollout, compute_rewards, weighted_sum
 
         g = self.rollout.num_generations
+        prompts = [_prompt_text(self.tokenizer, e.record) for e in examples]  # once per prompt, not per completion
         rows, texts = [], []
         for r in range(tokens.shape[0]):
             e = examples[r // g]
             ids = tokens[r, : lengths[r]].tolist()
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
             texts.append(text)
-            rows.append(Rollout(prompt=_prompt_text(self.tokenizer, e.record), completion=text, completion_ids=ids,
+            rows.append(Rollout(prompt=prompts[r // g], completion=text, completion_ids=ids,
                                 images=tuple(e.record.images), answer=e.record.answer,
                                 meta=dict(e.record.meta or {})))
         table = compute_rewards(self.rewards, rows)
@@ -197,7 +200,7 @@ class RolloutSource:
         prompts = next(self.iterator)
         examples = prompts["prompts"]
         inputs, tokens, logps, lengths, stopped = self.generate(state, examples)
-        rewards, table, texts = self.score(examples, tokens, lengths)
+        rewards, table, _ = self.score(examples, tokens, lengths)
         adv, metrics = group_advantages(jnp.asarray(rewards), self.rollout.num_generations,
                                         self.rollout.scale_rewards)
         self.rollouts += 1
@@ -207,7 +210,6 @@ class RolloutSource:
         for k, spec in enumerate(self.cfg.rollout.rewards):
             col = table[:, k]
             self.stats[f"rewards/{spec.name}"] = float(np.nanmean(col)) if np.isfinite(col).any() else float("nan")
-        self.last_texts = texts
         self.cached, self.used = (batch, row_ids), 1
         return batch, row_ids
 
