@@ -236,10 +236,13 @@ class RolloutConfig:
     mask_truncated_completions: bool = False  # completions cut at max_new_tokens do not count
     rewards: tuple[RewardSpec, ...] = (RewardSpec("accuracy"),)
     seed: int = 0
+    # every N steps (0: never) the rollout's prompts, image paths, completions and rewards go to
+    # run_dir/completions.jsonl (skyjax.train.grpo_log)
+    log_completions_every: int = 0
 
     def __post_init__(self):
         _positive("rollout", self, "num_generations", "max_new_tokens", "num_iterations")
-        _non_negative("rollout", self, "temperature", "top_k")
+        _non_negative("rollout", self, "temperature", "top_k", "log_completions_every")
         require("rollout.top_p", self.top_p, 0 < self.top_p <= 1, "must be in (0, 1]")
         require("rollout.rewards", list(self.rewards), bool(self.rewards), "at least one reward")
 

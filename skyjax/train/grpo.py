@@ -15,13 +15,19 @@ optional answer):
        (pi_old), `advantages`; the prompt's tiles are repeated for each of its completions.
 
 The same rollout batch serves rollout.num_iterations optimizer steps (pi_old stays the sampler's log-probs, so from
-the second step on the importance ratio moves off 1 and the clip acts). Skywork R1V policies (InternVL tiles);
-Qwen2.5-VL policies are not wired yet (a ConfigError says so).
+the second step on the importance ratio moves off 1 and the clip acts). A checkpoint saved in the middle of a reused
+batch holds what the batch cannot be redrawn from (the sampled tokens, their log-probs, rewards and advantages; the
+prompts are re-read from the pipeline position before them and re-prepared), so a resumed run trains on the very
+same batch. Policies: Skywork R1V (InternVL tiles) and Qwen2.5-VL (patches, M-RoPE), see skyjax.train.grpo_rows.
+Logging beyond the step's metrics (reward components, throughput, the completions table): skyjax.train.grpo_log.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import re
+import time
 from typing import Any, Sequence
 
 import jax
@@ -30,7 +36,7 @@ import numpy as np
 
 from skyjax.config import ConfigError
 from skyjax.data.records import Record
-from skyjax.train.batching import BadRowError, fit_bucket, row_location
+from skyjax.train.batching import BadRowError, row_location
 from skyjax.train.bundle import ModelBundle
 from skyjax.train.config import DataConfig
 from skyjax.train.optimizer import merge_params
@@ -66,6 +72,9 @@ def _prompt_text(tokenizer, record: Record) -> str:
     return text
 
 
+GRPO_ARCHITECTURES = ("internvl", "internvl_chat", "qwen2_5_vl")  # policies kind grpo samples and trains
+
+
 class RolloutSource:
     """The batch source of kind grpo (see the module docstring). `stats` holds the last rollout's metrics."""
 
@@ -73,17 +82,25 @@ class RolloutSource:
         from skyjax.rl.rewards import load_reward
         from skyjax.sample.adapters import adapter_for
 
-        if bundle.model.arch.name not in ("internvl", "internvl_chat"):
-            raise ConfigError(f"kind grpo: {bundle.model.arch.name} policies are not supported yet (Skywork R1V / "
-                              f"InternVL are)")
+        if bundle.model.arch.name not in GRPO_ARCHITECTURES:
+            raise ConfigError(f"kind grpo: {bundle.model.arch.name} policies are not supported (Skywork R1V / "
+                              f"InternVL and Qwen2.5-VL are)")
         self.pipeline, self.iterator = pipeline, iter(pipeline.dataset)
         self.cfg, self.rollout = cfg, cfg.rollout
         self.tokenizer = bundle.tokenizer
-        # the run's tiling (data.max_tiles), as SFT and MPO tile their images
+        # the run's tiling (data.max_tiles) or pixel range (data.min/max_pixels), as SFT and MPO see their images;
+        # the format also packs each training micro-batch's images (skyjax.train.grpo_rows)
+        from skyjax.train.grpo_log import RolloutLog
+        from skyjax.train.grpo_rows import placeholder_ids
         from skyjax.train.sft import vision_format
 
-        self.adapter = dataclasses.replace(adapter_for(bundle.model),
-                                           image_cfg=vision_format(bundle, cfg.data).image_cfg)
+        self.fmt = vision_format(bundle, cfg.data)
+        self.adapter = dataclasses.replace(adapter_for(bundle.model), image_cfg=self.fmt.image_cfg)
+        self.placeholders = placeholder_ids(bundle.model.config)
+        self.log = RolloutLog(trainer.run_dir, cfg.rollout.log_completions_every, cfg.rollout.num_iterations,
+                              lead=jax.process_index() == 0)
+        self.drawn: dict | None = None  # the cached batch's sampled arrays (a checkpoint in its middle saves them)
+        self.restored: dict | None = None  # a saved state whose reused batch is rebuilt by the next call
         self.model_cfg = bundle.model.config
         try:
             self.rewards = [load_reward(r.name, **r.options) for r in cfg.rollout.rewards]
@@ -108,13 +125,25 @@ class RolloutSource:
                         repetition_penalty=r.repetition_penalty, stop_token_ids=self.stop_ids,
                         num_samples=r.num_generations)
 
+    def prepare(self, examples: Sequence[PromptExample]) -> dict:
+        """The sampler's prompt batch (chat template, images, left padding), checked (image tokens); an error
+        names the prompt's file:line."""
+        try:
+            inputs = self.adapter.prepare([e.record.conversation() for e in examples], [e.images for e in examples],
+                                          self.tokenizer)
+            self.adapter.check(inputs)
+        except ValueError as e:
+            found = re.match(r"row (\d+): ", str(e))
+            if found and int(found.group(1)) < len(examples):
+                raise BadRowError(f"{examples[int(found.group(1))].where}: {str(e)[found.end():]}") from None
+            raise
+        return inputs
+
     def generate(self, state: dict, examples: Sequence[PromptExample]):
         """(prepared inputs, tokens [B*G, N], raw log-probs [B*G, N], lengths [B*G], stopped [B*G]) host arrays."""
         from skyjax.sample.decode import generate
 
-        inputs = self.adapter.prepare([e.record.conversation() for e in examples], [e.images for e in examples],
-                                      self.tokenizer)
-        self.adapter.check(inputs)
+        inputs = self.prepare(examples)
         params = merge_params(state["trainable"], state["frozen"])
         root = jax.random.fold_in(jax.random.key(self.rollout.seed), self.rollouts)
         keys = jax.vmap(lambda i: jax.random.fold_in(root, i))(jnp.arange(len(examples)))
@@ -141,14 +170,18 @@ class RolloutSource:
 
     def build_batch(self, examples, inputs, tokens, logps, lengths, stopped, advantages, rewards) -> dict:
         """The training batch [A, b, ...] of B*G completion rows (see the module docstring)."""
+        from skyjax.train.grpo_rows import completion_vision, placeholder_cut, prompt_images
+
         g, a = self.rollout.num_generations, self.cfg.optimizer.grad_accum
         ids_p = np.repeat(np.asarray(inputs["input_ids"]), g, axis=0)  # [R, S_p] (left padded)
         mask_p = np.repeat(np.asarray(inputs["attention_mask"]).astype(bool), g, axis=0)
         rows, n = tokens.shape
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         live = np.arange(n)[None] < lengths[:, None]  # [R, N]
-        completion = live & (stopped[:, None] if self.rollout.mask_truncated_completions else True)
-        ids = np.concatenate([ids_p, np.where(live, tokens, pad)], axis=1).astype(np.int32)
+        # a sampled image placeholder is fed as padding; it and what follows it are not trained (grpo_rows)
+        keep, placeholder = placeholder_cut(tokens, lengths, self.placeholders)
+        completion = keep & (stopped[:, None] if self.rollout.mask_truncated_completions else True)
+        ids = np.concatenate([ids_p, np.where(live & ~placeholder, tokens, pad)], axis=1).astype(np.int32)
         mask = np.concatenate([mask_p, live], axis=1)
         comp = np.concatenate([np.zeros_like(mask_p), completion], axis=1)
         old = np.concatenate([np.zeros(mask_p.shape, np.float32), np.where(live, logps, 0.0)], axis=1)
@@ -156,15 +189,17 @@ class RolloutSource:
             raise ConfigError(f"{rows} completion rows (data.batch_size x rollout.num_generations) do not split into "
                               f"optimizer.grad_accum={a} micro-batches")
         per = rows // a
-        tiles = self._tiles(inputs, g, per, a)
+        where = ", ".join(e.where for e in examples[:3]) + (" ..." if len(examples) > 3 else "")
+        vision = completion_vision(self.fmt, prompt_images(inputs, [len(e.images) for e in examples]), ids, g, a,
+                                   where)
         batch = {"input_ids": ids, "attention_mask": mask, "completion": comp, "old_logps": old.astype(np.float32),
                  "advantages": np.asarray(advantages, np.float32), "rewards": np.nan_to_num(rewards).astype(np.float32),
                  "lengths": lengths.astype(np.float32), "truncated": (~stopped).astype(np.float32),
                  "zero_std": self._zero_std(rewards),
                  "row_weight": np.ones(rows, np.float32)}
         out = {k: v.reshape(a, per, *v.shape[1:]) for k, v in batch.items()}
-        if tiles is not None:
-            out["vision"] = {"pixel_values": tiles}
+        if vision is not None:
+            out["vision"] = vision
         return out
 
     def _zero_std(self, rewards) -> np.ndarray:
@@ -173,53 +208,138 @@ class RolloutSource:
         grouped = np.nan_to_num(np.asarray(rewards, np.float64)).reshape(-1, g)
         return np.repeat(np.ptp(grouped, axis=1) <= 1e-8, g).astype(np.float32)
 
-    def _tiles(self, inputs, g: int, per: int, a: int):
-        """R1V: each micro-batch's rows' tiles in row order (a prompt's tiles once per completion), padded to one
-        tile bucket -> [A, T, 3, s, s]; None for a text-only batch."""
-        pixels = inputs.get("pixel_values")
-        if pixels is None:
-            return None
-        pixels = np.asarray(pixels)
-        counts = np.asarray(inputs["tiles_per_row"]).astype(int)
-        starts = np.concatenate([[0], np.cumsum(counts)])
-        per_row = [pixels[starts[b]:starts[b + 1]] for b in range(len(counts)) for _ in range(g)]  # row r = b*g+k
-        groups = [np.concatenate(per_row[i * per:(i + 1) * per]) for i in range(a)]
-        most = max(max(x.shape[0] for x in groups), 1)
-        size = fit_bucket(most, self.cfg.data.tile_buckets, "tile", "a rollout batch")
-        out = np.zeros((a, size, *pixels.shape[1:]), np.float32)
-        for i, x in enumerate(groups):
-            out[i, : x.shape[0]] = x
-        return out
-
     def next(self, state: dict) -> tuple[dict, list[str]]:
+        from skyjax.train.grpo_log import rollout_stats
         from skyjax.train.losses.advantages import group_advantages
 
+        jax.block_until_ready(state["trainable"])  # the previous step is done: what follows is this rollout's time
+        self.log.ready()
+        step = int(state["step"]) + 1  # the step this batch trains
+        self.log.truncate(step - 1)  # a resumed run: the killed run's lines of later steps go
+        if self.restored is not None:
+            return self._serve(self._rebuild(self.restored))
         if self.cached is not None and self.used < self.rollout.num_iterations:
             self.used += 1
-            return self.cached
+            return self._serve(self.cached)
+        before = copy.deepcopy(self.iterator.get_state())
         prompts = next(self.iterator)
         examples = prompts["prompts"]
+        start = time.perf_counter()
         inputs, tokens, logps, lengths, stopped = self.generate(state, examples)
-        rewards, table, _ = self.score(examples, tokens, lengths)
+        self.log.sampled(time.perf_counter() - start, int(np.sum(lengths)))
+        rewards, table, texts = self.score(examples, tokens, lengths)
         adv, metrics = group_advantages(jnp.asarray(rewards), self.rollout.num_generations,
                                         self.rollout.scale_rewards)
+        adv = np.asarray(adv)
         self.rollouts += 1
-        batch = self.build_batch(examples, inputs, tokens, logps, lengths, stopped, np.asarray(adv), rewards)
-        row_ids = [e.row_id for e in examples for _ in range(self.rollout.num_generations)]
+        self.drawn = {"before": before, "tokens": tokens, "logps": logps, "lengths": lengths, "stopped": stopped,
+                      "advantages": adv, "rewards": rewards, "table": table}
+        batch, row_ids = self._batch(examples, inputs, self.drawn)
         self.stats = {k: float(v) for k, v in metrics.items()}
-        for k, spec in enumerate(self.cfg.rollout.rewards):
-            col = table[:, k]
-            self.stats[f"rewards/{spec.name}"] = float(np.nanmean(col)) if np.isfinite(col).any() else float("nan")
+        self.stats.update(rollout_stats(self.reward_names(), table, rewards, lengths, self._cut(tokens, lengths)))
+        if self.log.wants(step):
+            self._write_completions(step, examples, texts)
         self.cached, self.used = (batch, row_ids), 1
-        return batch, row_ids
+        return self._serve(self.cached)
+
+    def metrics(self) -> dict:
+        """Host metrics of the steps since the last call (skyjax.train.grpo_log), for the trainer's log row."""
+        return self.log.metrics()
+
+    def reward_names(self) -> list[str]:
+        """Each reward's name in the logs: its built-in name, a dotted path's function name (then its position
+        when two share one)."""
+        names = [spec.name.split(":")[-1].split(".")[-1] for spec in self.cfg.rollout.rewards]
+        return [n if names.count(n) == 1 else f"{n}_{k}" for k, n in enumerate(names)]
+
+    def _cut(self, tokens, lengths) -> np.ndarray:
+        from skyjax.train.grpo_rows import placeholder_cut
+
+        return placeholder_cut(tokens, lengths, self.placeholders)[1].any(axis=1)
+
+    def _batch(self, examples, inputs, d: dict) -> tuple[dict, list[str]]:
+        batch = self.build_batch(examples, inputs, d["tokens"], d["logps"], d["lengths"], d["stopped"],
+                                 d["advantages"], d["rewards"])
+        return batch, [e.row_id for e in examples for _ in range(self.rollout.num_generations)]
+
+    def _serve(self, cached: tuple[dict, list[str]]) -> tuple[dict, list[str]]:
+        batch, _ = cached
+        self.log.served(self.stats, int(np.sum(batch["attention_mask"])))
+        return cached
+
+    def _write_completions(self, step: int, examples, texts: list[str]) -> None:
+        d, g = self.drawn, self.rollout.num_generations
+        names = self.reward_names()
+        prompts = [_prompt_text(self.tokenizer, e.record) for e in examples]
+        rows = []
+        for r in range(len(texts)):
+            e = examples[r // g]
+            rows.append({"step": step, "rollout": self.rollouts - 1, "row": e.row_id, "prompt": prompts[r // g],
+                         "images": [str(p) for p in e.record.images], "completion": texts[r],
+                         "reward": _number(d["rewards"][r]),
+                         "rewards": {n: _number(d["table"][r, k]) for k, n in enumerate(names)},
+                         "advantage": float(d["advantages"][r]), "length": int(d["lengths"][r]),
+                         "stopped": bool(d["stopped"][r])})
+        self.log.write(rows)
+
+    def _rebuild(self, saved: dict) -> tuple[dict, list[str]]:
+        """The reused batch of a checkpoint saved in its middle: the same prompts (the pipeline was set to the
+        position before them), prepared again, with the saved samples, rewards and advantages."""
+        from skyjax.train.grpo_log import rollout_stats
+        from skyjax.train.losses.advantages import group_advantages
+
+        self.restored = None
+        reuse = saved["reuse"]
+        examples = next(self.iterator)["prompts"]
+        drawn = {k: _unpack(v) for k, v in reuse["arrays"].items()}
+        self.drawn = {"before": reuse["pipeline"], **drawn}
+        batch, row_ids = self._batch(examples, self.prepare(examples), self.drawn)
+        _, metrics = group_advantages(jnp.asarray(drawn["rewards"]), self.rollout.num_generations,
+                                      self.rollout.scale_rewards)
+        self.stats = {k: float(v) for k, v in metrics.items()}
+        self.stats.update(rollout_stats(self.reward_names(), drawn["table"], drawn["rewards"], drawn["lengths"],
+                                        self._cut(drawn["tokens"], drawn["lengths"])))
+        self.cached, self.used = (batch, row_ids), int(reuse["used"]) + 1
+        return self.cached
 
     def get_state(self) -> Any:
-        return {"pipeline": self.iterator.get_state(), "rollouts": self.rollouts}
+        if self.restored is not None:  # restored, not yet rebuilt: still that state
+            return self.restored
+        out = {"pipeline": self.iterator.get_state(), "rollouts": self.rollouts}
+        if self.cached is not None and self.used < self.rollout.num_iterations:
+            d = self.drawn
+            out["reuse"] = {"used": self.used, "pipeline": d["before"],
+                            "arrays": {k: _pack(v) for k, v in d.items() if k != "before"}}
+        return out
 
     def set_state(self, saved: Any) -> None:
-        self.iterator.set_state(saved["pipeline"])
+        reuse = saved.get("reuse")
+        self.iterator.set_state(copy.deepcopy(reuse["pipeline"] if reuse else saved["pipeline"]))
         self.rollouts = int(saved["rollouts"])
-        self.cached, self.used = None, 0
+        self.cached, self.used, self.drawn = None, 0, None
+        self.restored = saved if reuse else None
+
+
+def _number(x) -> float | None:
+    x = float(x)
+    return x if np.isfinite(x) else None
+
+
+def _pack(array) -> dict:
+    """A host array as JSON (the checkpoint's data item): its .npy bytes, base64 (exact)."""
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(array), allow_pickle=False)
+    return {"npy": base64.b64encode(buf.getvalue()).decode("ascii")}
+
+
+def _unpack(packed: dict) -> np.ndarray:
+    import base64
+    import io
+
+    return np.load(io.BytesIO(base64.b64decode(packed["npy"])), allow_pickle=False)
 
 
 def rollout_source(pipeline, bundle: ModelBundle, cfg, trainer=None) -> RolloutSource:

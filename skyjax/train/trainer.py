@@ -317,6 +317,10 @@ class Trainer:
                         rows_all, tokens_all = _over_hosts(rows, tokens)  # every host's share counted
                         metrics[f"{self.task.row_unit}_per_s"] = rows_all / elapsed  # pairs_per_s, rows_per_s
                         metrics["tokens_per_s"] = tokens_all / elapsed
+                        source_metrics = getattr(self.batches, "metrics", None)  # a source's own (GRPO: rollouts)
+                        if source_metrics is not None:
+                            for key, value in source_metrics().items():
+                                metrics.setdefault(key, value)
                         writer.write(step + 1, metrics)
                         history.append({"step": step + 1, **metrics})
                         window, t0, rows, tokens = [], time.time(), 0, 0

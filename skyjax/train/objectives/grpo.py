@@ -17,7 +17,6 @@ import jax.numpy as jnp
 from skyjax.train.config import GRPOObjectiveConfig
 from skyjax.train.global_batch import host_blocks
 from skyjax.train.losses.policy import PolicyLossConfig, grpo_policy_loss
-from skyjax.train.objectives.sft import token_nll
 
 
 def policy_config(cfg: GRPOObjectiveConfig, max_new_tokens: int | None = None) -> PolicyLossConfig:
@@ -30,6 +29,13 @@ def policy_config(cfg: GRPOObjectiveConfig, max_new_tokens: int | None = None) -
 
 def completion_logps(model, batch: dict, logits_chunk: int = 0) -> jax.Array:
     """log pi(token) [b, S] of every token from the position before it (0 at position 0), fp32."""
+    return completion_logps_entropy(model, batch, logits_chunk)[0]
+
+
+def completion_logps_entropy(model, batch: dict, logits_chunk: int = 0) -> tuple[jax.Array, jax.Array]:
+    """(log pi(token) [b, S] as `completion_logps`, the entropy [b, S] of the policy's distribution that predicts
+    each token, under stop_gradient: a metric), fp32. Positions are the model's default for the row: 1-D counts of
+    real tokens (R1V), M-RoPE over the whole row (Qwen2.5-VL): what the sampler used (skyjax.train.grpo_rows)."""
     ids = batch["input_ids"]
     vision = dict(batch.get("vision", {}))
     hosts = host_blocks(batch)
@@ -38,13 +44,38 @@ def completion_logps(model, batch: dict, logits_chunk: int = 0) -> jax.Array:
     hidden, _ = model.hidden_states(ids, attention_mask=batch["attention_mask"], **vision)
     # position t - 1 predicts token t: shift the hidden states right by one (position 0 predicts nothing)
     shifted = jnp.concatenate([hidden[:, :1], hidden[:, :-1]], axis=1)
-    nll, _ = token_nll(shifted, model.logits, ids, logits_chunk)
-    return jnp.where(jnp.arange(ids.shape[1])[None] > 0, -nll, 0.0)
+    logps, entropy = token_logps_entropy(shifted, model.logits, ids, logits_chunk)
+    first = jnp.arange(ids.shape[1])[None] > 0
+    return jnp.where(first, logps, 0.0), jnp.where(first, entropy, 0.0)
+
+
+def token_logps_entropy(hidden: jax.Array, logits_fn, targets: jax.Array, chunk: int = 0):
+    """(log p(target) [b, S], entropy [b, S] under stop_gradient) from hidden states [b, S, E], fp32; `chunk` as
+    skyjax.train.objectives.sft.token_nll (the head over [b, chunk] slices, rematerialised)."""
+
+    def piece(h, t):  # h [b, c, E], t [b, c]
+        logits = logits_fn(h).astype(jnp.float32)  # [b, c, V]
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
+        probs = jnp.exp(logits - lse[..., None])
+        entropy = lse - jnp.sum(probs * logits, axis=-1)
+        return -(lse - picked), jax.lax.stop_gradient(entropy)
+
+    b, s, e = hidden.shape
+    if not chunk or chunk >= s:
+        return piece(hidden, targets)
+    if s % chunk:
+        raise ValueError(f"objective.grpo.logits_chunk {chunk} does not divide the row length {s}")
+    n = s // chunk
+    h = hidden.reshape(b, n, chunk, e).swapaxes(0, 1)  # [n, b, c, E]
+    t = targets.reshape(b, n, chunk).swapaxes(0, 1)
+    logps, entropy = jax.lax.map(lambda x: jax.checkpoint(piece)(*x), (h, t))  # [n, b, c]
+    return logps.swapaxes(0, 1).reshape(b, s), entropy.swapaxes(0, 1).reshape(b, s)
 
 
 def grpo_objective(model, batch: dict, cfg: GRPOObjectiveConfig, *, reference=None, state=None):
     mask = batch["completion"] & (batch["row_weight"][:, None] > 0)
-    logps = completion_logps(model, batch, cfg.logits_chunk)
+    logps, entropy = completion_logps_entropy(model, batch, cfg.logits_chunk)
     ref_logps = None
     if cfg.beta:
         if reference is None:
@@ -63,6 +94,9 @@ def grpo_objective(model, batch: dict, cfg: GRPOObjectiveConfig, *, reference=No
     ratio = jnp.exp(jnp.where(mask, logps - batch["old_logps"], 0.0))
     sums["ratio_max_dev"] = jax.lax.stop_gradient(jnp.max(jnp.where(mask, jnp.abs(ratio - 1.0), 0.0))) * weight
     sums["weight"] = weight
+    # per completion token (grpo_report divides these by "tokens"): the policy's entropy where it is trained
+    sums["tokens"] = tokens
+    sums["token/entropy"] = jnp.sum(jnp.where(mask, entropy, 0.0))
     # per completion row (grpo_report divides these by "rows"): what the rollout produced
     rw = batch["row_weight"].astype(jnp.float32)
     sums["rows"] = jnp.sum(rw)
@@ -81,9 +115,13 @@ def needs_reference(cfg: GRPOObjectiveConfig) -> bool:
 
 
 def grpo_report(sums: dict) -> dict:
-    """Loss terms as averaged by the step; rollout metrics per completion row."""
+    """Loss terms as averaged by the step; rollout metrics per completion row; `token/` metrics (entropy) per
+    trained completion token."""
     w = max(float(sums["weight"]), 1e-9)
     rows = max(float(sums["rows"]), 1e-9)
-    out = {k: float(v) / w for k, v in sums.items() if k not in ("weight", "rows") and not k.startswith("rollout/")}
+    tokens = max(float(sums.get("tokens", 0.0)), 1e-9)
+    out = {k: float(v) / w for k, v in sums.items()
+           if k not in ("weight", "rows", "tokens") and not k.startswith(("rollout/", "token/"))}
     out.update({k.split("/", 1)[1]: float(v) / rows for k, v in sums.items() if k.startswith("rollout/")})
+    out.update({k.split("/", 1)[1]: float(v) / tokens for k, v in sums.items() if k.startswith("token/")})
     return out

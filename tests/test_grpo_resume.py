@@ -1,0 +1,120 @@
+"""kind grpo resumes exactly (docs/grpo.md): with rollout.num_iterations = 2 a checkpoint can fall inside a reused
+rollout batch; the resumed run trains on that very batch (the saved samples, the same prompts re-prepared) and then
+draws the same rollouts as a run never interrupted (the sampler's keys fold the rollout's index), so every step's
+metrics and the completions table equal the uninterrupted run's. In process (a stop after step 3, inside the second
+rollout), and with `skyjax train` killed by SIGKILL after such a checkpoint and rerun."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import test_grpo_qwen_vl as qv
+from skyjax.config import load_config
+from skyjax.train.config import RunConfig
+from skyjax.train.run_dir import saved_steps
+from skyjax.train.trainer import Trainer
+from test_preemption import REPO, TIMEOUT, train_env, train_rows, wait_until, writing
+
+# a constant learning rate: a run may be given any step budget and still take the same steps
+RESUME = ["rollout.num_iterations=2", "optimizer.schedule=constant", "optimizer.warmup_steps=0"]
+
+
+def config(setup, *extra):
+    _, policy, data = setup
+    return load_config(RunConfig, None, qv.overrides(policy, data, *RESUME, *extra))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("grpo_resume")
+    return root, qv.make_policy(root), qv.write_prompts(root)
+
+
+def same_steps(run: Path, reference: Path, steps: int) -> None:
+    """Every step's metrics (all but the timings) and the completions table equal the reference run's."""
+    got, want = train_rows(run), train_rows(reference)
+    assert sorted(got) == sorted(want) == list(range(1, steps + 1))
+    for step in range(1, steps + 1):
+        keys = sorted(k for k in want[step] if k not in ("time",) and not k.endswith("_per_s"))
+        assert keys == sorted(k for k in got[step] if k not in ("time",) and not k.endswith("_per_s"))
+        assert {k: got[step][k] for k in keys} == {k: want[step][k] for k in keys}, step
+
+    def table(folder):
+        return [json.loads(x) for x in (folder / "completions.jsonl").read_text().splitlines()]
+
+    assert table(run) == table(reference)
+    # num_iterations 2: rollouts for steps 1, 3, 5, ... only (a resumed run did not draw one for its first step)
+    assert sorted({x["step"] for x in table(run)}) == list(range(1, steps + 1, 2))
+
+
+def test_a_checkpoint_inside_a_reused_rollout_resumes_to_the_same_steps(setup, tmp_path):
+    cfg = config(setup, "trainer.steps=5")
+    Trainer(cfg, tmp_path / "whole", log=lambda m: None).fit()
+    first = Trainer(cfg, tmp_path / "run", log=lambda m: None)
+    first.fit(max_steps=3)  # saves step 3: the second rollout (steps 3 and 4) is half used
+    saved = first.batches.get_state()
+    assert saved["reuse"]["used"] == 1 and saved["rollouts"] == 2
+    second = Trainer(cfg, tmp_path / "run", log=lambda m: None)
+    assert second.start_step == 3
+    second.fit()
+    same_steps(tmp_path / "run", tmp_path / "whole", 5)
+
+
+class Train:
+    """A `skyjax train` subprocess of kind grpo; its stderr goes to a file."""
+
+    def __init__(self, setup, run_dir: Path, overrides: list[str], name: str):
+        root, policy, data = setup
+        self.log = run_dir.parent / f"{name}.err"
+        yaml = run_dir.parent / "grpo.yaml"
+        yaml.write_text("kind: grpo\n")
+        env = train_env()
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests")])  # the test's reward function
+        args = qv.overrides(policy, data, *RESUME, *overrides)
+        with open(self.log, "w") as err:
+            self.proc = subprocess.Popen([sys.executable, "-m", "skyjax.cli", "train", str(yaml), *args,
+                                          "--run-dir", str(run_dir)], cwd=REPO, env=env,
+                                         stdout=subprocess.DEVNULL, stderr=err)
+
+    def err(self) -> str:
+        return self.log.read_text()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self):
+        if self.alive():
+            self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.mark.slow
+def test_kill_9_after_a_checkpoint_inside_a_reused_rollout_and_rerun_resumes_exactly(setup, tmp_path):
+    steps = 12
+    Trainer(config(setup, f"trainer.steps={steps}", "trainer.save_every=3"), tmp_path / "whole",
+            log=lambda m: None).fit()  # first: the subprocess finds its programs compiled
+    run = tmp_path / "run"
+
+    def inside_a_rollout():
+        """The latest finished checkpoint is step 3 or 9 (the first step of a rollout's two: its batch is half
+        used), the process has trained past it, and no save is being written."""
+        done = saved_steps(run / "checkpoints")
+        return (bool(done) and done[-1] in (3, 9) and not writing(run)
+                and max(train_rows(run), default=0) > done[-1])
+
+    proc = Train(setup, run, ["trainer.steps=100000", "trainer.save_every=3"], "killed")
+    try:
+        wait_until([proc], inside_a_rollout, freeze=True, timeout=TIMEOUT)
+        checkpoint = saved_steps(run / "checkpoints")[-1]
+        proc.kill()  # SIGKILL
+    finally:
+        proc.kill()
+    assert max(train_rows(run)) > checkpoint  # the killed run logged steps the rerun must replace
+    rerun = Trainer(config(setup, f"trainer.steps={steps}", "trainer.save_every=3"), run, log=lambda m: None)
+    assert rerun.start_step == checkpoint
+    rerun.fit()
+    same_steps(run, tmp_path / "whole", steps)
