@@ -21,11 +21,13 @@ from test_preemption import REPO, TIMEOUT, train_env, train_rows, wait_until, wr
 
 # a constant learning rate: a run may be given any step budget and still take the same steps
 RESUME = ["rollout.num_iterations=2", "optimizer.schedule=constant", "optimizer.warmup_steps=0"]
+STEPS = 12
+SAVES = ["trainer.save_every=3"]  # checkpoints at steps 3, 6, 9: 3 and 9 fall inside a rollout's two steps
 
 
 def config(setup, *extra):
     _, policy, data = setup
-    return load_config(RunConfig, None, qv.overrides(policy, data, *RESUME, *extra))
+    return load_config(RunConfig, None, qv.overrides(policy, data, *RESUME, *SAVES, *extra))
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +36,19 @@ def setup(tmp_path_factory):
     return root, qv.make_policy(root), qv.write_prompts(root)
 
 
-def same_steps(run: Path, reference: Path, steps: int) -> None:
+@pytest.fixture(scope="module")
+def whole(setup):
+    """A run never interrupted (STEPS steps): the reference."""
+    folder = setup[0] / "whole"
+    Trainer(config(setup, f"trainer.steps={STEPS}"), folder, log=lambda m: None).fit()
+    return folder
+
+
+def same_steps(run: Path, reference: Path) -> None:
     """Every step's metrics (all but the timings) and the completions table equal the reference run's."""
     got, want = train_rows(run), train_rows(reference)
-    assert sorted(got) == sorted(want) == list(range(1, steps + 1))
-    for step in range(1, steps + 1):
+    assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
         keys = sorted(k for k in want[step] if k not in ("time",) and not k.endswith("_per_s"))
         assert keys == sorted(k for k in got[step] if k not in ("time",) and not k.endswith("_per_s"))
         assert {k: got[step][k] for k in keys} == {k: want[step][k] for k in keys}, step
@@ -48,12 +58,11 @@ def same_steps(run: Path, reference: Path, steps: int) -> None:
 
     assert table(run) == table(reference)
     # num_iterations 2: rollouts for steps 1, 3, 5, ... only (a resumed run did not draw one for its first step)
-    assert sorted({x["step"] for x in table(run)}) == list(range(1, steps + 1, 2))
+    assert sorted({x["step"] for x in table(run)}) == list(range(1, STEPS + 1, 2))
 
 
-def test_a_checkpoint_inside_a_reused_rollout_resumes_to_the_same_steps(setup, tmp_path):
-    cfg = config(setup, "trainer.steps=5")
-    Trainer(cfg, tmp_path / "whole", log=lambda m: None).fit()
+def test_a_checkpoint_inside_a_reused_rollout_resumes_to_the_same_steps(setup, whole, tmp_path):
+    cfg = config(setup, f"trainer.steps={STEPS}")
     first = Trainer(cfg, tmp_path / "run", log=lambda m: None)
     first.fit(max_steps=3)  # saves step 3: the second rollout (steps 3 and 4) is half used
     saved = first.batches.get_state()
@@ -61,7 +70,7 @@ def test_a_checkpoint_inside_a_reused_rollout_resumes_to_the_same_steps(setup, t
     second = Trainer(cfg, tmp_path / "run", log=lambda m: None)
     assert second.start_step == 3
     second.fit()
-    same_steps(tmp_path / "run", tmp_path / "whole", 5)
+    same_steps(tmp_path / "run", whole)
 
 
 class Train:
@@ -74,7 +83,7 @@ class Train:
         yaml.write_text("kind: grpo\n")
         env = train_env()
         env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests")])  # the test's reward function
-        args = qv.overrides(policy, data, *RESUME, *overrides)
+        args = qv.overrides(policy, data, *RESUME, *SAVES, *overrides)
         with open(self.log, "w") as err:
             self.proc = subprocess.Popen([sys.executable, "-m", "skyjax.cli", "train", str(yaml), *args,
                                           "--run-dir", str(run_dir)], cwd=REPO, env=env,
@@ -93,10 +102,7 @@ class Train:
 
 
 @pytest.mark.slow
-def test_kill_9_after_a_checkpoint_inside_a_reused_rollout_and_rerun_resumes_exactly(setup, tmp_path):
-    steps = 12
-    Trainer(config(setup, f"trainer.steps={steps}", "trainer.save_every=3"), tmp_path / "whole",
-            log=lambda m: None).fit()  # first: the subprocess finds its programs compiled
+def test_kill_9_after_a_checkpoint_inside_a_reused_rollout_and_rerun_resumes_exactly(setup, whole, tmp_path):
     run = tmp_path / "run"
 
     def inside_a_rollout():
@@ -106,7 +112,7 @@ def test_kill_9_after_a_checkpoint_inside_a_reused_rollout_and_rerun_resumes_exa
         return (bool(done) and done[-1] in (3, 9) and not writing(run)
                 and max(train_rows(run), default=0) > done[-1])
 
-    proc = Train(setup, run, ["trainer.steps=100000", "trainer.save_every=3"], "killed")
+    proc = Train(setup, run, ["trainer.steps=100000"], "killed")  # its programs are compiled (`whole`)
     try:
         wait_until([proc], inside_a_rollout, freeze=True, timeout=TIMEOUT)
         checkpoint = saved_steps(run / "checkpoints")[-1]
@@ -114,7 +120,7 @@ def test_kill_9_after_a_checkpoint_inside_a_reused_rollout_and_rerun_resumes_exa
     finally:
         proc.kill()
     assert max(train_rows(run)) > checkpoint  # the killed run logged steps the rerun must replace
-    rerun = Trainer(config(setup, f"trainer.steps={steps}", "trainer.save_every=3"), run, log=lambda m: None)
+    rerun = Trainer(config(setup, f"trainer.steps={STEPS}"), run, log=lambda m: None)
     assert rerun.start_step == checkpoint
     rerun.fit()
-    same_steps(run, tmp_path / "whole", steps)
+    same_steps(run, whole)

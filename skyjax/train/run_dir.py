@@ -1,7 +1,8 @@
 """Who owns a run folder: a fresh start moves the previous run aside, a resume refuses a changed config.
 
 A run folder holds one run: `checkpoints/` (the training checkpoints, resumed automatically), `config.json`,
-`metrics.jsonl`, `skipped.jsonl`, `tensorboard/` and, once it finished, `checkpoint/`, `hf/` and `summary.json`.
+`metrics.jsonl`, `skipped.jsonl`, `completions.jsonl` (kind grpo), `tensorboard/` and, once it finished,
+`checkpoint/`, `hf/` and `summary.json`.
 
 - `--no-resume` (a fresh start) moves everything an earlier run left into `previous-<UTC timestamp>/` inside the
   folder, and says so: no old checkpoint can later be resumed by mistake, no old output passes for the new run's, and
@@ -25,12 +26,13 @@ from skyjax.config import ConfigError
 
 # What an earlier run leaves in its folder (moved aside by a fresh start).
 RUN_OUTPUTS = ("checkpoints", "checkpoint", "hf", "summary.json", "metrics.jsonl", "skipped.jsonl", "tensorboard",
-               "config.json")
+               "config.json", "completions.jsonl")
 # Keys a resumed run may change: its step budget, and what does not change the trained weights (a key ending in '.'
 # covers its whole section).
 RESUMABLE_KEYS = ("trainer.steps", "trainer.epochs", "trainer.resume_step", "trainer.log_every", "trainer.eval_every",
                   "trainer.save_every", "trainer.keep_checkpoints", "trainer.async_checkpointing", "trainer.export",
-                  "trainer.progress", "trainer.eval_batch_size", "data.eval", "mesh.")
+                  "trainer.progress", "trainer.eval_batch_size", "data.eval", "mesh.",
+                  "rollout.log_completions_every")
 
 
 def saved_steps(checkpoints: Path) -> list[int]:
