@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import re
 import time
 from typing import Any, Sequence
 
@@ -126,17 +125,10 @@ class RolloutSource:
                         num_samples=r.num_generations)
 
     def prepare(self, examples: Sequence[PromptExample]) -> dict:
-        """The sampler's prompt batch (chat template, images, left padding), checked (image tokens); an error
-        names the prompt's file:line."""
-        try:
-            inputs = self.adapter.prepare([e.record.conversation() for e in examples], [e.images for e in examples],
-                                          self.tokenizer)
-            self.adapter.check(inputs)
-        except ValueError as e:
-            found = re.match(r"row (\d+): ", str(e))
-            if found and int(found.group(1)) < len(examples):
-                raise BadRowError(f"{examples[int(found.group(1))].where}: {str(e)[found.end():]}") from None
-            raise
+        """The sampler's prompt batch (chat template, images, left padding), checked (image tokens)."""
+        inputs = self.adapter.prepare([e.record.conversation() for e in examples], [e.images for e in examples],
+                                      self.tokenizer)
+        self.adapter.check(inputs)
         return inputs
 
     def generate(self, state: dict, examples: Sequence[PromptExample]):
