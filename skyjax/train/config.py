@@ -307,13 +307,15 @@ class TrainerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class MPODemoConfig:
-    """The stages of the built-in MPO demo before MPO itself (skyjax.train.mpo_demo; configs/demo/mpo.yaml): a short
-    SFT warm start of the policy, a reward model on the same task, and `skyjax pairs`. Only with kind mpo and
-    data.synthetic."""
+class DemoConfig:
+    """The stages of a built-in demo before its main run, with kind mpo or grpo and data.synthetic: a short SFT warm
+    start of the policy (both), a reward model on the same task and `skyjax pairs` (the MPO demo,
+    skyjax.train.mpo_demo; configs/demo/mpo.yaml); the GRPO demo (skyjax.train.grpo_demo; configs/demo/grpo.yaml)
+    samples its own rollouts and reads only the warm start's keys and `prompts`."""
 
     warmup_steps: int = 30  # SFT steps of the policy on the synthetic task (data.synthetic.train rows)
     warmup_lr: float = 3.0e-3
+    reasoning: float = 0.0  # fraction of warm-start answers written "<think>...</think> Answer: X" (GRPO's format)
     reward_rows: int = 2000  # preference pairs the reward model trains on
     reward_steps: int = 100
     reward_lr: float = 3.0e-3
@@ -330,6 +332,10 @@ class MPODemoConfig:
                   "reward_batch_size", "reward_init_std", "prompts", "num_samples", "max_new_tokens")
         require("demo.num_samples", self.num_samples, self.num_samples >= 2, "must be >= 2 (a pair needs two)")
         _non_negative("demo", self, "temperature", "min_margin")
+        require("demo.reasoning", self.reasoning, 0 <= self.reasoning <= 1, "must be in [0, 1]")
+
+
+MPODemoConfig = DemoConfig  # the name of earlier versions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -343,12 +349,12 @@ class RunConfig:
     reference: ReferenceConfig = ReferenceConfig()
     trainer: TrainerConfig = TrainerConfig()
     mesh: MeshConfig = MeshConfig()
-    demo: MPODemoConfig | None = None  # kind mpo + data.synthetic: the built-in demo's earlier stages
+    demo: DemoConfig | None = None  # kind mpo or grpo + data.synthetic: the built-in demo's earlier stages
     rollout: RolloutConfig = RolloutConfig()  # kind grpo: sampling and rewards
 
     def __post_init__(self):
-        if self.demo is not None and (self.kind != "mpo" or self.data.synthetic is None):
-            raise ConfigError("demo: the built-in demo's stages need kind: mpo and data.synthetic")
+        if self.demo is not None and (self.kind not in ("mpo", "grpo") or self.data.synthetic is None):
+            raise ConfigError("demo: the built-in demo's stages need kind mpo or grpo, and data.synthetic")
         if self.data.batch_size % self.optimizer.grad_accum:
             raise ConfigError(f"data.batch_size {self.data.batch_size} is not a multiple of optimizer.grad_accum "
                              f"{self.optimizer.grad_accum}")
