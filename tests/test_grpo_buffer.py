@@ -384,10 +384,13 @@ def test_dynamic_sampling_fills_the_batch_with_groups_whose_rewards_differ(buffe
     comp = batch["completion"].astype(bool)
     assert np.max(np.abs(fresh - batch["old_logps"])[comp]) <= 1e-5
     # the cap: one draw per step cannot fill the batch; it is completed with constant groups and says so
-    one = rollout_source(trainer.train_pipe, trainer.bundle, _with_rollout(
-        cfg, dynamic_sampling=DynamicSamplingConfig(enabled=True, max_draws=1)), trainer)
+    capped = _with_rollout(cfg, dynamic_sampling=DynamicSamplingConfig(enabled=True, max_draws=1))
+    one = rollout_source(trainer.train_pipe, trainer.bundle, capped, trainer)
     one.log = logs.append
     b, _ = one.next(trainer.state)
     assert b["input_ids"].shape[:2] == batch["input_ids"].shape[:2] and b["zero_std"].sum() == 6
     assert one.stats["dynamic/draws"] == 1 and one.stats["dynamic/cap_hits"] == 1
     assert len(logs) == 1 and "max_draws=1" in logs[0] and "2 constant-reward groups" in logs[0]
+    again = rollout_source(trainer.train_pipe, trainer.bundle, capped, trainer)
+    again.set_state(json.loads(json.dumps(one.get_state())))  # the count survives a checkpoint
+    assert again.dynamic_cap_hits == 1 and again.rollouts == one.rollouts

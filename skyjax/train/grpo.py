@@ -224,17 +224,16 @@ class RolloutSource:
         return batch, row_ids
 
     def get_state(self) -> Any:
-        saved = {"pipeline": self.iterator.get_state(), "rollouts": self.rollouts}
-        if self.buffer is not None:
-            saved["buffer"] = self.buffer.get_state()
-        return saved
+        from skyjax.train.grpo_buffer import buffer_state
+
+        return {"pipeline": self.iterator.get_state(), "rollouts": self.rollouts, **buffer_state(self)}
 
     def set_state(self, saved: Any) -> None:
         self.iterator.set_state(saved["pipeline"])
         self.rollouts = int(saved["rollouts"])
         from skyjax.train.grpo_buffer import restore_buffer
 
-        restore_buffer(self, saved.get("buffer"))
+        restore_buffer(self, saved)
         self.cached, self.used = None, 0
 
 

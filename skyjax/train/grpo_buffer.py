@@ -322,11 +322,21 @@ def mix_buffer(source, state: dict, batch: dict, row_ids: list[str], examples: S
                    pad_id=pad, seq_buckets=source.adapter.seq_buckets, tile_buckets=cfg.data.tile_buckets)
 
 
-def restore_buffer(source, saved: dict | None) -> None:
-    """RolloutSource.set_state's part: the buffer of the checkpoint (or an empty one), prompts prepared again."""
+def buffer_state(source) -> dict:
+    """RolloutSource.get_state's part (JSON): the buffer, and how often dynamic sampling hit its cap."""
+    out = {"dynamic_cap_hits": getattr(source, "dynamic_cap_hits", 0)}
+    if source.buffer is not None:
+        out["buffer"] = source.buffer.get_state()
+    return out
+
+
+def restore_buffer(source, saved: dict) -> None:
+    """RolloutSource.set_state's part: the checkpoint's buffer (or an empty one: a checkpoint made without it),
+    its prompts prepared again."""
     from skyjax.train.batching import row_location
     from skyjax.train.sft import load_images
 
+    source.dynamic_cap_hits = int(saved.get("dynamic_cap_hits", 0))
     if source.buffer is None:
         return
 
@@ -335,7 +345,7 @@ def restore_buffer(source, saved: dict | None) -> None:
         inputs = source.adapter.prepare([record.conversation()], [images], source.tokenizer)
         return prompt_parts(inputs)[0]
 
-    source.buffer.set_state(saved, prepare)
+    source.buffer.set_state(saved.get("buffer"), prepare)
 
 
 # --- dynamic sampling ---------------------------------------------------------------------------------------------
