@@ -221,6 +221,38 @@ class RewardSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class SampleBufferConfig:
+    """R1V2's Selective Sample Buffer (skyjax.train.grpo_buffer; docs/grpo.md): completion rows with a non-zero
+    advantage are kept across steps and replace the zero-advantage rows of later batches, drawn with probability
+    proportional to |advantage|. They keep the sampler's log-probs of their own rollout as pi_old (the clipped
+    importance ratio corrects for the policy having moved since)."""
+
+    enabled: bool = False
+    capacity: int = 512  # completion rows kept at most (the oldest go first)
+    max_staleness: int = 4  # optimizer steps a row may lag the policy it trains; older rows are dropped
+    max_fraction: float = 0.5  # at most this fraction of a batch's rows come from the buffer
+    max_uses: int = 1  # times a buffered row is trained on before it leaves the buffer
+
+    def __post_init__(self):
+        _positive("rollout.buffer", self, "capacity", "max_uses")
+        _non_negative("rollout.buffer", self, "max_staleness")
+        require("rollout.buffer.max_fraction", self.max_fraction, 0 <= self.max_fraction <= 1, "must be in [0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
+class DynamicSamplingConfig:
+    """DAPO's dynamic sampling (skyjax.train.grpo_buffer): draw more prompt batches until the step holds
+    data.batch_size groups whose rewards differ, at most max_draws batches per step (then the batch is completed with
+    constant-reward groups and a line is logged)."""
+
+    enabled: bool = False
+    max_draws: int = 4  # prompt batches sampled per step at most, the first included
+
+    def __post_init__(self):
+        _positive("rollout.dynamic_sampling", self, "max_draws")
+
+
+@dataclasses.dataclass(frozen=True)
 class RolloutConfig:
     """How kind grpo samples (skyjax.train.grpo): data.batch_size prompts per step, each with num_generations
     completions drawn with the policy's current parameters on the training mesh."""
@@ -234,6 +266,8 @@ class RolloutConfig:
     num_iterations: int = 1  # optimizer steps on each rollout batch (pi_old: the sampler's log-probs)
     scale_rewards: Literal["group", "batch", "none"] = "group"
     mask_truncated_completions: bool = False  # completions cut at max_new_tokens do not count
+    buffer: SampleBufferConfig = SampleBufferConfig()  # R1V2's selective sample buffer
+    dynamic_sampling: DynamicSamplingConfig = DynamicSamplingConfig()  # DAPO's dynamic sampling
     rewards: tuple[RewardSpec, ...] = (RewardSpec("accuracy"),)
     seed: int = 0
 

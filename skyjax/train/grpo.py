@@ -97,6 +97,10 @@ class RolloutSource:
         self.cached: tuple[dict, list[str]] | None = None
         self.used = 0
         self.stats: dict[str, float] = {}
+        from skyjax.train.grpo_buffer import SampleBuffer  # rollout.buffer / rollout.dynamic_sampling
+
+        self.buffer = SampleBuffer(cfg.rollout.buffer, cfg.rollout.seed) if cfg.rollout.buffer.enabled else None
+        self.log = getattr(trainer, "log", None) or print
 
     # --- rollouts ----------------------------------------------------------------------------------------------
 
@@ -192,6 +196,7 @@ class RolloutSource:
         return out
 
     def next(self, state: dict) -> tuple[dict, list[str]]:
+        from skyjax.train.grpo_buffer import dynamic_sampling, mix_buffer
         from skyjax.train.losses.advantages import group_advantages
 
         if self.cached is not None and self.used < self.rollout.num_iterations:
@@ -201,12 +206,17 @@ class RolloutSource:
         examples = prompts["prompts"]
         inputs, tokens, logps, lengths, stopped = self.generate(state, examples)
         rewards, table, _ = self.score(examples, tokens, lengths)
+        extra = {}
+        if self.rollout.dynamic_sampling.enabled:  # more prompt batches until the groups' rewards differ
+            (examples, inputs, tokens, logps, lengths, stopped, rewards, table), extra = dynamic_sampling(
+                self, state, examples, (inputs, tokens, logps, lengths, stopped), rewards, table)
         adv, metrics = group_advantages(jnp.asarray(rewards), self.rollout.num_generations,
                                         self.rollout.scale_rewards)
         self.rollouts += 1
         batch = self.build_batch(examples, inputs, tokens, logps, lengths, stopped, np.asarray(adv), rewards)
         row_ids = [e.row_id for e in examples for _ in range(self.rollout.num_generations)]
-        self.stats = {k: float(v) for k, v in metrics.items()}
+        batch, row_ids, more = mix_buffer(self, state, batch, row_ids, examples, inputs)  # + `effective` per row
+        self.stats = {k: float(v) for k, v in metrics.items()} | extra | more
         for k, spec in enumerate(self.cfg.rollout.rewards):
             col = table[:, k]
             self.stats[f"rewards/{spec.name}"] = float(np.nanmean(col)) if np.isfinite(col).any() else float("nan")
@@ -214,11 +224,16 @@ class RolloutSource:
         return batch, row_ids
 
     def get_state(self) -> Any:
-        return {"pipeline": self.iterator.get_state(), "rollouts": self.rollouts}
+        from skyjax.train.grpo_buffer import buffer_state
+
+        return {"pipeline": self.iterator.get_state(), "rollouts": self.rollouts, **buffer_state(self)}
 
     def set_state(self, saved: Any) -> None:
         self.iterator.set_state(saved["pipeline"])
         self.rollouts = int(saved["rollouts"])
+        from skyjax.train.grpo_buffer import restore_buffer
+
+        restore_buffer(self, saved)
         self.cached, self.used = None, 0
 
 
