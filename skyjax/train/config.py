@@ -200,10 +200,12 @@ class GRPOObjectiveConfig:
     # "token": a ratio per token; "sequence": one per completion, exp(mean log-ratio) (GSPO)
     importance_sampling_level: Literal["token", "sequence"] = "token"
     logits_chunk: int = 0  # as objective.sft.logits_chunk
+    # dr_grpo's constant normalizer (TRL's max_completion_length); null: rollout.max_new_tokens, filled in by the run
+    max_completion_length: int | None = None
 
     def __post_init__(self):
         _non_negative("objective.grpo", self, "epsilon", "beta", "logits_chunk")
-        _positive("objective.grpo", self, "epsilon_high", "delta", optional=True)
+        _positive("objective.grpo", self, "epsilon_high", "delta", "max_completion_length", optional=True)
         require("objective.grpo.importance_sampling_level", self.importance_sampling_level,
                 self.importance_sampling_level in ("token", "sequence"), "'token' or 'sequence'")
         require("objective.grpo.loss_type", self.loss_type, self.loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"),
@@ -394,3 +396,7 @@ class RunConfig:
                              f"{self.optimizer.grad_accum}")
         if not self.data.train and self.data.synthetic is None:
             raise ConfigError("data.train lists no files and data.synthetic is not set: nothing to train on")
+        grpo = self.objective.grpo
+        if self.kind == "grpo" and grpo.max_completion_length is None:  # derived: dr_grpo's normalizer
+            object.__setattr__(self, "objective", dataclasses.replace(self.objective, grpo=dataclasses.replace(
+                grpo, max_completion_length=self.rollout.max_new_tokens)))

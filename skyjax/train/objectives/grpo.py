@@ -50,7 +50,9 @@ def grpo_objective(model, batch: dict, cfg: GRPOObjectiveConfig, *, reference=No
         if reference is None:
             raise ValueError("objective.grpo.beta > 0 needs the reference (kept in the train state)")
         ref_logps = jax.lax.stop_gradient(completion_logps(reference, batch, cfg.logits_chunk))
-    pcfg = policy_config(cfg, batch["input_ids"].shape[1])
+    # dr_grpo divides by a constant: the completion budget (rollout.max_new_tokens), never the row's width, which
+    # also holds the prompt
+    pcfg = policy_config(cfg, cfg.max_completion_length or batch["input_ids"].shape[1])
     weight_rows = jnp.sum((jnp.sum(mask, axis=1) > 0).astype(jnp.float32))
     tokens = jnp.sum(mask.astype(jnp.float32))
     # the step averages micro-batches by "weight": tokens for the token-level aggregations, rows otherwise
