@@ -16,15 +16,14 @@ optional answer):
 
 The same rollout batch serves rollout.num_iterations optimizer steps (pi_old stays the sampler's log-probs, so from
 the second step on the importance ratio moves off 1 and the clip acts). A checkpoint saved in the middle of a reused
-batch holds what the batch cannot be redrawn from (the sampled tokens, their log-probs, rewards and advantages; the
-prompts are re-read from the pipeline position before them and re-prepared), so a resumed run trains on the very
-same batch. Policies: Skywork R1V (InternVL tiles) and Qwen2.5-VL (patches, M-RoPE), see skyjax.train.grpo_rows.
+batch holds that batch (its arrays, exact, but the images; its rows' prompt records, whose images are read and
+prepared again on restore), so a resumed run trains on the very same batch, buffered rows and dynamic sampling's
+picks included. Policies: Skywork R1V (InternVL tiles) and Qwen2.5-VL (patches, M-RoPE), skyjax.train.grpo_rows.
 Logging beyond the step's metrics (reward components, throughput, the completions table): skyjax.train.grpo_log.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
 from typing import Any, Sequence
@@ -96,9 +95,9 @@ class RolloutSource:
         self.fmt = vision_format(bundle, cfg.data)
         self.adapter = dataclasses.replace(adapter_for(bundle.model), image_cfg=self.fmt.image_cfg)
         self.placeholders = placeholder_ids(bundle.model.config)
-        self.log = RolloutLog(trainer.run_dir, cfg.rollout.log_completions_every, cfg.rollout.num_iterations,
-                              lead=jax.process_index() == 0)
-        self.drawn: dict | None = None  # the cached batch's sampled arrays (a checkpoint in its middle saves them)
+        self.rollout_log = RolloutLog(trainer.run_dir, cfg.rollout.log_completions_every, cfg.rollout.num_iterations,
+                                      lead=jax.process_index() == 0)
+        self.records: dict = {}  # file:line -> record, the cached batch's rows' prompts (saved in its middle)
         self.restored: dict | None = None  # a saved state whose reused batch is rebuilt by the next call
         self.model_cfg = bundle.model.config
         try:
@@ -113,6 +112,10 @@ class RolloutSource:
         self.cached: tuple[dict, list[str]] | None = None
         self.used = 0
         self.stats: dict[str, float] = {}
+        from skyjax.train.grpo_buffer import SampleBuffer  # rollout.buffer / rollout.dynamic_sampling
+
+        self.buffer = SampleBuffer(cfg.rollout.buffer, cfg.rollout.seed) if cfg.rollout.buffer.enabled else None
+        self.log = getattr(trainer, "log", None) or print
 
     # --- rollouts ----------------------------------------------------------------------------------------------
 
@@ -201,42 +204,50 @@ class RolloutSource:
         return np.repeat(np.ptp(grouped, axis=1) <= 1e-8, g).astype(np.float32)
 
     def next(self, state: dict) -> tuple[dict, list[str]]:
+        from skyjax.train.grpo_buffer import dynamic_sampling, mix_buffer
         from skyjax.train.grpo_log import rollout_stats
         from skyjax.train.losses.advantages import group_advantages
 
         jax.block_until_ready(state["trainable"])  # the previous step is done: what follows is this rollout's time
-        self.log.ready()
+        self.rollout_log.ready()
         step = int(state["step"]) + 1  # the step this batch trains
-        self.log.truncate(step - 1)  # a resumed run: the killed run's lines of later steps go
+        self.rollout_log.truncate(step - 1)  # a resumed run: the killed run's lines of later steps go
         if self.restored is not None:
             return self._serve(self._rebuild(self.restored))
         if self.cached is not None and self.used < self.rollout.num_iterations:
             self.used += 1
             return self._serve(self.cached)
-        before = copy.deepcopy(self.iterator.get_state())
         prompts = next(self.iterator)
         examples = prompts["prompts"]
         start = time.perf_counter()
         inputs, tokens, logps, lengths, stopped = self.generate(state, examples)
-        self.log.sampled(time.perf_counter() - start, int(np.sum(lengths)))
-        rewards, table, texts = self.score(examples, tokens, lengths)
+        self.rollout_log.sampled(time.perf_counter() - start, int(np.sum(lengths)))
+        rewards, table, _ = self.score(examples, tokens, lengths)
+        extra = {}
+        if self.rollout.dynamic_sampling.enabled:  # more prompt batches until the groups' rewards differ
+            (examples, inputs, tokens, logps, lengths, stopped, rewards, table), extra = dynamic_sampling(
+                self, state, examples, (inputs, tokens, logps, lengths, stopped), rewards, table)
         adv, metrics = group_advantages(jnp.asarray(rewards), self.rollout.num_generations,
                                         self.rollout.scale_rewards)
         adv = np.asarray(adv)
         self.rollouts += 1
-        self.drawn = {"before": before, "tokens": tokens, "logps": logps, "lengths": lengths, "stopped": stopped,
-                      "advantages": adv, "rewards": rewards, "table": table}
-        batch, row_ids = self._batch(examples, inputs, self.drawn)
-        self.stats = {k: float(v) for k, v in metrics.items()}
-        self.stats.update(rollout_stats(self.reward_names(), table, rewards, lengths, self._cut(tokens, lengths)))
-        if self.log.wants(step):
-            self._write_completions(step, examples, texts)
+        batch = self.build_batch(examples, inputs, tokens, logps, lengths, stopped, adv, rewards)
+        row_ids = [e.row_id for e in examples for _ in range(self.rollout.num_generations)]
+        records = {e.row_id: e.record for e in examples}
+        if self.buffer is not None:  # the prompts a buffered row may come from, by file:line
+            records.update({row_location(p.record): p.record for p in self.buffer.prompts.values()})
+        batch, row_ids, more = mix_buffer(self, state, batch, row_ids, examples, inputs)  # + `effective` per row
+        self.records = {r: records[r] for r in row_ids}
+        self.stats = {k: float(v) for k, v in metrics.items()} | extra | more
+        self.stats.update(rollout_stats(self.reward_names(), table, lengths, self._cut(tokens, lengths)))
+        if self.rollout_log.wants(step):
+            self._write_completions(step, examples, tokens, lengths, stopped, adv, rewards, table)
         self.cached, self.used = (batch, row_ids), 1
         return self._serve(self.cached)
 
     def metrics(self) -> dict:
-        """Host metrics of the steps since the last call (skyjax.train.grpo_log), for the trainer's log row."""
-        return self.log.metrics()
+        """Sampling and update throughput since the last call (skyjax.train.grpo_log), for the trainer's log row."""
+        return self.rollout_log.metrics()
 
     def reward_names(self) -> list[str]:
         """Each reward's name in the logs: its built-in name, a dotted path's function name (then its position
@@ -249,67 +260,71 @@ class RolloutSource:
 
         return placeholder_cut(tokens, lengths, self.placeholders)[1].any(axis=1)
 
-    def _batch(self, examples, inputs, d: dict) -> tuple[dict, list[str]]:
-        batch = self.build_batch(examples, inputs, d["tokens"], d["logps"], d["lengths"], d["stopped"],
-                                 d["advantages"], d["rewards"])
-        return batch, [e.row_id for e in examples for _ in range(self.rollout.num_generations)]
-
     def _serve(self, cached: tuple[dict, list[str]]) -> tuple[dict, list[str]]:
-        batch, _ = cached
-        self.log.served(self.stats, int(np.sum(batch["attention_mask"])))
+        self.rollout_log.served(int(np.sum(cached[0]["attention_mask"])))
         return cached
 
-    def _write_completions(self, step: int, examples, texts: list[str]) -> None:
-        d, g = self.drawn, self.rollout.num_generations
-        names = self.reward_names()
+    def _write_completions(self, step: int, examples, tokens, lengths, stopped, adv, rewards, table) -> None:
+        g, names = self.rollout.num_generations, self.reward_names()
         prompts = [_prompt_text(self.tokenizer, e.record) for e in examples]
         rows = []
-        for r in range(len(texts)):
+        for r in range(tokens.shape[0]):
             e = examples[r // g]
+            text = self.tokenizer.decode(tokens[r, : lengths[r]].tolist(), skip_special_tokens=True)
             rows.append({"step": step, "rollout": self.rollouts - 1, "row": e.row_id, "prompt": prompts[r // g],
-                         "images": [str(p) for p in e.record.images], "completion": texts[r],
-                         "reward": _number(d["rewards"][r]),
-                         "rewards": {n: _number(d["table"][r, k]) for k, n in enumerate(names)},
-                         "advantage": float(d["advantages"][r]), "length": int(d["lengths"][r]),
-                         "stopped": bool(d["stopped"][r])})
-        self.log.write(rows)
+                         "images": [str(p) for p in e.record.images], "completion": text,
+                         "reward": _number(rewards[r]),
+                         "rewards": {n: _number(table[r, k]) for k, n in enumerate(names)},
+                         "advantage": float(adv[r]), "length": int(lengths[r]), "stopped": bool(stopped[r])})
+        self.rollout_log.write(rows)
 
     def _rebuild(self, saved: dict) -> tuple[dict, list[str]]:
-        """The reused batch of a checkpoint saved in its middle: the same prompts (the pipeline was set to the
-        position before them), prepared again, with the saved samples, rewards and advantages."""
-        from skyjax.train.grpo_log import rollout_stats
-        from skyjax.train.losses.advantages import group_advantages
+        """The reused batch of a checkpoint saved in its middle: its arrays as saved, its images read and prepared
+        again from its rows' prompt records (each prompt alone: the same pixels as in the batch it was sampled in)
+        and packed as the batch packed them."""
+        from skyjax.train.grpo_buffer import record_from_json
+        from skyjax.train.grpo_rows import prompt_images, rows_vision
 
         self.restored = None
-        reuse = saved["reuse"]
-        examples = next(self.iterator)["prompts"]
-        drawn = {k: _unpack(v) for k, v in reuse["arrays"].items()}
-        self.drawn = {"before": reuse["pipeline"], **drawn}
-        batch, row_ids = self._batch(examples, self.prepare(examples), self.drawn)
-        _, metrics = group_advantages(jnp.asarray(drawn["rewards"]), self.rollout.num_generations,
-                                      self.rollout.scale_rewards)
-        self.stats = {k: float(v) for k, v in metrics.items()}
-        self.stats.update(rollout_stats(self.reward_names(), drawn["table"], drawn["rewards"], drawn["lengths"],
-                                        self._cut(drawn["tokens"], drawn["lengths"])))
-        self.cached, self.used = (batch, row_ids), int(reuse["used"]) + 1
+        arrays = {k: _unpack(v) for k, v in saved["arrays"].items()}
+        row_ids = list(saved["row_ids"])
+        self.records = {r: record_from_json(rec) for r, rec in saved["records"].items()}
+        per_prompt = {}
+        for r, record in self.records.items():
+            images = load_images(record, r, self.pipeline.blank)
+            inputs = self.prepare([PromptExample(r, r, record, images)])
+            per_prompt[r] = prompt_images(inputs, [len(images)])
+        batch = dict(arrays)
+        if any(p is not None for p in per_prompt.values()):
+            a, per, s = arrays["input_ids"].shape
+            per_row = [None if per_prompt[r] is None else per_prompt[r][0] for r in row_ids]
+            batch["vision"] = rows_vision(self.fmt, per_row, arrays["input_ids"].reshape(a * per, s), a,
+                                          ", ".join(row_ids[:3]))
+        self.stats = dict(saved["stats"])
+        self.cached, self.used = (batch, row_ids), int(saved["used"]) + 1
         return self.cached
 
     def get_state(self) -> Any:
-        if self.restored is not None:  # restored, not yet rebuilt: still that state
-            return self.restored
-        out = {"pipeline": self.iterator.get_state(), "rollouts": self.rollouts}
-        if self.cached is not None and self.used < self.rollout.num_iterations:
-            d = self.drawn
-            out["reuse"] = {"used": self.used, "pipeline": d["before"],
-                            "arrays": {k: _pack(v) for k, v in d.items() if k != "before"}}
+        from skyjax.train.grpo_buffer import buffer_state, record_to_json
+
+        out = {"pipeline": self.iterator.get_state(), "rollouts": self.rollouts, **buffer_state(self)}
+        if self.restored is not None:  # restored, not yet rebuilt: still that batch
+            out["reuse"] = self.restored
+        elif self.cached is not None and self.used < self.rollout.num_iterations:
+            batch, row_ids = self.cached
+            out["reuse"] = {"used": self.used, "row_ids": list(row_ids), "stats": dict(self.stats),
+                            "arrays": {k: _pack(v) for k, v in batch.items() if k != "vision"},
+                            "records": {r: record_to_json(rec) for r, rec in self.records.items()}}
         return out
 
     def set_state(self, saved: Any) -> None:
-        reuse = saved.get("reuse")
-        self.iterator.set_state(copy.deepcopy(reuse["pipeline"] if reuse else saved["pipeline"]))
+        from skyjax.train.grpo_buffer import restore_buffer
+
+        self.iterator.set_state(saved["pipeline"])
         self.rollouts = int(saved["rollouts"])
-        self.cached, self.used, self.drawn = None, 0, None
-        self.restored = saved if reuse else None
+        restore_buffer(self, saved)
+        self.cached, self.used = None, 0
+        self.restored = saved.get("reuse")
 
 
 def _number(x) -> float | None:

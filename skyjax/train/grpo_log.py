@@ -1,21 +1,21 @@
 """What kind grpo logs besides the step's own metrics (skyjax.train.objectives.grpo): the host-side description of
-the rollouts and the time split between sampling and updating, and the completions table.
+the rollout, the time split between sampling and updating, and the completions table.
 
-`RolloutLog` is kept by the rollout source (skyjax.train.grpo.RolloutSource); the trainer adds `metrics()` to each
-logged row (the steps since the last row; keys the objective already reports are left to it):
+`rollout_stats` is part of the rollout source's `stats` (skyjax.train.grpo.RolloutSource; the trainer logs the last
+batch's with the step's metrics, keys the objective already reports left to it):
 
     rewards/<name>/mean, rewards/<name>/std   each reward function over the completions (None rows left out; std
                                               with Bessel's correction, as TRL's nanstd)
-    reward_std                                 the weighted reward's std over the batch
     completion_length_max                      the longest completion (tokens, the stop token included)
     placeholder_cut_fraction                   completions cut at a sampled image placeholder (skyjax.train.grpo_rows)
+
+With rollout.num_iterations > 1 the steps that reuse a rollout log its values again. `RolloutLog.metrics()` (the
+source's `metrics()`, added to each logged row) is the time split since the last row:
+
     rollout_tokens_per_s                       completion tokens sampled per second of sampling (the first rollout,
                                               which compiles the sampler, left out)
     update_tokens_per_s                        row tokens (prompt + completion) per second of optimizer steps (the
                                               first step, which compiles, left out)
-
-Each step describes the rollout it trains on (with rollout.num_iterations > 1 several steps share one); the window's
-values are averaged over its steps (the max of `completion_length_max`). The rates are the window's totals.
 
 The completions table: with `rollout.log_completions_every` N > 0, the rollouts drawn for a step s with a multiple
 of N in (s - num_iterations, s] (so about every N steps whatever num_iterations; step 1 always) are appended to
@@ -43,17 +43,15 @@ def nanstd(x: np.ndarray) -> float:
     return float(np.std(x, ddof=1)) if x.size > 1 else float("nan")
 
 
-def rollout_stats(names: Sequence[str], table: np.ndarray, rewards: np.ndarray, lengths: np.ndarray,
-                  cut: np.ndarray) -> dict:
+def rollout_stats(names: Sequence[str], table: np.ndarray, lengths: np.ndarray, cut: np.ndarray) -> dict:
     """The host metrics of one rollout batch (see the module docstring): `table` [R, K] (NaN: no reward),
-    `rewards` [R] weighted, `lengths` [R], `cut` [R] bool."""
+    `lengths` [R], `cut` [R] bool."""
     out: dict[str, float] = {}
     for k, name in enumerate(names):
         col = np.asarray(table[:, k], np.float64)
         finite = col[np.isfinite(col)]
         out[f"rewards/{name}/mean"] = float(finite.mean()) if finite.size else float("nan")
         out[f"rewards/{name}/std"] = nanstd(col)
-    out["reward_std"] = nanstd(rewards)
     out["completion_length_max"] = float(np.max(lengths)) if len(lengths) else 0.0
     out["placeholder_cut_fraction"] = float(np.mean(cut)) if len(cut) else 0.0
     return out
@@ -63,7 +61,6 @@ class RolloutLog:
     def __init__(self, run_dir: Path | None, every: int, num_iterations: int, lead: bool = True):
         self.path = None if run_dir is None or not every or not lead else Path(run_dir) / "completions.jsonl"
         self.every, self.num_iterations = int(every), int(num_iterations)
-        self.window: list[dict] = []
         self.rollout_s = self.update_s = 0.0
         self.rollout_tokens = self.update_tokens = 0
         self.rollouts_timed = 0
@@ -91,27 +88,17 @@ class RolloutLog:
             self.rollout_s += seconds
             self.rollout_tokens += int(tokens)
 
-    def served(self, stats: dict, tokens: int) -> None:
-        """A batch of the rollout with host metrics `stats` goes to the trainer ([A, b, S] with `tokens` real)."""
-        self.window.append(stats)
+    def served(self, tokens: int) -> None:
+        """A batch ([A, b, S] with `tokens` real) goes to the trainer."""
         self.served_at, self.served_tokens = time.perf_counter(), int(tokens)
 
     def metrics(self) -> dict:
-        """The window's metrics (see the module docstring), then a new window."""
+        """The rates since the last call (see the module docstring)."""
         out: dict[str, float] = {}
-        if self.window:
-            for key in self.window[0]:
-                values = np.asarray([w[key] for w in self.window if key in w], np.float64)
-                if key.endswith("_max"):
-                    out[key] = float(np.max(values))
-                else:
-                    finite = values[np.isfinite(values)]
-                    out[key] = float(finite.mean()) if finite.size else float("nan")
         if self.rollout_s > 0:
             out["rollout_tokens_per_s"] = self.rollout_tokens / self.rollout_s
         if self.update_s > 0:
             out["update_tokens_per_s"] = self.update_tokens / self.update_s
-        self.window = []
         self.rollout_s = self.update_s = 0.0
         self.rollout_tokens = self.update_tokens = 0
         return out

@@ -71,9 +71,17 @@ def completion_vision(fmt, images: list[PromptImages] | None, input_ids: np.ndar
     packing checks each row's image tokens against its images (an ImageTokenMismatchError names the row)."""
     if images is None:
         return None
+    return rows_vision(fmt, [images[r // g] for r in range(input_ids.shape[0])], input_ids, micro_batches, where)
+
+
+def rows_vision(fmt, per_row: list[PromptImages | None], input_ids: np.ndarray, micro_batches: int,
+                where: str) -> dict:
+    """`completion_vision` with each row's images given (None: a row without images)."""
     rows = input_ids.shape[0]
     per = rows // micro_batches
-    per_row = [images[r // g] for r in range(rows)]
+    empty = next(p for p in per_row if p is not None)
+    none = PromptImages(empty.pixels[:0], empty.grids[:0])
+    per_row = [none if p is None else p for p in per_row]
     groups = [per_row[i * per:(i + 1) * per] for i in range(micro_batches)]
     sizes = fmt.sizes(groups, where)
     packed = [fmt.collate(group, sizes, input_ids[i * per:(i + 1) * per]) for i, group in enumerate(groups)]
