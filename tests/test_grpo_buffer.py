@@ -394,3 +394,27 @@ def test_dynamic_sampling_fills_the_batch_with_groups_whose_rewards_differ(buffe
     again = rollout_source(trainer.train_pipe, trainer.bundle, capped, trainer)
     again.set_state(json.loads(json.dumps(one.get_state())))  # the count survives a checkpoint
     assert again.dynamic_cap_hits == 1 and again.rollouts == one.rollouts
+
+
+def test_a_checkpoint_inside_a_reused_mixed_batch_brings_that_batch_back(buffered):
+    """rollout.num_iterations 2: the source's state saved after the first step on a batch holding buffered rows
+    restores that very batch (its arrays, and its rows' images prepared again from their prompt records)."""
+    from skyjax.train.grpo import rollout_source
+
+    trainer = buffered
+    cfg = _with_rollout(trainer.cfg, num_iterations=2)
+    src = rollout_source(trainer.train_pipe, trainer.bundle, cfg, trainer)
+    src.set_state({"pipeline": trainer.batches.get_state()["pipeline"], "rollouts": 0})
+    for _ in range(2):  # the first rollout, used twice: its informative rows fill the buffer
+        src.next(trainer.state)
+    want, want_ids = src.next(trainer.state)  # the second: its constant groups' rows replaced by buffered ones
+    assert want["buffered"].sum() > 0 and src.used == 1
+    saved = json.loads(json.dumps(src.get_state()))  # as the checkpoint's JSON item holds it
+    again = rollout_source(trainer.train_pipe, trainer.bundle, cfg, trainer)
+    again.set_state(saved)
+    got, got_ids = again.next(trainer.state)
+    assert got_ids == want_ids and again.used == 2 and again.rollouts == src.rollouts
+    jax.tree.map(np.testing.assert_array_equal, want, got)
+    # then both draw the same next rollout (the original source first serves the batch its second time)
+    assert src.next(trainer.state)[1] == want_ids and src.used == 2
+    jax.tree.map(np.testing.assert_array_equal, src.next(trainer.state)[0], again.next(trainer.state)[0])
