@@ -241,8 +241,10 @@ def test_grpo_step_quick_against_trl():
         for key in ("skyjax_s", "trl_s", "skyjax_tokens_per_s", "trl_tokens_per_s", "trl_speedup"):
             assert _number(p[key]), (phase, key, p[key])
         assert p["trl_speedup"] == pytest.approx(p["trl_s"] / p["skyjax_s"], rel=1e-9)
+        assert _number(p["skyjax_cpu_s"]) and _number(p["trl_cpu_s"])
+        assert p["trl_cpu_ratio"] == pytest.approx(p["trl_cpu_s"] / p["skyjax_cpu_s"], rel=1e-9)
         for side in ("skyjax", "trl"):
-            assert len(r["times_s"][side][phase]) == quick["steps"]
+            assert len(r["times_s"][side][phase]) == len(r["cpu_s"][side][phase]) == quick["steps"]
         assert set(r["warmup_s"]["skyjax"]) == set(r["warmup_s"]["trl"]) == {"rollout", "update"}
     total = {side: [a + b for a, b in zip(r["times_s"][side]["rollout"], r["times_s"][side]["update"])]
              for side in ("skyjax", "trl")}

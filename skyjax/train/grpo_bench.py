@@ -43,6 +43,9 @@ Iterations alternate (TRL, skyjax) on the same prompt batch, so a change in the 
 figure is the median of `steps` iterations after one warm-up iteration (compiles included there: `warmup_s`).
 `trl_speedup` = TRL's median iteration seconds / skyjax's; `rollout.trl_speedup` and `update.trl_speedup` the same
 per phase; tokens/s: `rollout` counts the generated tokens, `update` the real (unpadded) prompt + completion tokens.
+`cpu_s` (and each phase's `*_cpu_s`, `trl_cpu_ratio`) is the process's CPU time per phase, all threads: on a machine
+shared with other jobs it moves less than wall time, but idle threads that spin count too, so it means most with one
+intra-op thread on each side (`python -m skyjax.train.grpo_bench --threads 1`, which sets XLA's and torch's).
 
 Tunix (google-tunix's GRPO learner) is not run: it is not installed in the project's environment (it needs its own
 venv with heavy extras); the result says so under `tunix`.
@@ -141,10 +144,11 @@ def _trl_trainer(folder: Path, work: Path, *, prompts: int, num_generations: int
 def run_grpo_bench(prompts: int = 4, num_generations: int = 8, max_new_tokens: int = 64, steps: int = 3,
                    prompt_len=(24, 48), shapes: dict | None = None, loss_type: str = "dapo", beta: float = 0.0,
                    epsilon: float = 0.2, lr: float = 1e-6, trl_baseline: bool = True, seed: int = 0,
-                   log=None) -> dict:
+                   torch_threads: int | None = None, log=None) -> dict:
     """The benchmark (see the module docstring). Returns a dict with `skyjax_s`, `trl_s`, `trl_speedup` (TRL's
     seconds per iteration / skyjax's), `rollout` and `update` (each: both sides' seconds, tokens/s and the ratio),
-    `warmup_s`, `times_s`, `losses`, `logp_max_abs_diff`, `batch`, `config`, `tunix`."""
+    `warmup_s`, `times_s`, `cpu_s`, `losses`, `logp_max_abs_diff`, `batch`, `config`, `tunix`. torch_threads:
+    torch's intra-op threads (default: all cores); XLA's are fixed when JAX starts (`main --threads N` sets both)."""
     log = log or (lambda *_: None)
     import jax
     import torch
@@ -163,7 +167,7 @@ def run_grpo_bench(prompts: int = 4, num_generations: int = 8, max_new_tokens: i
             raise ImportError("grpo_step compares against TRL's GRPOTrainer: install trl==1.16.0 (pip install -e "
                               "'.[test]'), or run it without the baseline (grpo_step.trl_baseline=false)") from None
     shapes = dict(shapes or GRPO_BENCH_SHAPES)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(torch_threads or os.cpu_count() or 1)
     g, n = num_generations, max_new_tokens
     knobs = dict(prompts=prompts, num_generations=g, max_new_tokens=n, loss_type=loss_type, beta=beta,
                  epsilon=epsilon, lr=lr, seed=seed)
@@ -215,15 +219,16 @@ def run_grpo_bench(prompts: int = 4, num_generations: int = 8, max_new_tokens: i
             return float(loss)
 
         times = {"skyjax": {"rollout": [], "update": []}, "trl": {"rollout": [], "update": []}}
+        cpu = {"skyjax": {"rollout": [], "update": []}, "trl": {"rollout": [], "update": []}}
         losses: dict[str, list] = {"skyjax": [], "trl": []}
         warmup_s: dict[str, dict] = {}
         layout: dict[str, dict] = {}
         logp_diff = None
         with use_mesh(mesh):
             for it in range(steps + 1):
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 batch, row_ids = skyjax_rollout()
-                t_roll = time.perf_counter() - t
+                t_roll, c_roll = time.perf_counter() - t, time.process_time() - c
                 convs = [conversation[r] for r in row_ids[::g]]
                 if it == 0:
                     layout["skyjax"] = _skyjax_layout(batch, tok.pad_token_id)
@@ -231,9 +236,9 @@ def run_grpo_bench(prompts: int = 4, num_generations: int = 8, max_new_tokens: i
                         logp_diff = _torch_logp_diff(trl_trainer.model, batch)
                         log(f"grpo_step: skyjax pi_old vs TRL's policy on the same tokens: max |diff| "
                             f"{logp_diff:.2e}")
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 metrics = skyjax_update(batch)
-                t_upd = time.perf_counter() - t
+                t_upd, c_upd = time.perf_counter() - t, time.process_time() - c
                 losses["skyjax"].append(metrics["loss"])
                 if it == 0:
                     warmup_s["skyjax"] = {"rollout": t_roll, "update": t_upd}
@@ -241,29 +246,44 @@ def run_grpo_bench(prompts: int = 4, num_generations: int = 8, max_new_tokens: i
                 else:
                     times["skyjax"]["rollout"].append(t_roll)
                     times["skyjax"]["update"].append(t_upd)
+                    cpu["skyjax"]["rollout"].append(c_roll)
+                    cpu["skyjax"]["update"].append(c_upd)
                 if not trl_baseline:
                     continue
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 out = trl_rollout(convs)
-                t_roll = time.perf_counter() - t
+                t_roll, c_roll = time.perf_counter() - t, time.process_time() - c
                 if it == 0:
                     layout["trl"] = _trl_layout(out)
                     layout["prompt_tokens_equal"] = layout["trl"].pop("prompt_ids") == layout["skyjax"]["prompt_ids"]
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 losses["trl"].append(trl_update(out))
-                t_upd = time.perf_counter() - t
+                t_upd, c_upd = time.perf_counter() - t, time.process_time() - c
                 if it == 0:
                     warmup_s["trl"] = {"rollout": t_roll, "update": t_upd}
                     log(f"grpo_step: TRL warm-up rollout {t_roll:.1f}s, update {t_upd:.1f}s")
                 else:
                     times["trl"]["rollout"].append(t_roll)
                     times["trl"]["update"].append(t_upd)
+                    cpu["trl"]["rollout"].append(c_roll)
+                    cpu["trl"]["update"].append(c_upd)
                     log(f"grpo_step: iteration {it}: skyjax {times['skyjax']['rollout'][-1]:.2f}s + "
                         f"{times['skyjax']['update'][-1]:.2f}s, TRL {t_roll:.2f}s + {t_upd:.2f}s")
         params = int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.fn.shapes)))
     layout["skyjax"].pop("prompt_ids")
-    return _result(times, losses, warmup_s, layout, logp_diff, info, shapes, params, knobs, steps, prompt_len,
-                   trl_baseline)
+    result = _result(times, losses, warmup_s, layout, logp_diff, info, shapes, params, knobs, steps, prompt_len,
+                     trl_baseline)
+    # the process's CPU seconds (all threads) per phase: less sensitive than wall time to other jobs on a shared
+    # machine, but idle worker threads that spin count too (most meaningful with one thread each, `main --threads 1`)
+    result["cpu_s"] = cpu
+    for phase in ("rollout", "update"):
+        result[phase]["skyjax_cpu_s"] = float(np.median(cpu["skyjax"][phase]))
+        if trl_baseline:
+            result[phase]["trl_cpu_s"] = float(np.median(cpu["trl"][phase]))
+            result[phase]["trl_cpu_ratio"] = result[phase]["trl_cpu_s"] / result[phase]["skyjax_cpu_s"]
+    result["config"]["torch_threads"] = torch.get_num_threads()
+    result["config"]["xla_flags"] = os.environ.get("XLA_FLAGS", "")
+    return result
 
 
 def _skyjax_layout(batch: dict, pad_id: int) -> dict:
@@ -355,11 +375,22 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--beta", type=float, default=0.0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads for BOTH XLA and torch (default: their own defaults, all cores)")
     p.add_argument("--no-trl", action="store_true", help="skip the TRL baseline")
     args = p.parse_args(argv)
+    if args.threads:  # before JAX starts its CPU client
+        flags = f" --xla_cpu_multi_thread_eigen={'false' if args.threads == 1 else 'true'}" \
+                f" intra_op_parallelism_threads={args.threads}"
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + flags).strip()
+    from skyjax.bench import machine_info
+
+    machine = machine_info()
     result = run_grpo_bench(args.prompts, args.generations, args.new_tokens, args.steps, beta=args.beta,
-                            trl_baseline=not args.no_trl, log=print)
-    print(json.dumps({k: v for k, v in result.items() if k != "times_s"}, indent=2))
+                            trl_baseline=not args.no_trl, torch_threads=args.threads, log=print)
+    machine["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    result = {"machine": machine, "grpo_step": result}
+    print(json.dumps({k: v for k, v in result["grpo_step"].items() if k not in ("times_s", "cpu_s")}, indent=2))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
     return 0
