@@ -41,8 +41,8 @@ def trainer(tmp_path_factory):
                             for q in questions))
     cfg = load_config(RunConfig, None, [
         "kind=grpo", f"model.source={folder}", f"data.train=[{data}]", "data.batch_size=4", "optimizer.lr=1e-3",
-        "optimizer.grad_accum=2", "trainer.steps=2", "trainer.freeze=[]", "trainer.progress=false",
-        "trainer.export=false", "trainer.async_checkpointing=false", "mesh.shape=[2,2,2]",
+        "optimizer.grad_accum=2", "trainer.steps=1", "trainer.freeze=[]", "trainer.progress=false",
+        "trainer.export=false", "trainer.async_checkpointing=false", "mesh.shape=[2,1,1]",
         f"rollout.num_generations={G}", "rollout.max_new_tokens=6", "rollout.temperature=1.0",
         f"rollout.rewards=[{{name: '{__name__}:token_count_reward'}}]"])
     return Trainer(cfg, root / "run", resume=False, log=lambda m: None)
