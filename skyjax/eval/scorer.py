@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from skyjax.convert.checkpoint import load_model
+from skyjax.convert.checkpoint import LoadedModel, load_model
 from skyjax.data.chat import format_conversation
 from skyjax.data.qwen_vl_image import ImageError, QwenVLImageConfig, image_grid_thw, load_image
 from skyjax.data.records import Record, parse_record
@@ -62,6 +62,9 @@ class Conversation:
     image_paths: tuple[str, ...]
     where: str
     key: Hashable = None  # names the conversation in a resumable score log (e.g. (line, "chosen"))
+    # the images already decoded (PIL, in image_paths' order), when the caller has them: no file is read then
+    # (GRPO's reward model scores each prompt's images once per completion)
+    images: Sequence[Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,17 +126,30 @@ def plan_batches(lengths: dict[int, int], seq_buckets: Sequence[int], max_batch_
 
 
 class RewardScorer:
-    """Scalar rewards for conversations, from a Hugging Face reward folder or a skyjax checkpoint."""
+    """Scalar rewards for conversations, from a Hugging Face reward folder or a skyjax checkpoint.
 
-    def __init__(self, model: str | os.PathLike, *, mesh_shape=(1, -1, 1), dtype: str | None = None,
-                 batch_size: int = DEFAULT_BATCH_ROWS, max_batch_tokens: int | None = None,
+    `mesh`: the devices to score on (default: a new mesh of `mesh_shape` over every device); GRPO passes the
+    trainer's mesh, so the reward model sits beside the policy. `model` may be a path or an already loaded
+    `LoadedModel` (placed on `mesh` by its loader; `dtype` then does not apply). `sticky_vision`: every batch keeps
+    room for the largest images seen by any earlier call, not only by this call's conversations, so a caller that
+    scores many small jobs (a GRPO step's completions) compiles again only when a larger image arrives.
+    """
+
+    def __init__(self, model: str | os.PathLike | LoadedModel, *, mesh=None, mesh_shape=(1, -1, 1),
+                 dtype: str | None = None, batch_size: int = DEFAULT_BATCH_ROWS, max_batch_tokens: int | None = None,
                  max_length: int | None = None, buckets: Buckets = Buckets(seq=SCORE_SEQ_BUCKETS),
-                 progress: bool = True):
-        self.mesh = make_mesh(mesh_shape)
-        self.model = load_model(model, mesh=self.mesh, dtype=dtype)
+                 progress: bool = True, sticky_vision: bool = False):
+        self.mesh = mesh if mesh is not None else make_mesh(mesh_shape)
+        if isinstance(model, LoadedModel):
+            if dtype is not None:
+                raise ValueError("RewardScorer: dtype applies when loading; the model given is loaded already")
+            self.model = model
+        else:
+            self.model = load_model(model, mesh=self.mesh, dtype=dtype)
         if not hasattr(self.model.fn.bind(self.model.params), "score"):
-            raise ValueError(f"{model}: architecture {self.model.arch.name!r} has no value head (expected a reward "
-                             f"model: a Qwen2.5-VL folder with value_head.safetensors, or a trained checkpoint)")
+            raise ValueError(f"{self.model.folder}: architecture {self.model.arch.name!r} has no value head (expected "
+                             f"a reward model: a Qwen2.5-VL folder with value_head.safetensors, or a trained "
+                             f"checkpoint)")
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
         self.tokenizer = load_tokenizer(self.model.folder)
@@ -150,6 +166,8 @@ class RewardScorer:
         self.seq_buckets = tuple(b for b in (buckets.seq or ()) if b < self.max_length) + (self.max_length,) \
             if buckets.seq is not None else None
         self.max_image_patches = self.image_cfg.max_patches
+        self.sticky_vision = sticky_vision
+        self._vision_floor = (0, 0)  # (patches, images) per row kept from earlier calls when sticky_vision
         fn = self._bounded_vision(self.max_image_patches)
         self._score = jax.jit(lambda p, ids, kw: fn.bind(p).score(ids, **kw))
 
@@ -186,11 +204,19 @@ class RewardScorer:
             raise ImageError(f"not a readable image file: {path} ({type(e).__name__})") from None
         return int(np.prod(image_grid_thw(height, width, self.image_cfg)))
 
+    def _conversation_patches(self, conv: Conversation) -> list[int]:
+        """Vision patches of each image: from the decoded images when the conversation has them, else the headers."""
+        if conv.images is None:
+            return [self._image_patches(p) for p in conv.image_paths]
+        if len(conv.images) != len(conv.image_paths):
+            raise ValueError(f"{len(conv.images)} decoded images for {len(conv.image_paths)} image paths")
+        return [int(np.prod(image_grid_thw(im.height, im.width, self.image_cfg))) for im in conv.images]
+
     def measure(self, conv: Conversation) -> int:
         """Tokens of a conversation (images counted from their headers); RowError naming file:line when it cannot
         be rendered or is longer than the model allows. The vision patches it needs go to `self._patches`."""
         try:
-            patches = [self._image_patches(p) for p in conv.image_paths]
+            patches = self._conversation_patches(conv)
             if patches and max(patches) > self.max_image_patches:  # only an extreme aspect ratio gets here
                 raise ValueError(f"an image of {max(patches)} patches, more than the {self.max_image_patches} of "
                                  f"max_pixels {self.image_cfg.max_pixels}")
@@ -205,6 +231,8 @@ class RewardScorer:
         return length
 
     def _images(self, conv: Conversation):
+        if conv.images is not None:
+            return list(conv.images)
         try:
             return [load_image(p) for p in conv.image_paths]
         except ImageError as e:
@@ -247,6 +275,10 @@ class RewardScorer:
                     fail(i, e)
                     continue
                 most_patches, most_images = max(most_patches, self._patches[0]), max(most_images, self._patches[1])
+            if self.sticky_vision:
+                most_patches = max(most_patches, self._vision_floor[0])
+                most_images = max(most_images, self._vision_floor[1])
+                self._vision_floor = (most_patches, most_images)
             self._vision_room = (most_patches, most_images)
             if bar is not None:
                 bar.update(len(convs) - len(lengths))  # resumed and skipped rows count as done

@@ -85,10 +85,18 @@ class RolloutSource:
         self.adapter = dataclasses.replace(adapter_for(bundle.model),
                                            image_cfg=vision_format(bundle, cfg.data).image_cfg)
         self.model_cfg = bundle.model.config
+        from skyjax.rl.rewards import RewardContext
+
+        # reward factories (the reward model) get the trainer's mesh: they load beside the policy, not elsewhere
+        context = RewardContext(mesh=trainer.mesh, dtype=cfg.model.dtype, tokenizer=bundle.tokenizer)
         try:
-            self.rewards = [load_reward(r.name, **r.options) for r in cfg.rollout.rewards]
+            self.rewards = [dataclasses.replace(load_reward(r.name, context, **r.options), on_error=r.on_error)
+                            for r in cfg.rollout.rewards]
         except ValueError as e:
             raise ConfigError(f"rollout.rewards: {e}") from None
+        self.log = getattr(trainer, "log", print)
+        self.reward_failures: list = []  # this rollout's (rollout.on_reward_error: skip)
+        self.skipped_completions = 0  # over the run
         self.weights = [float(r.weight) for r in cfg.rollout.rewards]
         from skyjax.sample.cli import default_stop_ids
 
@@ -122,11 +130,13 @@ class RolloutSource:
         return inputs, *(np.asarray(x) for x in (out.tokens, out.logprobs, out.lengths, out.stopped))
 
     def score(self, examples, tokens, lengths):
-        """Rewards per completion [B*G] (weighted sum), per component [B*G, K], and the completions' texts."""
-        from skyjax.rl.rewards import Rollout, compute_rewards, weighted_sum
+        """Rewards per completion [B*G] (weighted sum; NaN for a completion a reward function failed on, with
+        rollout.on_reward_error: skip), per component [B*G, K], and the completions' texts."""
+        from skyjax.rl.rewards import Rollout, compute_rewards, failed_rows, weighted_sum
 
         g = self.rollout.num_generations
         prompts = [_prompt_text(self.tokenizer, e.record) for e in examples]  # once per prompt, not per completion
+        messages = [e.record.conversation() for e in examples]
         rows, texts = [], []
         for r in range(tokens.shape[0]):
             e = examples[r // g]
@@ -135,9 +145,25 @@ class RolloutSource:
             texts.append(text)
             rows.append(Rollout(prompt=prompts[r // g], completion=text, completion_ids=ids,
                                 images=tuple(e.record.images), answer=e.record.answer,
-                                meta=dict(e.record.meta or {})))
-        table = compute_rewards(self.rewards, rows)
-        return weighted_sum(table, self.weights), table, texts
+                                meta=dict(e.record.meta or {}), messages=messages[r // g],
+                                image_data=tuple(e.images), where=e.row_id))
+        failures: list = []
+        table = compute_rewards(self.rewards, rows, on_error=self.rollout.on_reward_error, failures=failures)
+        total = weighted_sum(table, self.weights)
+        # a completion some function failed on gets no reward at all (not the sum of the others): advantage 0
+        total[failed_rows(failures, len(rows))] = np.nan
+        self._note_failures(failures, len(rows))
+        return total, table, texts
+
+    def _note_failures(self, failures, rows: int) -> None:
+        """Keep this rollout's reward failures (skipped completions); say the first few of the run."""
+        from skyjax.rl.rewards import failed_rows
+
+        self.reward_failures = list(failures)
+        before = self.skipped_completions
+        self.skipped_completions += int(failed_rows(failures, rows).sum())
+        for f in failures[: max(0, 10 - before)]:
+            self.log(f"reward skipped (rollout.on_reward_error: skip): {f.message}")
 
     def build_batch(self, examples, inputs, tokens, logps, lengths, stopped, advantages, rewards) -> dict:
         """The training batch [A, b, ...] of B*G completion rows (see the module docstring)."""
@@ -201,10 +227,14 @@ class RolloutSource:
         examples = prompts["prompts"]
         inputs, tokens, logps, lengths, stopped = self.generate(state, examples)
         rewards, table, _ = self.score(examples, tokens, lengths)
+        # a skipped prompt's stand-in (weight 0) is in no statistic: no reward, so no part in a batch std either
+        live = np.repeat(np.asarray(prompts["weights"]) > 0, self.rollout.num_generations)
+        rewards = np.where(live, rewards, np.nan)
         adv, metrics = group_advantages(jnp.asarray(rewards), self.rollout.num_generations,
                                         self.rollout.scale_rewards)
         self.rollouts += 1
         batch = self.build_batch(examples, inputs, tokens, logps, lengths, stopped, np.asarray(adv), rewards)
+        self._add_row_flags(batch, prompts["weights"], len(rewards))
         row_ids = [e.row_id for e in examples for _ in range(self.rollout.num_generations)]
         self.stats = {k: float(v) for k, v in metrics.items()}
         for k, spec in enumerate(self.cfg.rollout.rewards):
@@ -212,6 +242,17 @@ class RolloutSource:
             self.stats[f"rewards/{spec.name}"] = float(np.nanmean(col)) if np.isfinite(col).any() else float("nan")
         self.cached, self.used = (batch, row_ids), 1
         return batch, row_ids
+
+    def _add_row_flags(self, batch: dict, prompt_weights, rows: int) -> None:
+        """A prompt the pipeline skipped (data.on_error: skip, e.g. a missing image) is a zero-weight copy of a good
+        one: its completions get row_weight 0. `reward_skipped` marks the completions a reward function failed on
+        (logged as reward_skipped_fraction)."""
+        from skyjax.rl.rewards import failed_rows
+
+        a, per = batch["row_weight"].shape
+        weights = np.repeat(np.asarray(prompt_weights, np.float32), self.rollout.num_generations)
+        batch["row_weight"] = (batch["row_weight"].reshape(-1) * weights).reshape(a, per)
+        batch["reward_skipped"] = failed_rows(self.reward_failures, rows).astype(np.float32).reshape(a, per)
 
     def get_state(self) -> Any:
         return {"pipeline": self.iterator.get_state(), "rollouts": self.rollouts}

@@ -66,14 +66,14 @@ def grpo_objective(model, batch: dict, cfg: GRPOObjectiveConfig, *, reference=No
     # per completion row (grpo_report divides these by "rows"): what the rollout produced
     rw = batch["row_weight"].astype(jnp.float32)
     sums["rows"] = jnp.sum(rw)
-    for key in ("rewards", "lengths", "truncated", "zero_std"):
+    for key in ("rewards", "lengths", "truncated", "zero_std", "reward_skipped"):
         if key in batch:
             sums[f"rollout/{ROLLOUT_NAMES[key]}"] = jnp.sum(batch[key].astype(jnp.float32) * rw)
     return loss, sums, state
 
 
 ROLLOUT_NAMES = {"rewards": "reward", "lengths": "completion_length", "truncated": "truncated_fraction",
-                 "zero_std": "frac_reward_zero_std"}
+                 "zero_std": "frac_reward_zero_std", "reward_skipped": "reward_skipped_fraction"}
 
 
 def needs_reference(cfg: GRPOObjectiveConfig) -> bool:
