@@ -9,6 +9,7 @@ or skip-and-count), a conversation too long for the reward model, a prompt row w
 import dataclasses
 import json
 import re
+import shutil
 
 import jax
 import numpy as np
@@ -103,14 +104,14 @@ def test_reward_equals_the_scorer_alone_and_transformers(rm, images, reward):
             row("Think first.", images[2:3], "a short chain</think> Answer: B", prompt="...<think>\n"),
             row("No image here?", [], "None.")]
     values = reward(rows)
-    alone = RewardScorer(rm[0], mesh_shape=(1, 1, 1), batch_size=1, progress=False)
-    want_scorer, want_hf = [], []
+    # the scorer on its own: another instance, on its own mesh, reading the image files itself
+    own = RewardScorer(rm[0], mesh_shape=(1, 1, 1), batch_size=4, progress=False)
+    convs, want_hf = [], []
     for r in rows:
-        messages = [user(r.messages[0]["content"][-1]["text"], len(r.images)),
-                    {"role": "assistant", "content": assistant_text(r)}]
-        want_scorer.append(float(alone.score_conversations([Conversation(messages, r.images, r.where)])[0]))
+        messages = [*r.messages, {"role": "assistant", "content": assistant_text(r)}]
+        convs.append(Conversation(messages, r.images, r.where))
         want_hf.append(transformers_score(rm, messages, r.images))
-    assert np.max(np.abs(np.array(values) - want_scorer)) <= 1e-5
+    assert np.max(np.abs(np.array(values) - own.score_conversations(convs))) <= 1e-5
     assert rel_error(values, want_hf) <= 1e-5
     # the prompt opened <think>: the RM reads the chain with its opening tag put back (as skyjax pairs scores it)
     assert assistant_text(rows[2]) == "<think>\na short chain</think> Answer: B"
@@ -124,8 +125,10 @@ def test_normalisation_options(rm, images, reward):
     rows = [row("What colour is it?", images[:1], "Red."), row("And this?", images[1:2], "Blue.")]
     raw = np.array(reward(rows))
     shaped = load_reward("reward_model", RewardContext(mesh=make_mesh((1, 1, 1))), source=str(rm[0]), batch_size=4,
-                         scale=0.5, shift="-1e-1", sigmoid=True)
-    np.testing.assert_allclose(shaped(rows), 1 / (1 + np.exp(-(0.5 * raw - 0.1))), rtol=1e-6)
+                         scale=0.5, shift="-1e-1", sigmoid=True)  # YAML 1.1 reads -1e-1 as a string
+    np.testing.assert_allclose([shaped.fn.transform(v) for v in raw], 1 / (1 + np.exp(-(0.5 * raw - 0.1))),
+                               rtol=1e-6)
+    np.testing.assert_allclose(shaped.fn.transform(-800.0), 0.0, atol=1e-30)  # no overflow far from 0
 
 
 def test_the_images_reach_the_reward_model(images, reward):
@@ -194,7 +197,8 @@ def test_bad_reward_model_options(rm, tmp_path):
     with pytest.raises(ValueError, match="scale='big' must be a finite number"):
         load_reward("reward_model", source=str(rm[0]), scale="big")
     policy = tmp_path / "policy"
-    tiny_hf_qwen2_5_vl(policy, build_tiny_tokenizer("qwen2_5_vl"))  # no value head
+    shutil.copytree(rm[0], policy)
+    (policy / "value_head.safetensors").unlink()  # a Qwen2.5-VL without a value head
     with pytest.raises(Exception, match="no value_head.safetensors"):
         load_reward("reward_model", source=str(policy))
 
@@ -356,12 +360,17 @@ def test_a_step_with_the_reward_model_as_the_only_reward(trainer, rm):
     weights = batch["row_weight"].reshape(-1)
     assert weights.tolist().count(0.0) == G
     assert any(r["file"].endswith("prompts.jsonl") and r["line"] == 4 for r in trainer.skipped_rows())
-    # every completion's reward is the weight x the reward model's own score of its conversation
-    own = RewardScorer(rm[0], mesh_shape=(1, 1, 1), batch_size=8, progress=False)  # its own mesh, files read
-    convs = [Conversation([*r.messages, {"role": "assistant", "content": assistant_text(r)}], tuple(r.images),
-                          r.where) for r in recorded]
-    want = 2.0 * own.score_conversations(convs)
-    assert len(recorded) == 4 * G and all("prompts.jsonl:" in r.where for r in recorded)
+    # the reward model saw each prompt row's own messages and images (decoded from its files) with a completion...
+    assert len(recorded) == 4 * G
+    by_line = {json.dumps(r["prompt"]): r for r in map(json.loads, open(trainer.cfg.data.train[0]))}
+    for r in recorded:
+        source = by_line[json.dumps(r.messages)]
+        assert r.where.endswith(f"prompts.jsonl:{list(by_line).index(json.dumps(r.messages)) + 1}")
+        assert [p.rsplit("/", 1)[-1] for p in r.images] == source["images"]
+        assert all(np.array_equal(np.asarray(a), np.asarray(load_image(p))) for a, p in zip(r.image_data, r.images))
+    # ...and every completion's reward is the weight x its score (the score itself is checked against the scorer
+    # alone and transformers above)
+    want = 2.0 * np.array(inner(recorded))
     live = weights > 0
     np.testing.assert_allclose(batch["rewards"].reshape(-1)[live], want[live], atol=2e-5)
     assert (batch["rewards"].reshape(-1)[~live] == 0).all() and (batch["advantages"].reshape(-1)[~live] == 0).all()
