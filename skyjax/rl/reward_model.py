@@ -133,6 +133,10 @@ def reward_model(context: RewardContext, *, source: str, think: str = "keep", sc
         raise ValueError(f"reward_model: source {source!r} does not exist (a Hugging Face reward folder with "
                          "value_head.safetensors, or a skyjax reward checkpoint)")
     require_reward_model(source)  # one line before any weight is read when it is not a reward model
+    if context.mesh is not None and len({d.process_index for d in context.mesh.devices.flat}) > 1:
+        # each process would score its own rows with one program over the whole mesh: not written yet
+        raise ValueError("reward_model: a mesh over several processes (multi-host) is not supported yet; score on "
+                         "one host, or use rule rewards on several")
     scorer = RewardScorer(source, mesh=context.mesh, dtype=dtype or context.dtype, batch_size=batch_size,
                           max_batch_tokens=max_batch_tokens, max_length=max_length, progress=False,
                           sticky_vision=True)
