@@ -302,13 +302,8 @@ def _at(rows: Sequence[Rollout], i: int) -> str:
     return f" ({where})" if where else ""
 
 
-def _validate(name: str, values: Any, n: int) -> list[float | None]:
-    """Floats or None, one per row, all finite; RewardError naming the function (and row) otherwise."""
-    _check_container(name, values, n)
-    return [_value(name, v, i) for i, v in enumerate(values)]
-
-
 def _check_container(name: str, values: Any, n: int) -> None:
+    """A sequence of n values; RewardError naming the function otherwise."""
     if isinstance(values, (str, bytes, Mapping)) or not hasattr(values, "__len__"):
         raise RewardError(f"reward function '{name}' returned {type(values).__name__}, expected a list of {n} "
                           "rewards (float or None)")
@@ -317,6 +312,7 @@ def _check_container(name: str, values: Any, n: int) -> None:
 
 
 def _value(name: str, v: Any, i: int, at: str = "") -> float | None:
+    """A float or None, finite; RewardError naming the function and row i (at: its file:line) otherwise."""
     if v is None:
         return None
     if not isinstance(v, numbers.Real):  # bool, int, float, numpy scalars; not str, not arrays
