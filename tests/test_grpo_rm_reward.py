@@ -427,3 +427,17 @@ def test_a_missing_image_is_an_error_naming_the_row(trainer, tmp_path):
                                                                         batch_size=1))
     with pytest.raises(BadRowError, match=rf"{data}:1: image file not found: .*gone.png"):
         next(iter(pipe.dataset))
+
+
+def test_reward_error_settings_in_the_config():
+    from skyjax.config import ConfigError, load_config
+    from skyjax.train.config import RunConfig
+
+    cfg = load_config(RunConfig, None, ["kind=grpo", "data.train=[p.jsonl]", "rollout.on_reward_error=skip",
+                                        "rollout.rewards=[{name: accuracy}, {name: format, on_error: raise}]"])
+    assert cfg.rollout.on_reward_error == "skip" and [r.on_error for r in cfg.rollout.rewards] == [None, "raise"]
+    with pytest.raises(ConfigError, match="rollout.on_reward_error"):
+        load_config(RunConfig, None, ["kind=grpo", "data.train=[p.jsonl]", "rollout.on_reward_error=ignore"])
+    with pytest.raises(ConfigError, match="on_error"):
+        load_config(RunConfig, None, ["kind=grpo", "data.train=[p.jsonl]",
+                                      "rollout.rewards=[{name: format, on_error: maybe}]"])
