@@ -139,6 +139,20 @@ def test_the_images_reach_the_reward_model(images, reward):
     assert abs(values[0] - values[1]) > 1e-4  # only the image differs
 
 
+def test_a_prompts_decoded_images_are_preprocessed_once_for_all_its_completions(images, reward, monkeypatch):
+    import skyjax.eval.scorer as scorer_module
+
+    answers = ("Red.", "Blue, surely.", "Green?")
+    first = row("What colour is it?", images[:2], answers[0])
+    rows = [dataclasses.replace(first, completion=c) for c in answers]  # one prompt's decoded images, shared
+    alone = reward([row("What colour is it?", images[:2], c) for c in answers])  # each row decodes its own
+    calls = []
+    preprocess = scorer_module.preprocess_image
+    monkeypatch.setattr(scorer_module, "preprocess_image", lambda im, cfg: calls.append(id(im)) or preprocess(im, cfg))
+    np.testing.assert_allclose(reward(rows), alone, atol=1e-5)
+    assert sorted(calls) == sorted(id(im) for im in first.image_data)  # each image once, not once per completion
+
+
 def test_scoring_uses_the_reward_models_own_tokenizer(images, reward, monkeypatch):
     """The policy (Skywork R1V's tokenizer: other special tokens, <think> one token) and the reward model (Qwen2.5-VL)
     have different vocabularies; the reward model re-tokenizes the completion's text with its own."""

@@ -81,6 +81,20 @@ def test_plan_batches_cover_every_row_once_within_the_budget():
         assert sum(len(b.indices) < b.rows for b in batches if b.length == length) <= 1
 
 
+def test_a_length_bucket_of_few_batches_joins_the_next_instead_of_compiling_its_own_program():
+    # 10 rows of bucket 128 (a full batch, and 2 that join the first batch of 256) and 40 of bucket 256; 8 rows per
+    # batch in both (budget 2048)
+    lengths = {i: 100 for i in range(10)} | {i: 200 for i in range(10, 50)}
+    shapes = lambda plan: sorted({(b.rows, b.length) for b in plan})
+    assert shapes(plan_batches(lengths, (128, 256, 512), 2048, 8, min_batches=0)) == [(8, 128), (8, 256)]
+    merged = plan_batches(lengths, (128, 256, 512), 2048, 8)
+    assert shapes(merged) == [(8, 256)] and sorted(i for b in merged for i in b.indices) == list(range(50))
+    # a bucket of many batches keeps its own program; one whose next bucket takes fewer rows per batch too
+    many = {i: 100 for i in range(80)} | {i: 200 for i in range(80, 90)}
+    assert shapes(plan_batches(many, (128, 256, 512), 2048, 8)) == [(8, 128), (8, 256)]
+    assert shapes(plan_batches(lengths, (128, 256, 512), 1024, 8)) == [(4, 256), (8, 128)]
+
+
 def _convs(tmp_path, n=9):
     (tmp_path / "img").mkdir(exist_ok=True)
     convs = []
@@ -109,6 +123,27 @@ def test_batched_scores_equal_each_row_alone_in_input_order(reward_folder, tmp_p
     alone = RewardScorer(reward_folder, mesh_shape=(1, 1, 1), batch_size=1, progress=False)
     for conv, score in zip(convs, scores):
         assert score == pytest.approx(float(alone.score_conversations([conv])[0]), abs=1e-5)
+
+
+def test_shared_images_are_preprocessed_once_and_programs_compiled_ahead_agree(reward_folder, tmp_path, monkeypatch):
+    convs = _convs(tmp_path)
+    pairs = [c for c in convs if c.image_paths]
+    twins = [Conversation(c.messages[:1] + [{"role": "assistant", "content": "no " * 90}], c.image_paths,
+                          c.where, (c.key[0], "rejected")) for c in pairs]  # a pair's second answer, another length
+    scorer = RewardScorer(reward_folder, mesh_shape=(1, 1, 1), max_batch_tokens=1024, progress=False)
+    reference = scorer.score_conversations(convs + twins)
+    calls = []
+    preprocess = scorer._preprocess
+    monkeypatch.setattr(scorer, "_preprocess", lambda p: calls.append(p) or preprocess(p))
+    np.testing.assert_array_equal(scorer.score_conversations(convs + twins), reference)
+    assert sorted(calls) == sorted({c.image_paths[0] for c in pairs})  # each image once, not once per answer
+    scorer._compile_in_background = True  # as on an accelerator: every shape compiled on a thread from the start
+    scorer._programs.clear()
+    np.testing.assert_array_equal(scorer.score_conversations(convs + twins), reference)
+    shapes = {(b.rows, b.length) for b in plan_batches(
+        {i: scorer.measure(c) for i, c in enumerate(convs + twins)}, scorer.seq_buckets, 1024, 64)}
+    assert scorer.compiles == len(shapes)
+    assert scorer._image_cache.bytes == 0  # nothing kept after the job
 
 
 def _write(path, rows):

@@ -131,7 +131,8 @@ def _reference_scores(model, head, scorer, convs, log) -> tuple[np.ndarray, floa
 def run_score_bench(rows: int | None = None, data: str | None = None, reference_rows: int | None = None,
                     max_batch_tokens: int | None = None, torch_baseline: bool = True, log=print) -> dict:
     """Score `rows` VL-RewardBench rows (all when None) with skyjax and with the transformers reference (on the
-    first `reference_rows` rows of the job's order, all when None); rows/s and their ratio."""
+    `reference_rows` rows spread evenly over the file (every k-th row: the same mix of lengths as the whole; all
+    when None); rows/s and their ratio."""
     from skyjax.eval import vl_rewardbench
     from skyjax.eval.scorer import Conversation, RewardScorer
     from skyjax.data.records import parse_record
@@ -169,10 +170,17 @@ def run_score_bench(rows: int | None = None, data: str | None = None, reference_
             f"{scorer.compiles} compiles)")
         if torch_baseline:
             n_ref = len(raw) if reference_rows is None else min(reference_rows, len(raw))
-            ref, ref_s = _reference_scores(hf, head, scorer, convs[: 2 * n_ref], log)
+            # rows spread over the file, not its first rows (a file's order is not random: VL-RewardBench's first
+            # 250 rows are half as long as the average)
+            picked = np.unique(np.linspace(0, len(raw) - 1, n_ref).round().astype(int))
+            n_ref = len(picked)
+            conv_idx = np.stack([2 * picked, 2 * picked + 1], axis=1).reshape(-1)
+            ref, ref_s = _reference_scores(hf, head, scorer, [convs[i] for i in conv_idx], log)
             result.update(reference_rows=n_ref, reference_s=ref_s, reference_rows_per_s=n_ref / ref_s,
                           speedup=(len(raw) / ours_s) / (n_ref / ref_s),
-                          max_abs_diff=float(np.max(np.abs(ref - ours[: 2 * n_ref]))))
+                          max_abs_diff=float(np.max(np.abs(ref - ours[conv_idx]))),
+                          reference_tokens_mean=float(np.mean([scorer.measure(convs[i]) for i in conv_idx])),
+                          tokens_mean=float(np.mean([scorer.measure(c) for c in convs])))
             log(f"score: transformers {n_ref} rows in {ref_s:.1f}s ({result['reference_rows_per_s']:.2f} rows/s); "
                 f"skyjax {result['speedup']:.2f}x, max |score diff| {result['max_abs_diff']:.2e}")
         result["config"] = dict(model="Qwen2.5-VL reward model, text 64 x 2 layers, vision 32 x 4 blocks, fp32",

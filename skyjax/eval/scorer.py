@@ -10,7 +10,11 @@ Bounded memory at any row length, few compiles, one progress bar:
    per patch bucket of its images);
 3. batches run longest first, so a job that cannot fit fails in its first seconds, not at its end; attention
    chunks its queries for long rows (skyjax.nn.attention), so no batch holds a full [S, S] score matrix;
-4. each batch's scores go to `on_batch` as they are computed (the CLI appends them to a resumable log).
+4. each batch's scores go to `on_batch` as they are computed (the CLI appends them to a resumable log);
+5. the host never waits when it need not: the next batch is prepared on a thread while the device computes this
+   one; on an accelerator each batch shape's program is compiled on another thread as soon as the job starts (so
+   the compile of the next length bucket overlaps the batches of this one); an image shared by several
+   conversations (a pair's chosen and rejected answers) is decoded and resized once.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import os
+import threading
 from typing import Any, Callable, Hashable, Sequence
 
 import jax
@@ -27,7 +32,7 @@ import numpy as np
 
 from skyjax.convert.checkpoint import LoadedModel, load_model
 from skyjax.data.chat import format_conversation
-from skyjax.data.qwen_vl_image import ImageError, QwenVLImageConfig, image_grid_thw, load_image
+from skyjax.data.qwen_vl_image import ImageError, QwenVLImageConfig, image_grid_thw, load_image, preprocess_image
 from skyjax.data.records import Record, parse_record
 from skyjax.data.tokenizer import load_tokenizer
 from skyjax.models.qwen2_5_vl_inputs import Buckets, prepare_vl_batch
@@ -40,6 +45,9 @@ DEFAULT_BATCH_ROWS = 64
 # attention of a long row, which grows with the square of its length, wastes at most 2.25x instead of 4x). Finer
 # steps cost more compiles than they save on VL-RewardBench's length distribution.
 SCORE_SEQ_BUCKETS = tuple(sorted({2**k for k in range(6, 16)} | {3 * 2**k for k in range(5, 14)}))
+# A length bucket with this few batches or fewer joins the next one (when that takes as many rows per batch): on a
+# CPU one compile costs about as much as eight batches.
+MIN_BATCHES_PER_PROGRAM = 8
 
 
 def default_max_batch_tokens() -> int:
@@ -103,18 +111,31 @@ def rows_for(length: int, max_batch_tokens: int, max_rows: int) -> int:
 
 
 def plan_batches(lengths: dict[int, int], seq_buckets: Sequence[int], max_batch_tokens: int,
-                 max_rows: int) -> list[Batch]:
+                 max_rows: int, min_batches: int = MIN_BATCHES_PER_PROGRAM) -> list[Batch]:
     """Cut conversations (index -> tokens) into batches, longest batches first.
 
     Sorted by length, rows fill a batch until it holds rows_for(L) rows; a row needing a longer bucket joins the
     current batch (raising its L) while it still fits the longer bucket's row count, so each length bucket ends
-    with at most one partly empty batch."""
+    with at most one partly empty batch. A length bucket that would hold at most `min_batches` batches moves up to
+    the next bucket when that one takes as many rows per batch: a few batches' padding costs less than compiling
+    one more program."""
     def bucket(n):
         return min(b for b in seq_buckets if b >= n)
 
+    used = sorted({bucket(n) for n in lengths.values()})
+    count = {b: sum(1 for n in lengths.values() if bucket(n) == b) for b in used}
+    target = {b: b for b in used}
+    for b, up in zip(used, used[1:]):  # short buckets first: a merged bucket's rows may move on again
+        rows = rows_for(b, max_batch_tokens, max_rows)
+        if -(-count[b] // rows) <= min_batches and rows_for(up, max_batch_tokens, max_rows) == rows:
+            count[up] += count[b]
+            for k, v in target.items():
+                if v == b:
+                    target[k] = up
+
     batches, cur, length = [], [], 0
     for i in sorted(lengths, key=lambda i: (lengths[i], i)):
-        need = bucket(lengths[i])
+        need = target[bucket(lengths[i])]
         if cur and len(cur) + 1 > rows_for(max(length, need), max_batch_tokens, max_rows):
             batches.append(Batch(tuple(cur), rows_for(length, max_batch_tokens, max_rows), length))
             cur, length = [], 0
@@ -123,6 +144,49 @@ def plan_batches(lengths: dict[int, int], seq_buckets: Sequence[int], max_batch_
     if cur:
         batches.append(Batch(tuple(cur), rows_for(length, max_batch_tokens, max_rows), length))
     return batches[::-1]
+
+
+class _ImageCache:
+    """Preprocessed images (patches, grid) by key (a path; for an image given decoded, the path and the image),
+    kept while a later conversation of the job still needs them (`expect` counts the uses) and within a byte budget;
+    anything else is simply preprocessed again."""
+
+    def __init__(self, max_bytes: int = 512 * 2**20):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self._items: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._uses: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def expect(self, paths) -> None:
+        with self._lock:
+            for p in paths:
+                self._uses[p] = self._uses.get(p, 0) + 1
+
+    def peek(self, path: Hashable):
+        with self._lock:
+            return self._items.get(path)
+
+    def get(self, path: Hashable, make):
+        with self._lock:
+            item = self._items.get(path)
+            left = self._uses.get(path, 0) - 1
+            if left >= 0:
+                self._uses[path] = left
+        if item is None:
+            item = make()
+        with self._lock:
+            if left > 0 and path not in self._items and self.bytes + item[0].nbytes <= self.max_bytes:
+                self._items[path] = item
+                self.bytes += item[0].nbytes
+            elif left <= 0 and path in self._items:
+                self.bytes -= self._items.pop(path)[0].nbytes
+        return item
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._uses.clear()
+            self.bytes = 0
 
 
 class RewardScorer:
@@ -170,6 +234,12 @@ class RewardScorer:
         self._vision_floor = (0, 0)  # (patches, images) per row kept from earlier calls when sticky_vision
         fn = self._bounded_vision(self.max_image_patches)
         self._score = jax.jit(lambda p, ids, kw: fn.bind(p).score(ids, **kw))
+        self._programs: dict[Hashable, Any] = {}  # input shapes -> compiled program
+        # Compiling the next shapes while the device computes pays only when the device is not the host's own
+        # cores: on a CPU backend a background compile takes cores from the batches it overlaps (measured slower
+        # on 2 cores), so there programs compile when their first batch comes.
+        self._compile_in_background = self.mesh.devices.flat[0].platform != "cpu"
+        self._image_cache = _ImageCache()
 
     def _bounded_vision(self, bound: int):
         """The model with its vision tower told the most patches one image can have (the processor's max_pixels):
@@ -187,8 +257,7 @@ class RewardScorer:
     @property
     def compiles(self) -> int:
         """Programs compiled so far by this scorer (one per batch shape)."""
-        size = getattr(self._score, "_cache_size", None)
-        return size() if size is not None else -1
+        return len(self._programs)
 
     # --- measuring ------------------------------------------------------------------------------------------------
 
@@ -230,11 +299,31 @@ class RewardScorer:
                            f"{self.limit_name}")
         return length
 
+    def _preprocess(self, path: str):
+        return preprocess_image(load_image(path), self.image_cfg)
+
+    def _preprocess_source(self, path: str, image=None):
+        """An image given decoded is preprocessed as it is; otherwise its file is read."""
+        return self._preprocess(path) if image is None else preprocess_image(image, self.image_cfg)
+
+    @staticmethod
+    def _image_keys(conv: Conversation) -> list[tuple[str, int | None]]:
+        """Cache keys of the conversation's images: the path, and for an image given decoded the object too (two
+        decoded images under one path name are two images)."""
+        if conv.images is None:
+            return [(p, None) for p in conv.image_paths]
+        return [(p, id(im)) for p, im in zip(conv.image_paths, conv.images)]
+
+    def _sources(self, conv: Conversation):
+        """(cache key, path, decoded image or None) of each image of the conversation."""
+        decoded = conv.images if conv.images is not None else [None] * len(conv.image_paths)
+        return list(zip(self._image_keys(conv), conv.image_paths, decoded))
+
     def _images(self, conv: Conversation):
-        if conv.images is not None:
-            return list(conv.images)
+        """The conversation's images, preprocessed ((patches, grid) each); shared images come from the cache."""
         try:
-            return [load_image(p) for p in conv.image_paths]
+            return [self._image_cache.get(k, lambda p=p, im=im: self._preprocess_source(p, im))
+                    for k, p, im in self._sources(conv)]
         except ImageError as e:
             raise RowError(f"{conv.where}: {e}") from None
 
@@ -284,9 +373,13 @@ class RewardScorer:
                 bar.update(len(convs) - len(lengths))  # resumed and skipped rows count as done
             buckets = self.seq_buckets or sorted(set(lengths.values()))
             plan = plan_batches(lengths, buckets, self.max_batch_tokens, self.batch_size)
+            self._image_cache.expect(k for i in lengths for k in self._image_keys(convs[i]))
             # Host work (decoding images, tokenizing) for the next batch runs on a thread while the device computes
-            # this one; PIL and numpy release the GIL. Errors surface in order, from the main thread.
-            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            # this one; PIL and numpy release the GIL. Errors surface in order, from the main thread. A second
+            # thread compiles each batch shape's program, in the order the batches need them, from the start.
+            with concurrent.futures.ThreadPoolExecutor(1) as pool, \
+                    concurrent.futures.ThreadPoolExecutor(1) as compiler:
+                compiling = self._compile_ahead(compiler, convs, plan) if self._compile_in_background else {}
                 ahead = pool.submit(self._prepare, convs, plan[0], fail) if plan else None
                 for n, batch in enumerate(plan):
                     prepared = ahead.result()
@@ -295,18 +388,23 @@ class RewardScorer:
                         if bar is not None:
                             bar.update(len(batch.indices))
                         continue
-                    self._collect(convs, *self._dispatch(*prepared, bar), out, on_batch, bar)
+                    self._collect(convs, *self._dispatch(*prepared, bar, compiling), out, on_batch, bar)
+                for future in compiling.values():
+                    future.cancel()
         finally:
+            self._image_cache.clear()
             if own_bar and bar is not None:
                 bar.close()
         return out
 
-    def _prepare(self, convs, batch: Batch, fail):
+    def _prepare(self, convs, batch: Batch, fail, cache: bool = True):
         """(batch, rows kept, input ids, model kwargs) on the host, or None when every row failed."""
         rows, images = [], []
         for i in batch.indices:  # images decoded only now, one batch at a time
             try:
-                images.append(self._images(convs[i]))
+                images.append(self._images(convs[i]) if cache else [
+                    self._image_cache.peek(k) or self._preprocess_source(p, im)
+                    for k, p, im in self._sources(convs[i])])
                 rows.append(i)
             except RowError as e:
                 fail(i, e)
@@ -331,12 +429,45 @@ class RewardScorer:
         kw["attention_mask"] = np.pad(vl.attention_mask, ((0, pad), (0, 0)))
         return batch, rows, ids, kw
 
-    def _dispatch(self, batch: Batch, rows, ids, kw, bar):
-        """Start the batch on the device (asynchronously; a new shape compiles here, and the bar says so)."""
+    def _compile_ahead(self, pool, convs, plan) -> dict[tuple[int, int], concurrent.futures.Future]:
+        """Submit one compile per batch shape (rows, length) of the plan, in plan order, to `pool`. The inputs of
+        each shape come from preparing its first batch once more (a fraction of a second; errors are left to the
+        real preparation, which reports them in order)."""
+        first: dict[tuple[int, int], Batch] = {}
+        for batch in plan:
+            first.setdefault((batch.rows, batch.length), batch)
+
+        def compile_(batch):
+            try:
+                prepared = self._prepare(convs, batch, lambda i, e: None, cache=False)
+                if prepared is not None:
+                    self._program(prepared[2], prepared[3])
+            except Exception:  # noqa: BLE001 -- the batch's own preparation or dispatch raises it, in order
+                pass
+
+        return {shape: pool.submit(compile_, batch) for shape, batch in first.items()}
+
+    def _program(self, ids, kw):
+        """The compiled program for these input shapes (compiled now if it is new)."""
+        key = (np.shape(ids), jax.tree_util.tree_structure(kw),
+               tuple((np.shape(x), np.asarray(x).dtype.str) for x in jax.tree_util.tree_leaves(kw)))
+        program = self._programs.get(key)
+        if program is None:
+            with use_mesh(self.mesh):
+                program = self._score.lower(self.model.params, jnp.asarray(ids), kw).compile()
+            program = self._programs.setdefault(key, program)
+        return program
+
+    def _dispatch(self, batch: Batch, rows, ids, kw, bar, compiling=None):
+        """Start the batch on the device (asynchronously). The first batch of a shape waits for its program
+        (compiled ahead on a thread), and the bar says so while it waits."""
         shape = (batch.rows, batch.length) + (() if kw.get("pixel_values") is None else (kw["pixel_values"].shape[0],))
         step = bar.step(shape) if bar is not None else contextlib.nullcontext()
         with step, use_mesh(self.mesh):
-            scores = self._score(self.model.params, jnp.asarray(ids), kw)
+            future = (compiling or {}).get((batch.rows, batch.length))
+            if future is not None:
+                future.result()
+            scores = self._program(ids, kw)(self.model.params, jnp.asarray(ids), kw)
         return batch, rows, scores
 
     def _collect(self, convs, batch: Batch, rows, scores, out, on_batch, bar) -> None:

@@ -80,7 +80,8 @@ def prepare_vl_batch(
     max_length: int | None = None,
     always_vision: bool = False,
 ) -> VLBatch:
-    """`conversations[i]` are chat messages whose `{"type": "image"}` parts take `images[i]` in order.
+    """`conversations[i]` are chat messages whose `{"type": "image"}` parts take `images[i]` in order: PIL images,
+    or (patches, grid_thw) pairs that `preprocess_image` made already (a scorer reusing a shared image).
 
     `always_vision` keeps a (fully padded) vision input even for a text-only batch, so text-only and image batches
     share one compiled program.
@@ -91,7 +92,7 @@ def prepare_vl_batch(
     for i, (messages, imgs) in enumerate(zip(conversations, images)):
         counts = []
         for img in imgs:
-            pv, grid = preprocess_image(img, image_cfg)
+            pv, grid = img if isinstance(img, tuple) else preprocess_image(img, image_cfg)
             patches.append(pv)
             grids.append(grid)
             counts.append(int(num_image_tokens(grid, image_cfg.merge_size)))

@@ -19,7 +19,7 @@ ATTENTION_IMPLS = ("xla", "jax", "cudnn")
 MAX_SCORES_BYTES = 256 * 2**20
 # A causal call this long skips the key blocks above the diagonal (query chunk j reads keys up to its own end only):
 # about half the attention work of a long row, the same result.
-CAUSAL_SKIP_MIN_LEN = 1024
+CAUSAL_SKIP_MIN_LEN = 256
 
 
 class KVCache(NamedTuple):
