@@ -86,3 +86,28 @@ def test_first_update_has_ratio_one_and_the_policy_moves(trainer):
     assert np.isfinite(last["loss"]) and last["completion_length"] > 0
     after = flatten(trainer.state["trainable"])
     assert any(not np.array_equal(before[k], np.asarray(after[k])) for k in before)
+
+
+def test_dr_grpo_divides_by_the_completion_budget_not_the_row_width(monkeypatch):
+    """TRL's dr_grpo: sum of the token losses / (rows x max_completion_length); here rollout.max_new_tokens, however
+    wide the prompt part of the row is."""
+    import jax.numpy as jnp
+
+    from skyjax.train.objectives import grpo as objective
+
+    cfg = load_config(RunConfig, None, ["kind=grpo", "model.source=tiny", "data.train=[x.jsonl]",
+                                        "rollout.max_new_tokens=6", "objective.grpo.loss_type=dr_grpo"])
+    assert cfg.objective.grpo.max_completion_length == 6
+    rng = np.random.RandomState(0)
+    b, s = 4, 20  # 14 prompt columns + 6 completion columns
+    logps = jnp.asarray(-rng.rand(b, s), jnp.float32)
+    completion = np.zeros((b, s), bool)
+    completion[:, 14:] = rng.rand(b, 6) < 0.8
+    batch = {"input_ids": jnp.zeros((b, s), jnp.int32), "completion": jnp.asarray(completion),
+             "old_logps": logps, "advantages": jnp.asarray(rng.randn(b), jnp.float32),
+             "row_weight": jnp.ones(b, jnp.float32)}
+    monkeypatch.setattr(objective, "completion_logps", lambda model, batch, chunk=0: logps)
+    loss, _, _ = objective.grpo_objective(None, batch, cfg.objective.grpo)
+    # ratio 1: each counted token's loss is -A
+    expected = float(np.sum(-np.asarray(batch["advantages"])[:, None] * completion)) / (b * 6)
+    assert float(loss) == pytest.approx(expected, rel=1e-5)

@@ -416,8 +416,10 @@ def test_failing_rewards_in_a_run_raise_naming_the_row_or_are_skipped_and_counte
     src.rollout = dataclasses.replace(src.rollout, on_reward_error="skip")
     total, table, _ = src.score(examples, tokens, lengths)
     is_blue = np.repeat([e.record.answer == "Blue." for e in examples], G)
-    assert np.isnan(total[is_blue]).all() and (total[~is_blue] == 2.0).all()  # no partial reward for a failed row
-    assert np.isfinite(table[is_blue, 0]).all()
+    stand_in = np.repeat([e.weight == 0 for e in examples], G)  # the missing image's place: no reward either
+    assert stand_in.sum() == G
+    assert np.isnan(total[is_blue]).all() and (total[~is_blue & ~stand_in] == 2.0).all()  # no partial reward
+    assert np.isnan(total[stand_in]).all() and np.isfinite(table[is_blue, 0]).all()
     assert src.skipped_completions == is_blue.sum() and {f.where for f in src.reward_failures} == set(blue)
     adv, _ = group_advantages(jax.numpy.asarray(total), G)
     assert (np.asarray(adv)[is_blue] == 0).all()

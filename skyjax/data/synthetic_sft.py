@@ -21,14 +21,19 @@ from PIL import ImageFilter
 from skyjax.data.synthetic import QUESTIONS, SYSTEM, draw_scene, prepare_folder
 
 
+REASONED = "<think>I see {answer}</think> Answer: {answer}"
+
+
 def make_sft_records(folder: str | Path, name: str, n: int, *, seed: int, image_size: int = 56,
-                     tasks=("colour", "shape", "position"), blur: float = 0.0) -> Path:
+                     tasks=("colour", "shape", "position"), blur: float = 0.0, reasoning: float = 0.0) -> Path:
     """Write `name`.jsonl (+ PNGs under images/) with n SFT rows; returns the JSONL path. `blur` > 0 blurs each
     image with a Gaussian of radius drawn uniformly from [0, blur] px, independently of its answer (images of
     varying sharpness, for quality scores such as skyjax.rl.distill.image_clarity); 0 leaves the rows exactly as
-    without it."""
+    without it. `reasoning` is the fraction of answers written R1-style, ``<think>...</think>`` then
+    ``Answer: X`` (REASONED), so a format reward has something to prefer; 0 leaves the rows as without it."""
     folder = prepare_folder(folder, tasks)
     rng = np.random.RandomState(seed)
+    styles = np.random.RandomState(seed + 7919)  # its own stream: reasoning=0 draws nothing from `rng`
     out = folder / f"{name}.jsonl"
     with out.open("w") as f:
         for i in range(n):
@@ -45,6 +50,8 @@ def make_sft_records(folder: str | Path, name: str, n: int, *, seed: int, image_
                 rel = f"images/{name}_{i:06d}.png"
                 image.save(folder / rel)
                 answer, images = answers[right], [rel]
+            if reasoning > 0 and styles.rand() < reasoning:
+                answer = REASONED.format(answer=answer)
             row["images"] = images
             if i % 2:  # prompt/completion
                 row.update(prompt=question, completion=answer)

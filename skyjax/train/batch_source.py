@@ -14,6 +14,8 @@ keeps the source a plain object with no reference to the trainer, and makes "the
 explicit: those of the state passed in, i.e. the step about to run.
 
 On several hosts every host calls `next` once per step, in step (a rollout source may run collectives in it).
+A source may keep `stats`, a dict of floats about its last batch (GRPO: the sample buffer, dynamic sampling,
+rewards per function): the trainer logs them with the step's metrics, under names the objective does not use.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ def add_parser(sub) -> None:
                     "  skyjax train configs/demo/reward_model.yaml --run-dir runs/reward_demo\n"
                     "  skyjax train configs/sft/r1v_tiny.yaml --run-dir runs/sft_tiny\n"
                     "  skyjax train configs/demo/mpo.yaml --run-dir runs/mpo_demo\n"
+                    "  skyjax train configs/demo/grpo.yaml --run-dir runs/grpo_demo\n"
                     "  skyjax train configs/reward_model/stage1_7b.yaml optimizer.lr=5e-6 trainer.steps=1000")
     p.add_argument("config", type=Path, help="run config (YAML)")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. optimizer.lr=1e-5")
@@ -41,8 +42,11 @@ def run(args) -> int:
     if args.run_dir is None:
         print(f"--run-dir not given: writing to {run_dir}", file=sys.stderr)
     expose_cpu_devices(cfg.mesh)
-    if cfg.demo is not None:  # the built-in MPO demo: warm start, reward model, pairs, MPO and its control
-        from skyjax.train.mpo_demo import format_demo, run_demo
+    if cfg.demo is not None:  # a built-in demo: MPO (warm start, reward model, pairs, MPO, control) or GRPO
+        if cfg.kind == "grpo":
+            from skyjax.train.grpo_demo import format_demo, run_demo
+        else:
+            from skyjax.train.mpo_demo import format_demo, run_demo
 
         print(format_demo(run_demo(cfg, run_dir, resume=not args.no_resume)))
         return 0

@@ -200,10 +200,12 @@ class GRPOObjectiveConfig:
     # "token": a ratio per token; "sequence": one per completion, exp(mean log-ratio) (GSPO)
     importance_sampling_level: Literal["token", "sequence"] = "token"
     logits_chunk: int = 0  # as objective.sft.logits_chunk
+    # dr_grpo's constant normalizer (TRL's max_completion_length); null: rollout.max_new_tokens, filled in by the run
+    max_completion_length: int | None = None
 
     def __post_init__(self):
         _non_negative("objective.grpo", self, "epsilon", "beta", "logits_chunk")
-        _positive("objective.grpo", self, "epsilon_high", "delta", optional=True)
+        _positive("objective.grpo", self, "epsilon_high", "delta", "max_completion_length", optional=True)
         require("objective.grpo.importance_sampling_level", self.importance_sampling_level,
                 self.importance_sampling_level in ("token", "sequence"), "'token' or 'sequence'")
         require("objective.grpo.loss_type", self.loss_type, self.loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"),
@@ -226,6 +228,38 @@ class RewardSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class SampleBufferConfig:
+    """R1V2's Selective Sample Buffer (skyjax.train.grpo_buffer; docs/grpo.md): completion rows with a non-zero
+    advantage are kept across steps and replace the zero-advantage rows of later batches, drawn with probability
+    proportional to |advantage|. They keep the sampler's log-probs of their own rollout as pi_old (the clipped
+    importance ratio corrects for the policy having moved since)."""
+
+    enabled: bool = False
+    capacity: int = 512  # completion rows kept at most (the oldest go first)
+    max_staleness: int = 4  # optimizer steps a row may lag the policy it trains; older rows are dropped
+    max_fraction: float = 0.5  # at most this fraction of a batch's rows come from the buffer
+    max_uses: int = 1  # times a buffered row is trained on before it leaves the buffer
+
+    def __post_init__(self):
+        _positive("rollout.buffer", self, "capacity", "max_uses")
+        _non_negative("rollout.buffer", self, "max_staleness")
+        require("rollout.buffer.max_fraction", self.max_fraction, 0 <= self.max_fraction <= 1, "must be in [0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
+class DynamicSamplingConfig:
+    """DAPO's dynamic sampling (skyjax.train.grpo_buffer): draw more prompt batches until the step holds
+    data.batch_size groups whose rewards differ, at most max_draws batches per step (then the batch is completed with
+    constant-reward groups and a line is logged)."""
+
+    enabled: bool = False
+    max_draws: int = 4  # prompt batches sampled per step at most, the first included
+
+    def __post_init__(self):
+        _positive("rollout.dynamic_sampling", self, "max_draws")
+
+
+@dataclasses.dataclass(frozen=True)
 class RolloutConfig:
     """How kind grpo samples (skyjax.train.grpo): data.batch_size prompts per step, each with num_generations
     completions drawn with the policy's current parameters on the training mesh."""
@@ -239,6 +273,8 @@ class RolloutConfig:
     num_iterations: int = 1  # optimizer steps on each rollout batch (pi_old: the sampler's log-probs)
     scale_rewards: Literal["group", "batch", "none"] = "group"
     mask_truncated_completions: bool = False  # completions cut at max_new_tokens do not count
+    buffer: SampleBufferConfig = SampleBufferConfig()  # R1V2's selective sample buffer
+    dynamic_sampling: DynamicSamplingConfig = DynamicSamplingConfig()  # DAPO's dynamic sampling
     rewards: tuple[RewardSpec, ...] = (RewardSpec("accuracy"),)
     seed: int = 0
     # a reward function that raises or returns NaN / a non-number for a completion: stop with an error naming the
@@ -317,13 +353,15 @@ class TrainerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class MPODemoConfig:
-    """The stages of the built-in MPO demo before MPO itself (skyjax.train.mpo_demo; configs/demo/mpo.yaml): a short
-    SFT warm start of the policy, a reward model on the same task, and `skyjax pairs`. Only with kind mpo and
-    data.synthetic."""
+class DemoConfig:
+    """The stages of a built-in demo before its main run, with kind mpo or grpo and data.synthetic: a short SFT warm
+    start of the policy (both), a reward model on the same task and `skyjax pairs` (the MPO demo,
+    skyjax.train.mpo_demo; configs/demo/mpo.yaml); the GRPO demo (skyjax.train.grpo_demo; configs/demo/grpo.yaml)
+    samples its own rollouts and reads only the warm start's keys and `prompts`."""
 
     warmup_steps: int = 30  # SFT steps of the policy on the synthetic task (data.synthetic.train rows)
     warmup_lr: float = 3.0e-3
+    reasoning: float = 0.0  # fraction of warm-start answers written "<think>...</think> Answer: X" (GRPO's format)
     reward_rows: int = 2000  # preference pairs the reward model trains on
     reward_steps: int = 100
     reward_lr: float = 3.0e-3
@@ -340,6 +378,10 @@ class MPODemoConfig:
                   "reward_batch_size", "reward_init_std", "prompts", "num_samples", "max_new_tokens")
         require("demo.num_samples", self.num_samples, self.num_samples >= 2, "must be >= 2 (a pair needs two)")
         _non_negative("demo", self, "temperature", "min_margin")
+        require("demo.reasoning", self.reasoning, 0 <= self.reasoning <= 1, "must be in [0, 1]")
+
+
+MPODemoConfig = DemoConfig  # the name of earlier versions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,14 +395,18 @@ class RunConfig:
     reference: ReferenceConfig = ReferenceConfig()
     trainer: TrainerConfig = TrainerConfig()
     mesh: MeshConfig = MeshConfig()
-    demo: MPODemoConfig | None = None  # kind mpo + data.synthetic: the built-in demo's earlier stages
+    demo: DemoConfig | None = None  # kind mpo or grpo + data.synthetic: the built-in demo's earlier stages
     rollout: RolloutConfig = RolloutConfig()  # kind grpo: sampling and rewards
 
     def __post_init__(self):
-        if self.demo is not None and (self.kind != "mpo" or self.data.synthetic is None):
-            raise ConfigError("demo: the built-in demo's stages need kind: mpo and data.synthetic")
+        if self.demo is not None and (self.kind not in ("mpo", "grpo") or self.data.synthetic is None):
+            raise ConfigError("demo: the built-in demo's stages need kind mpo or grpo, and data.synthetic")
         if self.data.batch_size % self.optimizer.grad_accum:
             raise ConfigError(f"data.batch_size {self.data.batch_size} is not a multiple of optimizer.grad_accum "
                              f"{self.optimizer.grad_accum}")
         if not self.data.train and self.data.synthetic is None:
             raise ConfigError("data.train lists no files and data.synthetic is not set: nothing to train on")
+        grpo = self.objective.grpo
+        if self.kind == "grpo" and grpo.max_completion_length is None:  # derived: dr_grpo's normalizer
+            object.__setattr__(self, "objective", dataclasses.replace(self.objective, grpo=dataclasses.replace(
+                grpo, max_completion_length=self.rollout.max_new_tokens)))

@@ -44,6 +44,7 @@ class PromptExample:
     where: str
     record: Record
     images: list  # PIL images, decoded
+    weight: float = 1.0  # 0: the stand-in for a row the pipeline skipped (data.on_error: skip); trains nothing
 
 
 class PromptPipeline(RecordPipeline):
@@ -56,6 +57,8 @@ class PromptPipeline(RecordPipeline):
         return PromptExample(where, where, record, load_images(record, where, self.blank))
 
     def collate(self, examples, weights) -> dict:
+        # a skipped row's stand-in is a copy of a good example: its own object, so its weight travels with it
+        examples = [e if w > 0 else dataclasses.replace(e, weight=float(w)) for e, w in zip(examples, weights)]
         return {"prompts": list(examples), "weights": list(weights), "row_ids": [e.row_id for e in examples]}
 
 
@@ -96,6 +99,7 @@ class RolloutSource:
             raise ConfigError(f"rollout.rewards: {e}") from None
         self.log = getattr(trainer, "log", print)
         self.reward_failures: list = []  # this rollout's (rollout.on_reward_error: skip)
+        self._failed_rows: set = set()
         self.skipped_completions = 0  # over the run
         self.weights = [float(r.weight) for r in cfg.rollout.rewards]
         from skyjax.sample.cli import default_stop_ids
@@ -105,6 +109,10 @@ class RolloutSource:
         self.cached: tuple[dict, list[str]] | None = None
         self.used = 0
         self.stats: dict[str, float] = {}
+        from skyjax.train.grpo_buffer import SampleBuffer  # rollout.buffer / rollout.dynamic_sampling
+
+        self.buffer = SampleBuffer(cfg.rollout.buffer, cfg.rollout.seed) if cfg.rollout.buffer.enabled else None
+        self.log = getattr(trainer, "log", None) or print
 
     # --- rollouts ----------------------------------------------------------------------------------------------
 
@@ -150,18 +158,20 @@ class RolloutSource:
         failures: list = []
         table = compute_rewards(self.rewards, rows, on_error=self.rollout.on_reward_error, failures=failures)
         total = weighted_sum(table, self.weights)
-        # a completion some function failed on gets no reward at all (not the sum of the others): advantage 0
-        total[failed_rows(failures, len(rows))] = np.nan
-        self._note_failures(failures, len(rows))
+        # a completion some function failed on gets no reward at all (not the sum of the others): advantage 0;
+        # a skipped prompt's stand-in (weight 0) has none either, so it is in no statistic (not a batch std)
+        failed = failed_rows(failures, len(rows))
+        total[failed | np.repeat([e.weight <= 0 for e in examples], g)] = np.nan
+        self._note_failures(failures, [(id(examples[r // g]), r % g) for r in np.flatnonzero(failed)])
         return total, table, texts
 
-    def _note_failures(self, failures, rows: int) -> None:
-        """Keep this rollout's reward failures (skipped completions); say the first few of the run."""
-        from skyjax.rl.rewards import failed_rows
-
-        self.reward_failures = list(failures)
+    def _note_failures(self, failures, keys) -> None:
+        """Keep this rollout's reward failures (skipped completions, by (example object, completion index): dynamic
+        sampling may pick rows from several draws); say the first few of the run."""
+        self.reward_failures += list(failures)
+        self._failed_rows |= set(keys)
         before = self.skipped_completions
-        self.skipped_completions += int(failed_rows(failures, rows).sum())
+        self.skipped_completions += len(keys)
         for f in failures[: max(0, 10 - before)]:
             self.log(f"reward skipped (rollout.on_reward_error: skip): {f.message}")
 
@@ -218,6 +228,7 @@ class RolloutSource:
         return out
 
     def next(self, state: dict) -> tuple[dict, list[str]]:
+        from skyjax.train.grpo_buffer import dynamic_sampling, mix_buffer
         from skyjax.train.losses.advantages import group_advantages
 
         if self.cached is not None and self.used < self.rollout.num_iterations:
@@ -225,41 +236,52 @@ class RolloutSource:
             return self.cached
         prompts = next(self.iterator)
         examples = prompts["prompts"]
+        self.reward_failures, self._failed_rows = [], set()
         inputs, tokens, logps, lengths, stopped = self.generate(state, examples)
         rewards, table, _ = self.score(examples, tokens, lengths)
-        # a skipped prompt's stand-in (weight 0) is in no statistic: no reward, so no part in a batch std either
-        live = np.repeat(np.asarray(prompts["weights"]) > 0, self.rollout.num_generations)
-        rewards = np.where(live, rewards, np.nan)
+        extra = {}
+        if self.rollout.dynamic_sampling.enabled:  # more prompt batches until the groups' rewards differ
+            (examples, inputs, tokens, logps, lengths, stopped, rewards, table), extra = dynamic_sampling(
+                self, state, examples, (inputs, tokens, logps, lengths, stopped), rewards, table)
         adv, metrics = group_advantages(jnp.asarray(rewards), self.rollout.num_generations,
                                         self.rollout.scale_rewards)
         self.rollouts += 1
         batch = self.build_batch(examples, inputs, tokens, logps, lengths, stopped, np.asarray(adv), rewards)
-        self._add_row_flags(batch, prompts["weights"], len(rewards))
         row_ids = [e.row_id for e in examples for _ in range(self.rollout.num_generations)]
-        self.stats = {k: float(v) for k, v in metrics.items()}
+        batch, row_ids, more = mix_buffer(self, state, batch, row_ids, examples, inputs)  # + `effective` per row
+        self._add_row_flags(batch, examples)
+        self.stats = {k: float(v) for k, v in metrics.items()} | extra | more
         for k, spec in enumerate(self.cfg.rollout.rewards):
             col = table[:, k]
             self.stats[f"rewards/{spec.name}"] = float(np.nanmean(col)) if np.isfinite(col).any() else float("nan")
         self.cached, self.used = (batch, row_ids), 1
         return batch, row_ids
 
-    def _add_row_flags(self, batch: dict, prompt_weights, rows: int) -> None:
+    def _add_row_flags(self, batch: dict, examples) -> None:
         """A prompt the pipeline skipped (data.on_error: skip, e.g. a missing image) is a zero-weight copy of a good
         one: its completions get row_weight 0. `reward_skipped` marks the completions a reward function failed on
-        (logged as reward_skipped_fraction)."""
-        from skyjax.rl.rewards import failed_rows
-
+        (logged as reward_skipped_fraction). A row the buffer placed (rollout.buffer) is neither."""
+        g = self.rollout.num_generations
         a, per = batch["row_weight"].shape
-        weights = np.repeat(np.asarray(prompt_weights, np.float32), self.rollout.num_generations)
-        batch["row_weight"] = (batch["row_weight"].reshape(-1) * weights).reshape(a, per)
-        batch["reward_skipped"] = failed_rows(self.reward_failures, rows).astype(np.float32).reshape(a, per)
+        rows = a * per
+        weight = np.array([examples[r // g].weight for r in range(rows)], np.float32)
+        skipped = np.array([(id(examples[r // g]), r % g) in self._failed_rows for r in range(rows)], np.float32)
+        buffered = np.asarray(batch.get("buffered", np.zeros((a, per)))).reshape(-1) > 0
+        batch["row_weight"] = np.where(buffered, batch["row_weight"].reshape(-1),
+                                       batch["row_weight"].reshape(-1) * weight).reshape(a, per)
+        batch["reward_skipped"] = np.where(buffered, 0.0, skipped).astype(np.float32).reshape(a, per)
 
     def get_state(self) -> Any:
-        return {"pipeline": self.iterator.get_state(), "rollouts": self.rollouts}
+        from skyjax.train.grpo_buffer import buffer_state
+
+        return {"pipeline": self.iterator.get_state(), "rollouts": self.rollouts, **buffer_state(self)}
 
     def set_state(self, saved: Any) -> None:
         self.iterator.set_state(saved["pipeline"])
         self.rollouts = int(saved["rollouts"])
+        from skyjax.train.grpo_buffer import restore_buffer
+
+        restore_buffer(self, saved)
         self.cached, self.used = None, 0
 
 

@@ -3,7 +3,7 @@ synthetic visual question task, on the CPU mesh, with nothing downloaded.
 
     skyjax train configs/demo/mpo.yaml --run-dir runs/mpo_demo
 
-A run config of kind mpo with `data.synthetic` and a `demo` section (MPODemoConfig) runs, in its run folder:
+A run config of kind mpo with `data.synthetic` and a `demo` section (DemoConfig) runs, in its run folder:
 
     1. data/       the task (skyjax.data.synthetic: one shape per image, "Colour?" -> "Red." / "Green." / ...):
                    SFT rows to warm-start the policy, prompts with their answers for the pairs, held-out prompts

@@ -42,6 +42,13 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _rows_per_step(cfg) -> str:
+    if cfg.kind == "grpo":  # data.batch_size prompts, each with num_generations completions
+        g = cfg.rollout.num_generations
+        return f"{cfg.data.batch_size * g} ({cfg.data.batch_size} prompts x {g})"
+    return str(cfg.data.batch_size)
+
+
 def train(cfg, run_dir: Path, *, resume: bool = True) -> dict:
     """Train, evaluate, export, and write run_dir/summary.json; returns the summary. A stop signal (SIGTERM,
     Ctrl-C) during training or evaluation raises skyjax.errors.Preempted once the checkpoint is saved, before any
@@ -52,7 +59,7 @@ def train(cfg, run_dir: Path, *, resume: bool = True) -> dict:
     run_dir = Path(run_dir).resolve()
     trainer = Trainer(cfg, run_dir, resume=resume, log=lambda m: print(m, file=sys.stderr))
     print(f"{cfg.kind} run '{cfg.name}': {trainer.fn.num_params() / 1e6:.2f}M parameters on mesh "
-          f"{dict(trainer.mesh.shape)}, {trainer.total_steps} steps of {cfg.data.batch_size} "
+          f"{dict(trainer.mesh.shape)}, {trainer.total_steps} steps of {_rows_per_step(cfg)} "
           f"{trainer.task.row_unit} -> {run_dir}", file=sys.stderr)
     if trainer.lead and (run_dir / "summary.json").exists() and trainer.start_step < trainer.total_steps:
         (run_dir / "summary.json").unlink()  # an earlier, shorter run's: this one trains further

@@ -313,6 +313,8 @@ class Trainer:
                         window.append(self._check(*pending))
                         pending = None
                         metrics = _mean(window)
+                        for k, v in getattr(self.batches, "stats", {}).items():  # the source's last batch (grpo)
+                            metrics.setdefault(k, v)
                         elapsed = max(time.time() - t0, 1e-9)
                         rows_all, tokens_all = _over_hosts(rows, tokens)  # every host's share counted
                         metrics[f"{self.task.row_unit}_per_s"] = rows_all / elapsed  # pairs_per_s, rows_per_s

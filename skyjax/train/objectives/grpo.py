@@ -50,7 +50,9 @@ def grpo_objective(model, batch: dict, cfg: GRPOObjectiveConfig, *, reference=No
         if reference is None:
             raise ValueError("objective.grpo.beta > 0 needs the reference (kept in the train state)")
         ref_logps = jax.lax.stop_gradient(completion_logps(reference, batch, cfg.logits_chunk))
-    pcfg = policy_config(cfg, batch["input_ids"].shape[1])
+    # dr_grpo divides by a constant: the completion budget (rollout.max_new_tokens), never the row's width, which
+    # also holds the prompt
+    pcfg = policy_config(cfg, cfg.max_completion_length or batch["input_ids"].shape[1])
     weight_rows = jnp.sum((jnp.sum(mask, axis=1) > 0).astype(jnp.float32))
     tokens = jnp.sum(mask.astype(jnp.float32))
     # the step averages micro-batches by "weight": tokens for the token-level aggregations, rows otherwise
@@ -66,14 +68,19 @@ def grpo_objective(model, batch: dict, cfg: GRPOObjectiveConfig, *, reference=No
     # per completion row (grpo_report divides these by "rows"): what the rollout produced
     rw = batch["row_weight"].astype(jnp.float32)
     sums["rows"] = jnp.sum(rw)
-    for key in ("rewards", "lengths", "truncated", "zero_std", "reward_skipped"):
+    for key in ROLLOUT_NAMES:
         if key in batch:
             sums[f"rollout/{ROLLOUT_NAMES[key]}"] = jnp.sum(batch[key].astype(jnp.float32) * rw)
     return loss, sums, state
 
 
 ROLLOUT_NAMES = {"rewards": "reward", "lengths": "completion_length", "truncated": "truncated_fraction",
-                 "zero_std": "frac_reward_zero_std", "reward_skipped": "reward_skipped_fraction"}
+                 "zero_std": "frac_reward_zero_std",
+                 # rows with a non-zero advantage (after rollout.buffer, and before it), rows from the buffer
+                 "effective": "effective_fraction", "effective_fresh": "effective_fraction_fresh",
+                 "buffered": "buffer_fraction",
+                 # completions a reward function failed on (rollout.on_reward_error: skip)
+                 "reward_skipped": "reward_skipped_fraction"}
 
 
 def needs_reference(cfg: GRPOObjectiveConfig) -> bool:
