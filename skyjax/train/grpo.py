@@ -15,8 +15,8 @@ optional answer):
        (pi_old), `advantages`; the prompt's tiles are repeated for each of its completions.
 
 The same rollout batch serves rollout.num_iterations optimizer steps (pi_old stays the sampler's log-probs, so from
-the second step on the importance ratio moves off 1 and the clip acts). Skywork R1V policies (InternVL tiles);
-Qwen2.5-VL policies are not wired yet (a ConfigError says so).
+the second step on the importance ratio moves off 1 and the clip acts). Skywork R1V policies (InternVL tiles) and
+text-only Qwen2 policies (skyjax.train.grpo_text); Qwen2.5-VL policies are not wired yet (a ConfigError says so).
 """
 
 from __future__ import annotations
@@ -75,18 +75,20 @@ class RolloutSource:
     def __init__(self, pipeline: PromptPipeline, bundle: ModelBundle, cfg, trainer):
         from skyjax.rl.rewards import load_reward
         from skyjax.sample.adapters import adapter_for
+        from skyjax.train.grpo_text import TEXT_POLICIES, is_text_policy
 
-        if bundle.model.arch.name not in ("internvl", "internvl_chat"):
-            raise ConfigError(f"kind grpo: {bundle.model.arch.name} policies are not supported yet (Skywork R1V / "
-                              f"InternVL are)")
+        arch = bundle.model.arch.name
+        if arch not in ("internvl", "internvl_chat", *TEXT_POLICIES):
+            raise ConfigError(f"kind grpo: {arch} policies are not supported yet (Skywork R1V / InternVL and the "
+                              f"text-only {', '.join(TEXT_POLICIES)} are)")
         self.pipeline, self.iterator = pipeline, iter(pipeline.dataset)
         self.cfg, self.rollout = cfg, cfg.rollout
         self.tokenizer = bundle.tokenizer
-        # the run's tiling (data.max_tiles), as SFT and MPO tile their images
-        from skyjax.train.sft import vision_format
+        self.adapter = adapter_for(bundle.model)
+        if not is_text_policy(arch):  # the run's tiling (data.max_tiles), as SFT and MPO tile their images
+            from skyjax.train.sft import vision_format
 
-        self.adapter = dataclasses.replace(adapter_for(bundle.model),
-                                           image_cfg=vision_format(bundle, cfg.data).image_cfg)
+            self.adapter = dataclasses.replace(self.adapter, image_cfg=vision_format(bundle, cfg.data).image_cfg)
         self.model_cfg = bundle.model.config
         from skyjax.rl.rewards import RewardContext
 
@@ -128,6 +130,11 @@ class RolloutSource:
         """(prepared inputs, tokens [B*G, N], raw log-probs [B*G, N], lengths [B*G], stopped [B*G]) host arrays."""
         from skyjax.sample.decode import generate
 
+        if not self.adapter.supports_images:
+            for e in examples:
+                if e.images:
+                    raise BadRowError(f"{e.where}: {len(e.images)} image(s), but the policy is a text-only "
+                                      f"{self.adapter.name} model: drop the row's images or train an R1V policy")
         inputs = self.adapter.prepare([e.record.conversation() for e in examples], [e.images for e in examples],
                                       self.tokenizer)
         self.adapter.check(inputs)
