@@ -44,6 +44,7 @@ class PromptExample:
     where: str
     record: Record
     images: list  # PIL images, decoded
+    weight: float = 1.0  # 0: the stand-in for a row the pipeline skipped (data.on_error: skip); trains nothing
 
 
 class PromptPipeline(RecordPipeline):
@@ -56,6 +57,8 @@ class PromptPipeline(RecordPipeline):
         return PromptExample(where, where, record, load_images(record, where, self.blank))
 
     def collate(self, examples, weights) -> dict:
+        # a skipped row's stand-in is a copy of a good example: its own object, so its weight travels with it
+        examples = [e if w > 0 else dataclasses.replace(e, weight=float(w)) for e, w in zip(examples, weights)]
         return {"prompts": list(examples), "weights": list(weights), "row_ids": [e.row_id for e in examples]}
 
 
@@ -87,10 +90,19 @@ class RolloutSource:
 
             self.adapter = dataclasses.replace(self.adapter, image_cfg=vision_format(bundle, cfg.data).image_cfg)
         self.model_cfg = bundle.model.config
+        from skyjax.rl.rewards import RewardContext
+
+        # reward factories (the reward model) get the trainer's mesh: they load beside the policy, not elsewhere
+        context = RewardContext(mesh=trainer.mesh, dtype=cfg.model.dtype, tokenizer=bundle.tokenizer)
         try:
-            self.rewards = [load_reward(r.name, **r.options) for r in cfg.rollout.rewards]
+            self.rewards = [dataclasses.replace(load_reward(r.name, context, **r.options), on_error=r.on_error)
+                            for r in cfg.rollout.rewards]
         except ValueError as e:
             raise ConfigError(f"rollout.rewards: {e}") from None
+        self.log = getattr(trainer, "log", print)
+        self.reward_failures: list = []  # this rollout's (rollout.on_reward_error: skip)
+        self._failed_rows: set = set()
+        self.skipped_completions = 0  # over the run
         self.weights = [float(r.weight) for r in cfg.rollout.rewards]
         from skyjax.sample.cli import default_stop_ids
 
@@ -133,11 +145,13 @@ class RolloutSource:
         return inputs, *(np.asarray(x) for x in (out.tokens, out.logprobs, out.lengths, out.stopped))
 
     def score(self, examples, tokens, lengths):
-        """Rewards per completion [B*G] (weighted sum), per component [B*G, K], and the completions' texts."""
-        from skyjax.rl.rewards import Rollout, compute_rewards, weighted_sum
+        """Rewards per completion [B*G] (weighted sum; NaN for a completion a reward function failed on, with
+        rollout.on_reward_error: skip), per component [B*G, K], and the completions' texts."""
+        from skyjax.rl.rewards import Rollout, compute_rewards, failed_rows, weighted_sum
 
         g = self.rollout.num_generations
         prompts = [_prompt_text(self.tokenizer, e.record) for e in examples]  # once per prompt, not per completion
+        messages = [e.record.conversation() for e in examples]
         rows, texts = [], []
         for r in range(tokens.shape[0]):
             e = examples[r // g]
@@ -146,9 +160,27 @@ class RolloutSource:
             texts.append(text)
             rows.append(Rollout(prompt=prompts[r // g], completion=text, completion_ids=ids,
                                 images=tuple(e.record.images), answer=e.record.answer,
-                                meta=dict(e.record.meta or {})))
-        table = compute_rewards(self.rewards, rows)
-        return weighted_sum(table, self.weights), table, texts
+                                meta=dict(e.record.meta or {}), messages=messages[r // g],
+                                image_data=tuple(e.images), where=e.row_id))
+        failures: list = []
+        table = compute_rewards(self.rewards, rows, on_error=self.rollout.on_reward_error, failures=failures)
+        total = weighted_sum(table, self.weights)
+        # a completion some function failed on gets no reward at all (not the sum of the others): advantage 0;
+        # a skipped prompt's stand-in (weight 0) has none either, so it is in no statistic (not a batch std)
+        failed = failed_rows(failures, len(rows))
+        total[failed | np.repeat([e.weight <= 0 for e in examples], g)] = np.nan
+        self._note_failures(failures, [(id(examples[r // g]), r % g) for r in np.flatnonzero(failed)])
+        return total, table, texts
+
+    def _note_failures(self, failures, keys) -> None:
+        """Keep this rollout's reward failures (skipped completions, by (example object, completion index): dynamic
+        sampling may pick rows from several draws); say the first few of the run."""
+        self.reward_failures += list(failures)
+        self._failed_rows |= set(keys)
+        before = self.skipped_completions
+        self.skipped_completions += len(keys)
+        for f in failures[: max(0, 10 - before)]:
+            self.log(f"reward skipped (rollout.on_reward_error: skip): {f.message}")
 
     def build_batch(self, examples, inputs, tokens, logps, lengths, stopped, advantages, rewards) -> dict:
         """The training batch [A, b, ...] of B*G completion rows (see the module docstring)."""
@@ -211,6 +243,7 @@ class RolloutSource:
             return self.cached
         prompts = next(self.iterator)
         examples = prompts["prompts"]
+        self.reward_failures, self._failed_rows = [], set()
         inputs, tokens, logps, lengths, stopped = self.generate(state, examples)
         rewards, table, _ = self.score(examples, tokens, lengths)
         extra = {}
@@ -223,12 +256,27 @@ class RolloutSource:
         batch = self.build_batch(examples, inputs, tokens, logps, lengths, stopped, np.asarray(adv), rewards)
         row_ids = [e.row_id for e in examples for _ in range(self.rollout.num_generations)]
         batch, row_ids, more = mix_buffer(self, state, batch, row_ids, examples, inputs)  # + `effective` per row
+        self._add_row_flags(batch, examples)
         self.stats = {k: float(v) for k, v in metrics.items()} | extra | more
         for k, spec in enumerate(self.cfg.rollout.rewards):
             col = table[:, k]
             self.stats[f"rewards/{spec.name}"] = float(np.nanmean(col)) if np.isfinite(col).any() else float("nan")
         self.cached, self.used = (batch, row_ids), 1
         return batch, row_ids
+
+    def _add_row_flags(self, batch: dict, examples) -> None:
+        """A prompt the pipeline skipped (data.on_error: skip, e.g. a missing image) is a zero-weight copy of a good
+        one: its completions get row_weight 0. `reward_skipped` marks the completions a reward function failed on
+        (logged as reward_skipped_fraction). A row the buffer placed (rollout.buffer) is neither."""
+        g = self.rollout.num_generations
+        a, per = batch["row_weight"].shape
+        rows = a * per
+        weight = np.array([examples[r // g].weight for r in range(rows)], np.float32)
+        skipped = np.array([(id(examples[r // g]), r % g) in self._failed_rows for r in range(rows)], np.float32)
+        buffered = np.asarray(batch.get("buffered", np.zeros((a, per)))).reshape(-1) > 0
+        batch["row_weight"] = np.where(buffered, batch["row_weight"].reshape(-1),
+                                       batch["row_weight"].reshape(-1) * weight).reshape(a, per)
+        batch["reward_skipped"] = np.where(buffered, 0.0, skipped).astype(np.float32).reshape(a, per)
 
     def get_state(self) -> Any:
         from skyjax.train.grpo_buffer import buffer_state
