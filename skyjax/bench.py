@@ -89,13 +89,13 @@ import copy
 import datetime
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from skyjax.parallel.aot import count_flops  # noqa: F401  (part of this module's interface)
+from skyjax.machine import machine_info  # noqa: F401 -- re-exported: benchmark JSONs record it
 from skyjax.train.bench import RM_BENCH_FREEZE
 
 BENCHMARKS = ("rm_train_step", "generate", "compile", "matmul", "rm_train_step_gpu", "score", "mpo_step",
@@ -262,25 +262,6 @@ def run_compile_bench(hidden: int = 512, heads: int = 8, kv_heads: int = 2, inte
 
 
 # --- the harness ------------------------------------------------------------------------------------------------------
-
-
-def machine_info() -> dict:
-    import importlib.metadata as md
-
-    import jax
-
-    def version(pkg):
-        try:
-            return md.version(pkg)
-        except md.PackageNotFoundError:
-            return None
-
-    devices = jax.devices()
-    return {"platform": platform.platform(), "python": platform.python_version(), "backend": jax.default_backend(),
-            "device_kind": devices[0].device_kind, "device_count": len(devices), "cpu_count": os.cpu_count(),
-            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-            "jax": jax.__version__, "jaxlib": version("jaxlib"), "flax": version("flax"), "torch": version("torch"),
-            "transformers": version("transformers"), "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
 def _first(d: dict, *paths, default=None):

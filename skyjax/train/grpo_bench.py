@@ -383,7 +383,7 @@ def main(argv=None) -> int:
         flags = f" --xla_cpu_multi_thread_eigen={'false' if args.threads == 1 else 'true'}" \
                 f" intra_op_parallelism_threads={args.threads}"
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + flags).strip()
-    from skyjax.bench import machine_info
+    from skyjax.machine import machine_info
 
     machine = machine_info()
     result = run_grpo_bench(args.prompts, args.generations, args.new_tokens, args.steps, beta=args.beta,
