@@ -4,6 +4,7 @@
     skyjax bench --quick --out bench_quick.json            # smaller settings, ~2-3 minutes on a 2-core machine
     skyjax bench --only compile,matmul --out c.json        # a subset
     skyjax bench --only mpo_step --out m.json              # the MPO step against TRL's DPOTrainer as MPO
+    skyjax bench --only grpo_step --out g.json             # one GRPO iteration against TRL's GRPOTrainer
     skyjax bench --quick --out t.json compile.hidden=256 generate.batch=2   # dotted overrides of any setting
 
 Benchmarks are not tests: each one measures skyjax against a reference measured in the same run on the
@@ -62,6 +63,17 @@ mpo_step        The MPO train step (skyjax.train.mpo_bench.run_mpo_bench): the `
                 steps after a warm-up; `compile_s` apart); `layouts.precomputed_reference` is skyjax's
                 reference.precompute step (no reference in the state), `precompute_vs_trl_resident` its ratio to
                 TRL's resident-reference step. `config.setup` states the setup in words.
+grpo_step       One GRPO iteration (skyjax.train.grpo_bench.run_grpo_bench): 4 prompts x G = 8 completions of exactly
+                64 new tokens, a token-id rule reward, group advantages, then one optimizer step (loss_type dapo,
+                beta 0, epsilon 0.2: TRL's defaults), skyjax's `kind: grpo` Trainer (its rollout source and jitted
+                step) against TRL 1.16's GRPOTrainer (_generate_and_score_completions, then training_step + AdamW)
+                on the same text-only Qwen2 (MPO_BENCH_SHAPES' size, random weights saved once, the tiny Qwen
+                tokenizer, the same chat prompts), fp32, same CPU. `rollout` and `update` are timed apart
+                (seconds, tokens/s: generated tokens for the rollout, real prompt + completion tokens for the
+                update, and `trl_speedup` each); `trl_speedup` = TRL's median iteration / skyjax's (alternating
+                iterations after a warm-up, `warmup_s` holding the compiles); `logp_max_abs_diff` checks that both
+                sides hold the same weights (TRL's policy scoring skyjax's first rollout). `tunix` says why Tunix's
+                GRPO learner was not run.
 
 The JSON has one entry per benchmark (each with its `config`), `matmul_peak_flops_per_s`,
 `rm_train_step_flops_fraction`, `machine` (platform, backend, device kind and count, CPU count, load average at
@@ -77,16 +89,17 @@ import copy
 import datetime
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from skyjax.parallel.aot import count_flops  # noqa: F401  (part of this module's interface)
+from skyjax.machine import machine_info  # noqa: F401 -- re-exported: benchmark JSONs record it
 from skyjax.train.bench import RM_BENCH_FREEZE
 
-BENCHMARKS = ("rm_train_step", "generate", "compile", "matmul", "rm_train_step_gpu", "score", "mpo_step")
+BENCHMARKS = ("rm_train_step", "generate", "compile", "matmul", "rm_train_step_gpu", "score", "mpo_step",
+              "grpo_step")
 COMPILE_RATIO_LIMIT = 1.5
 
 # The settings the issues name. Every key is a keyword argument of the benchmark's function.
@@ -105,6 +118,9 @@ DEFAULT_SETTINGS: dict[str, dict[str, Any]] = {
     # shapes None: skyjax.train.mpo_bench.MPO_BENCH_SHAPES (Qwen2, hidden 256 x 4 layers, vocab 4096)
     "mpo_step": dict(pairs=8, steps=5, prompt_len=[128, 256], response_len=[32, 160], shapes=None, seq_multiple=32,
                      bco_delta="none", lr=1e-6, precompute=True, trl_baseline=True),
+    # shapes None: skyjax.train.grpo_bench.GRPO_BENCH_SHAPES (the MPO bench's Qwen2)
+    "grpo_step": dict(prompts=4, num_generations=8, max_new_tokens=64, steps=3, prompt_len=[24, 48], shapes=None,
+                      loss_type="dapo", beta=0.0, epsilon=0.2, lr=1e-6, trl_baseline=True),
 }
 
 # --quick: the same benchmarks, small enough that the whole command takes ~2-3 minutes on 2 CPU cores. The compile
@@ -127,6 +143,10 @@ QUICK_SETTINGS: dict[str, dict[str, Any]] = {
                      lr=1e-6, precompute=True, trl_baseline=True,
                      shapes=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
                                  num_key_value_heads=2, vocab_size=512)),
+    "grpo_step": dict(prompts=2, num_generations=2, max_new_tokens=4, steps=1, prompt_len=[8, 12], loss_type="dapo",
+                      beta=0.0, epsilon=0.2, lr=1e-6, trl_baseline=True,
+                      shapes=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                  num_key_value_heads=2, vocab_size=512)),
 }
 
 
@@ -244,25 +264,6 @@ def run_compile_bench(hidden: int = 512, heads: int = 8, kv_heads: int = 2, inte
 # --- the harness ------------------------------------------------------------------------------------------------------
 
 
-def machine_info() -> dict:
-    import importlib.metadata as md
-
-    import jax
-
-    def version(pkg):
-        try:
-            return md.version(pkg)
-        except md.PackageNotFoundError:
-            return None
-
-    devices = jax.devices()
-    return {"platform": platform.platform(), "python": platform.python_version(), "backend": jax.default_backend(),
-            "device_kind": devices[0].device_kind, "device_count": len(devices), "cpu_count": os.cpu_count(),
-            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-            "jax": jax.__version__, "jaxlib": version("jaxlib"), "flax": version("flax"), "torch": version("torch"),
-            "transformers": version("transformers"), "xla_flags": os.environ.get("XLA_FLAGS", "")}
-
-
 def _first(d: dict, *paths, default=None):
     """The first of several possible key paths ('a.b') present in d: the generate benchmark's dict is read
     defensively, since its layout belongs to skyjax.sample.bench."""
@@ -371,6 +372,14 @@ def run_benchmarks(only=BENCHMARKS, settings: dict | None = None, log=print) -> 
         entry = run_mpo_bench(**settings["mpo_step"], log=log)
         entry["wall_s"] = time.perf_counter() - t
         out["mpo_step"] = entry
+    if "grpo_step" in only:
+        from skyjax.train.grpo_bench import run_grpo_bench
+
+        log("grpo_step: one GRPO iteration (rollout + update), skyjax's kind: grpo vs TRL's GRPOTrainer")
+        t = time.perf_counter()
+        entry = run_grpo_bench(**settings["grpo_step"], log=log)
+        entry["wall_s"] = time.perf_counter() - t
+        out["grpo_step"] = entry
     out["wall_s"] = time.perf_counter() - t_all
     if hasattr(os, "getloadavg"):  # the load at the end too: a shared machine's other work shows here
         out["machine"]["load_average_end"] = list(os.getloadavg())
@@ -422,6 +431,16 @@ def table(result: dict) -> str:
                          "-" if trl is None else f"{trl:.4g}",
                          "-" if r.get("precompute_vs_trl_resident") is None
                          else f"{r['precompute_vs_trl_resident']:.2f}x (TRL resident)"))
+    if "grpo_step" in result:
+        r = result["grpo_step"]
+        trl = r.get("trl_s")
+        rows.append(("grpo_step vs TRL (s/iteration)", f"{r['skyjax_s']:.4g}", "-" if trl is None else f"{trl:.4g}",
+                     "-" if r.get("trl_speedup") is None else f"{r['trl_speedup']:.2f}x faster"))
+        for phase in ("rollout", "update"):
+            p = r[phase]
+            rows.append((f"grpo_step {phase} (tokens/s)", f"{p['skyjax_tokens_per_s']:.4g}",
+                         "-" if p.get("trl_tokens_per_s") is None else f"{p['trl_tokens_per_s']:.4g}",
+                         "-" if p.get("trl_speedup") is None else f"{p['trl_speedup']:.2f}x faster"))
     if "matmul_peak_flops_per_s" in result:
         frac = result.get("rm_train_step_flops_fraction")
         rows.append(("matmul peak (GFLOP/s)", f"{result['matmul_peak_flops_per_s'] / 1e9:.4g}", "-",
@@ -454,6 +473,10 @@ def settings_for(quick: bool, overrides=()) -> dict:
         from skyjax.train.mpo_bench import MPO_BENCH_SHAPES
 
         base["mpo_step"]["shapes"] = copy.deepcopy(MPO_BENCH_SHAPES)
+    if base["grpo_step"].get("shapes") is None and any(o.startswith("grpo_step.shapes.") for o in overrides):
+        from skyjax.train.grpo_bench import GRPO_BENCH_SHAPES
+
+        base["grpo_step"]["shapes"] = copy.deepcopy(GRPO_BENCH_SHAPES)
     for item in overrides:
         parts = item.split("=", 1)[0].strip().split(".")
         if len(parts) < 2 or parts[0] not in base or parts[1] not in base[parts[0]]:
@@ -482,8 +505,8 @@ def _cmd_bench(args) -> int:
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
-        "bench", help="run every benchmark (RM train step, generate, compile time, matmul peak, scoring, MPO step) "
-                      "-> JSON + table",
+        "bench", help="run every benchmark (RM train step, generate, compile time, matmul peak, scoring, MPO step, "
+                      "GRPO step) -> JSON + table",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run the project's benchmarks against references measured in the same run (transformers + "
                     "PyTorch, TRL, the machine's matmul peak), write one JSON file and print a table of the ratios.\n\n"

@@ -1,6 +1,6 @@
 """`skyjax bench`: the harness at tiny sizes (every benchmark, its references included), the JSON it writes, --only,
-and the FLOP count it divides by the matmul peak. mpo_step (the one that builds a TRL trainer) runs in a test of its
-own, at its --quick settings. Timings are never asserted (benchmarks are not tests): only the
+and the FLOP count it divides by the matmul peak. mpo_step and grpo_step (the ones that build a TRL trainer) run in
+tests of their own, at their --quick settings. Timings are never asserted (benchmarks are not tests): only the
 arithmetic between the recorded numbers and the shape of the result."""
 
 import json
@@ -8,6 +8,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from skyjax.bench import BENCHMARKS, count_flops, run_benchmarks, settings_for, table
@@ -30,7 +31,8 @@ TINY = {
     "rm_train_step_gpu": dict(pairs=1, steps=1, shapes=TINY_RM_SHAPES),
     "score": dict(rows=3, reference_rows=2),
 }
-BUT_MPO = tuple(b for b in BENCHMARKS if b != "mpo_step")  # mpo_step: test_mpo_step_quick_against_trl
+# the TRL ones run in tests of their own: test_mpo_step_quick_against_trl, test_grpo_step_quick_against_trl
+BUT_MPO = tuple(b for b in BENCHMARKS if b not in ("mpo_step", "grpo_step"))
 
 
 def _number(x):
@@ -221,3 +223,42 @@ def test_mpo_step_quick_against_trl():
     assert r["config"]["model"]["hidden_size"] == 64 and r["config"]["trl"]["trl"]
     assert out["settings"]["mpo_step"]["pairs"] == quick["pairs"] and out["benchmarks"] == ["mpo_step"]
     assert [line.split()[0] for line in table(out).splitlines()[2:]] == ["mpo_step"] * 2
+
+
+def test_grpo_step_quick_against_trl():
+    """grpo_step at its --quick settings: skyjax's kind: grpo iteration and TRL's GRPOTrainer on the same tiny Qwen2
+    and prompts; both sides ran every timed iteration, rollout and update apart, every figure is finite and the ratios
+    are the recorded times' ratios; both generated exactly max_new_tokens per completion from the same prompt ids and
+    the same weights (TRL's policy scores skyjax's rollout as skyjax's sampler did)."""
+    pytest.importorskip("trl")
+    settings = settings_for(True)
+    out = json.loads(json.dumps(run_benchmarks(["grpo_step"], settings, log=lambda _: None)))
+    r, quick = out["grpo_step"], settings["grpo_step"]
+    for value in (r["skyjax_s"], r["trl_s"], r["trl_speedup"]):
+        assert _number(value), value
+    for phase in ("rollout", "update"):
+        p = r[phase]
+        for key in ("skyjax_s", "trl_s", "skyjax_tokens_per_s", "trl_tokens_per_s", "trl_speedup"):
+            assert _number(p[key]), (phase, key, p[key])
+        assert p["trl_speedup"] == pytest.approx(p["trl_s"] / p["skyjax_s"], rel=1e-9)
+        assert _number(p["skyjax_cpu_s"]) and _number(p["trl_cpu_s"])
+        assert p["trl_cpu_ratio"] == pytest.approx(p["trl_cpu_s"] / p["skyjax_cpu_s"], rel=1e-9)
+        for side in ("skyjax", "trl"):
+            assert len(r["times_s"][side][phase]) == len(r["cpu_s"][side][phase]) == quick["steps"]
+        assert set(r["warmup_s"]["skyjax"]) == set(r["warmup_s"]["trl"]) == {"rollout", "update"}
+    total = {side: [a + b for a, b in zip(r["times_s"][side]["rollout"], r["times_s"][side]["update"])]
+             for side in ("skyjax", "trl")}
+    assert r["trl_speedup"] == pytest.approx(np.median(total["trl"]) / np.median(total["skyjax"]), rel=1e-9)
+    b = r["batch"]
+    completions = quick["prompts"] * quick["num_generations"]
+    assert b["completions"] == completions and b["generated_tokens"] == completions * quick["max_new_tokens"]
+    for side in ("skyjax", "trl"):  # every completion full length on both sides: the same work
+        assert b[side]["rows"] == completions and b[side]["completion_tokens"] == b["generated_tokens"]
+    assert b["prompt_tokens_equal"] is True and b["skyjax"]["real_tokens"] == b["trl"]["real_tokens"]
+    assert r["rollout"]["skyjax_tokens_per_s"] == pytest.approx(b["generated_tokens"] / r["rollout"]["skyjax_s"])
+    assert r["logp_max_abs_diff"] < 1e-4  # the same weights and the same model on both sides (fp32)
+    assert len(r["losses"]["skyjax"]) == len(r["losses"]["trl"]) == quick["steps"] + 1
+    assert all(math.isfinite(x) for side in r["losses"].values() for x in side)
+    assert r["config"]["trl"]["loss_type"] == quick["loss_type"] and r["config"]["trl"]["beta"] == quick["beta"]
+    assert r["config"]["model"]["hidden_size"] == 64 and r["tunix"].startswith("not run")
+    assert [line.split()[0] for line in table(out).splitlines()[2:]] == ["grpo_step"] * 3

@@ -113,6 +113,7 @@ def test_every_shipped_run_config_loads():
     for path in paths:
         kinds[path.name] = load_config(RunConfig, path).kind
     assert kinds.pop("mpo.yaml") == "mpo"  # the MPO demo (its earlier stages in its `demo` section)
+    assert kinds.pop("grpo.yaml") == "grpo"  # the GRPO demo (its warm start in its `demo` section)
     assert set(kinds.values()) == {"reward_model"}, kinds
     assert load_config(IterateConfig, iterate).sft.kind == "sft"
     stage1 = load_config(RunConfig, root / "reward_model/stage1_7b.yaml")

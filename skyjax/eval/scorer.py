@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from skyjax.convert.checkpoint import load_model
+from skyjax.convert.checkpoint import LoadedModel, load_model
 from skyjax.data.chat import format_conversation
 from skyjax.data.qwen_vl_image import ImageError, QwenVLImageConfig, image_grid_thw, load_image, preprocess_image
 from skyjax.data.records import Record, parse_record
@@ -70,6 +70,9 @@ class Conversation:
     image_paths: tuple[str, ...]
     where: str
     key: Hashable = None  # names the conversation in a resumable score log (e.g. (line, "chosen"))
+    # the images already decoded (PIL, in image_paths' order), when the caller has them: no file is read then
+    # (GRPO's reward model scores each prompt's images once per completion)
+    images: Sequence[Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,8 +147,9 @@ def plan_batches(lengths: dict[int, int], seq_buckets: Sequence[int], max_batch_
 
 
 class _ImageCache:
-    """Preprocessed images (patches, grid) by path, kept while a later conversation of the job still needs them
-    (`expect` counts the uses) and within a byte budget; anything else is simply preprocessed again."""
+    """Preprocessed images (patches, grid) by key (a path; for an image given decoded, the path and the image),
+    kept while a later conversation of the job still needs them (`expect` counts the uses) and within a byte budget;
+    anything else is simply preprocessed again."""
 
     def __init__(self, max_bytes: int = 512 * 2**20):
         self.max_bytes, self.bytes = max_bytes, 0
@@ -158,11 +162,11 @@ class _ImageCache:
             for p in paths:
                 self._uses[p] = self._uses.get(p, 0) + 1
 
-    def peek(self, path: str):
+    def peek(self, path: Hashable):
         with self._lock:
             return self._items.get(path)
 
-    def get(self, path: str, make):
+    def get(self, path: Hashable, make):
         with self._lock:
             item = self._items.get(path)
             left = self._uses.get(path, 0) - 1
@@ -186,17 +190,30 @@ class _ImageCache:
 
 
 class RewardScorer:
-    """Scalar rewards for conversations, from a Hugging Face reward folder or a skyjax checkpoint."""
+    """Scalar rewards for conversations, from a Hugging Face reward folder or a skyjax checkpoint.
 
-    def __init__(self, model: str | os.PathLike, *, mesh_shape=(1, -1, 1), dtype: str | None = None,
-                 batch_size: int = DEFAULT_BATCH_ROWS, max_batch_tokens: int | None = None,
+    `mesh`: the devices to score on (default: a new mesh of `mesh_shape` over every device); GRPO passes the
+    trainer's mesh, so the reward model sits beside the policy. `model` may be a path or an already loaded
+    `LoadedModel` (placed on `mesh` by its loader; `dtype` then does not apply). `sticky_vision`: every batch keeps
+    room for the largest images seen by any earlier call, not only by this call's conversations, so a caller that
+    scores many small jobs (a GRPO step's completions) compiles again only when a larger image arrives.
+    """
+
+    def __init__(self, model: str | os.PathLike | LoadedModel, *, mesh=None, mesh_shape=(1, -1, 1),
+                 dtype: str | None = None, batch_size: int = DEFAULT_BATCH_ROWS, max_batch_tokens: int | None = None,
                  max_length: int | None = None, buckets: Buckets = Buckets(seq=SCORE_SEQ_BUCKETS),
-                 progress: bool = True):
-        self.mesh = make_mesh(mesh_shape)
-        self.model = load_model(model, mesh=self.mesh, dtype=dtype)
+                 progress: bool = True, sticky_vision: bool = False):
+        self.mesh = mesh if mesh is not None else make_mesh(mesh_shape)
+        if isinstance(model, LoadedModel):
+            if dtype is not None:
+                raise ValueError("RewardScorer: dtype applies when loading; the model given is loaded already")
+            self.model = model
+        else:
+            self.model = load_model(model, mesh=self.mesh, dtype=dtype)
         if not hasattr(self.model.fn.bind(self.model.params), "score"):
-            raise ValueError(f"{model}: architecture {self.model.arch.name!r} has no value head (expected a reward "
-                             f"model: a Qwen2.5-VL folder with value_head.safetensors, or a trained checkpoint)")
+            raise ValueError(f"{self.model.folder}: architecture {self.model.arch.name!r} has no value head (expected "
+                             f"a reward model: a Qwen2.5-VL folder with value_head.safetensors, or a trained "
+                             f"checkpoint)")
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
         self.tokenizer = load_tokenizer(self.model.folder)
@@ -213,6 +230,8 @@ class RewardScorer:
         self.seq_buckets = tuple(b for b in (buckets.seq or ()) if b < self.max_length) + (self.max_length,) \
             if buckets.seq is not None else None
         self.max_image_patches = self.image_cfg.max_patches
+        self.sticky_vision = sticky_vision
+        self._vision_floor = (0, 0)  # (patches, images) per row kept from earlier calls when sticky_vision
         fn = self._bounded_vision(self.max_image_patches)
         self._score = jax.jit(lambda p, ids, kw: fn.bind(p).score(ids, **kw))
         self._programs: dict[Hashable, Any] = {}  # input shapes -> compiled program
@@ -254,11 +273,19 @@ class RewardScorer:
             raise ImageError(f"not a readable image file: {path} ({type(e).__name__})") from None
         return int(np.prod(image_grid_thw(height, width, self.image_cfg)))
 
+    def _conversation_patches(self, conv: Conversation) -> list[int]:
+        """Vision patches of each image: from the decoded images when the conversation has them, else the headers."""
+        if conv.images is None:
+            return [self._image_patches(p) for p in conv.image_paths]
+        if len(conv.images) != len(conv.image_paths):
+            raise ValueError(f"{len(conv.images)} decoded images for {len(conv.image_paths)} image paths")
+        return [int(np.prod(image_grid_thw(im.height, im.width, self.image_cfg))) for im in conv.images]
+
     def measure(self, conv: Conversation) -> int:
         """Tokens of a conversation (images counted from their headers); RowError naming file:line when it cannot
         be rendered or is longer than the model allows. The vision patches it needs go to `self._patches`."""
         try:
-            patches = [self._image_patches(p) for p in conv.image_paths]
+            patches = self._conversation_patches(conv)
             if patches and max(patches) > self.max_image_patches:  # only an extreme aspect ratio gets here
                 raise ValueError(f"an image of {max(patches)} patches, more than the {self.max_image_patches} of "
                                  f"max_pixels {self.image_cfg.max_pixels}")
@@ -275,10 +302,28 @@ class RewardScorer:
     def _preprocess(self, path: str):
         return preprocess_image(load_image(path), self.image_cfg)
 
+    def _preprocess_source(self, path: str, image=None):
+        """An image given decoded is preprocessed as it is; otherwise its file is read."""
+        return self._preprocess(path) if image is None else preprocess_image(image, self.image_cfg)
+
+    @staticmethod
+    def _image_keys(conv: Conversation) -> list[tuple[str, int | None]]:
+        """Cache keys of the conversation's images: the path, and for an image given decoded the object too (two
+        decoded images under one path name are two images)."""
+        if conv.images is None:
+            return [(p, None) for p in conv.image_paths]
+        return [(p, id(im)) for p, im in zip(conv.image_paths, conv.images)]
+
+    def _sources(self, conv: Conversation):
+        """(cache key, path, decoded image or None) of each image of the conversation."""
+        decoded = conv.images if conv.images is not None else [None] * len(conv.image_paths)
+        return list(zip(self._image_keys(conv), conv.image_paths, decoded))
+
     def _images(self, conv: Conversation):
         """The conversation's images, preprocessed ((patches, grid) each); shared images come from the cache."""
         try:
-            return [self._image_cache.get(p, lambda p=p: self._preprocess(p)) for p in conv.image_paths]
+            return [self._image_cache.get(k, lambda p=p, im=im: self._preprocess_source(p, im))
+                    for k, p, im in self._sources(conv)]
         except ImageError as e:
             raise RowError(f"{conv.where}: {e}") from None
 
@@ -319,12 +364,16 @@ class RewardScorer:
                     fail(i, e)
                     continue
                 most_patches, most_images = max(most_patches, self._patches[0]), max(most_images, self._patches[1])
+            if self.sticky_vision:
+                most_patches = max(most_patches, self._vision_floor[0])
+                most_images = max(most_images, self._vision_floor[1])
+                self._vision_floor = (most_patches, most_images)
             self._vision_room = (most_patches, most_images)
             if bar is not None:
                 bar.update(len(convs) - len(lengths))  # resumed and skipped rows count as done
             buckets = self.seq_buckets or sorted(set(lengths.values()))
             plan = plan_batches(lengths, buckets, self.max_batch_tokens, self.batch_size)
-            self._image_cache.expect(p for i in lengths for p in convs[i].image_paths)
+            self._image_cache.expect(k for i in lengths for k in self._image_keys(convs[i]))
             # Host work (decoding images, tokenizing) for the next batch runs on a thread while the device computes
             # this one; PIL and numpy release the GIL. Errors surface in order, from the main thread. A second
             # thread compiles each batch shape's program, in the order the batches need them, from the start.
@@ -354,7 +403,8 @@ class RewardScorer:
         for i in batch.indices:  # images decoded only now, one batch at a time
             try:
                 images.append(self._images(convs[i]) if cache else [
-                    self._image_cache.peek(p) or self._preprocess(p) for p in convs[i].image_paths])
+                    self._image_cache.peek(k) or self._preprocess_source(p, im)
+                    for k, p, im in self._sources(convs[i])])
                 rows.append(i)
             except RowError as e:
                 fail(i, e)

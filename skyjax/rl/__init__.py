@@ -6,10 +6,15 @@ Nothing here imports the trainer or the sampler: they import this package, never
 
 from skyjax.rl.rewards import (  # noqa: F401
     Reward,
+    RewardContext,
     RewardError,
+    RewardFailure,
     Rollout,
+    RowFailures,
     compute_rewards,
+    failed_rows,
     load_reward,
     register_reward,
+    reward_factory,
     weighted_sum,
 )

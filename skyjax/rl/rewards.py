@@ -17,7 +17,13 @@ are loaded by dotted path, ``package.module:function`` or ``package.module.funct
     values = reward(rows)              # validated: right length, finite floats or None
 
 A function that raises, returns the wrong number of rewards, NaN, infinity or a non-number raises ``RewardError``
-naming the function and, where there is one, the row.
+naming the function and, where there is one, the row (and the prompt row's file:line when the rows carry it);
+``compute_rewards(..., on_error="skip")`` instead leaves the failed rows unscored and reports them.
+
+A reward that needs the run itself (the reward model: the trainer's mesh and dtype) is a *factory*, marked with
+``@reward_factory``: ``load_reward`` calls it once with a ``RewardContext`` and the options, and the function it
+returns is the reward. The built-in ``reward_model`` (skyjax.rl.reward_model) is one; user factories load by dotted
+path like any reward.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from skyjax.errors import UserError
 from skyjax.eval.verifiers import THINK_OPEN, check_format, verify
 
 
@@ -42,7 +49,11 @@ class Rollout:
     prompt: the prompt text as the policy saw it (chat template applied). completion: the generated text.
     completion_ids: its token ids (length rewards count these). images: paths of the prompt's images.
     answer: the ground truth, None when the data set has none. meta: any other data-set columns (``choices`` for
-    multiple choice, a question id, a difficulty tag, ...).
+    multiple choice, a question id, a difficulty tag, ...). messages: the prompt conversation before any chat
+    template (TRL's conversational messages, images as ``{"type": "image"}`` parts), for rewards that render it
+    with a template of their own (the reward model). image_data: the prompt's images decoded (PIL, in ``images``
+    order) when the caller has them, so a reward need not read the files again. where: the prompt row's file:line,
+    named by errors.
     """
 
     prompt: str
@@ -51,13 +62,58 @@ class Rollout:
     images: Sequence[str] = ()
     answer: str | None = None
     meta: Mapping[str, Any] = field(default_factory=dict)
+    messages: Sequence[Mapping[str, Any]] = ()
+    image_data: Sequence[Any] = ()
+    where: str = ""
 
 
 RewardFn = Callable[..., Sequence[float | None]]
 
 
-class RewardError(ValueError):
+class RewardError(UserError, ValueError):
     """A reward function failed or returned something unusable; the message names the function and the row."""
+
+
+class RowFailures(Exception):
+    """Raised by a reward function that scored what it could and knows which rows it could not: ``values`` holds one
+    entry per row (ignored for the failed ones), ``reasons`` maps a failed row's index to why. The rows are then not
+    rerun one by one; the reward model raises it for a conversation longer than it accepts."""
+
+    def __init__(self, values: Sequence[float | None], reasons: Mapping[int, str]):
+        super().__init__(f"{len(reasons)} rows failed")
+        self.values, self.reasons = list(values), dict(reasons)
+
+
+@dataclass(frozen=True)
+class RewardFailure:
+    """One row a reward function could not score: which function, which row (index and file:line) and why."""
+
+    reward: str
+    row: int
+    where: str
+    message: str  # the one-line error, naming the function and the row
+    cause: BaseException | None = None
+
+
+@dataclass(frozen=True)
+class RewardContext:
+    """What a reward factory receives from the run that loads it: the mesh the policy lives on (the reward model is
+    placed on it: no second set of devices), the run's compute dtype, and the policy's tokenizer. All None outside
+    a run (a factory then picks its own defaults)."""
+
+    mesh: Any = None
+    dtype: str | None = None
+    tokenizer: Any = None
+
+
+def reward_factory(fn: Callable) -> Callable:
+    """Mark ``fn(context, **options) -> reward function`` as a factory (see the module docstring)."""
+    fn.__skyjax_reward_factory__ = True
+    return fn
+
+
+def is_reward_factory(obj: Any) -> bool:
+    return bool(getattr(obj, "__skyjax_reward_factory__", False))
 
 
 # ------------------------------------------------------------------------------------------------------ built-ins
@@ -112,10 +168,12 @@ def overlong_reward(rows: Sequence[Rollout], *, max_len: int | None = None, cach
     return out
 
 
-_REGISTRY: dict[str, RewardFn] = {
+_REGISTRY: dict[str, RewardFn | str] = {
     "accuracy": accuracy_reward,
     "format": format_reward,
     "overlong": overlong_reward,
+    # a dotted path, imported when loaded: the reward model needs JAX and the models, the rest of this module not
+    "reward_model": "skyjax.rl.reward_model:reward_model",
 }
 
 
@@ -140,19 +198,87 @@ def registered_rewards() -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Reward:
-    """A reward function bound to its options; calling it validates what the function returns."""
+    """A reward function bound to its options; calling it validates what the function returns.
+
+    ``on_error`` (None: the caller's choice, see ``compute_rewards``) says what a failure does: "raise" a
+    ``RewardError``, or "skip" the rows that fail (``evaluate`` reports them)."""
 
     name: str
     fn: RewardFn
     options: Mapping[str, Any] = field(default_factory=dict)
+    on_error: Literal["raise", "skip"] | None = None
 
     def __call__(self, rows: Sequence[Rollout]) -> list[float | None]:
+        values, failures = self.evaluate(rows, on_error="raise")
+        return values
+
+    def evaluate(self, rows: Sequence[Rollout], on_error: Literal["raise", "skip"] = "raise"
+                 ) -> tuple[list[float | None], list[RewardFailure]]:
+        """(one value per row, the rows that failed). With "raise" the first failure is a ``RewardError`` instead;
+        with "skip" a failed row's value is None and its failure is listed."""
         rows = list(rows)
         try:
             values = self.fn(rows, **self.options)
+        except RowFailures as e:
+            failures = [self._failure(rows, i, f"reward function '{self.name}' could not score row {i} of "
+                                               f"{len(rows)}{_at(rows, i)}: {why}")
+                        for i, why in sorted(e.reasons.items())]
+            if failures and on_error == "raise":
+                raise RewardError(failures[0].message) from None
+            values = [None if i in e.reasons else v for i, v in enumerate(e.values)]
+            checked, more = self._check(rows, values, on_error)
+            return checked, failures + more
         except Exception as e:  # noqa: BLE001 - any failure is reported with the row that causes it
-            raise RewardError(self._locate_failure(rows, e)) from e
-        return _validate(self.name, values, len(rows))
+            if on_error == "raise":
+                raise RewardError(self._locate_failure(rows, e)) from e
+            return self._row_by_row(rows)
+        return self._check(rows, values, on_error)
+
+    def _check(self, rows, values, on_error) -> tuple[list[float | None], list[RewardFailure]]:
+        """Validated values; a value that is not a finite float or None fails its row."""
+        n = len(rows)
+        try:
+            _check_container(self.name, values, n)
+        except RewardError as e:
+            if on_error == "raise":
+                raise
+            return [None] * n, [self._failure(rows, i, str(e)) for i in range(n)]
+        out: list[float | None] = []
+        failures: list[RewardFailure] = []
+        for i, v in enumerate(values):
+            try:
+                out.append(_value(self.name, v, i, _at(rows, i)))
+            except RewardError as e:
+                if on_error == "raise":
+                    raise
+                out.append(None)
+                failures.append(self._failure(rows, i, str(e)))
+        return out, failures
+
+    def _failure(self, rows, i: int, message: str, cause: BaseException | None = None) -> RewardFailure:
+        return RewardFailure(self.name, i, rows[i].where if i < len(rows) else "", message, cause)
+
+    def _row_by_row(self, rows: list[Rollout]) -> tuple[list[float | None], list[RewardFailure]]:
+        """on_error="skip" after the batch raised: each row alone; a row that fails alone is skipped, the others
+        keep the value they get alone. Only a function that fails on every row alone skips them all."""
+        out: list[float | None] = []
+        failures: list[RewardFailure] = []
+        for i, row in enumerate(rows):
+            try:
+                value = self.fn([row], **self.options)
+            except Exception as single:  # noqa: BLE001
+                out.append(None)
+                failures.append(self._failure(rows, i, f"reward function '{self.name}' raised "
+                                                       f"{type(single).__name__}: {single} on row {i} of "
+                                                       f"{len(rows)}{_at(rows, i)}", single))
+                continue
+            try:
+                _check_container(self.name, value, 1)
+                out.append(_value(self.name, value[0], i, _at(rows, i)))
+            except RewardError as bad:
+                out.append(None)
+                failures.append(self._failure(rows, i, str(bad)))
+        return out, failures
 
     def _locate_failure(self, rows: list[Rollout], error: Exception) -> str:
         """Name the first row that fails on its own. The function runs again row by row: only on this error path,
@@ -164,33 +290,39 @@ class Reward:
                     self.fn([row], **self.options)
                 except Exception as single:  # noqa: BLE001
                     return (f"reward function '{self.name}' raised {type(single).__name__}: {single} "
-                            f"on row {i} of {len(rows)}")
+                            f"on row {i} of {len(rows)}{_at(rows, i)}")
             return f"reward function '{self.name}' raised {what} on the batch of {len(rows)} rows " \
                    "(no single row reproduces it)"
-        return f"reward function '{self.name}' raised {what} on row 0 of {len(rows)}"
+        return f"reward function '{self.name}' raised {what} on row 0 of {len(rows)}{_at(rows, 0)}"
 
 
-def _validate(name: str, values: Any, n: int) -> list[float | None]:
-    """Floats or None, one per row, all finite; RewardError naming the function (and row) otherwise."""
+def _at(rows: Sequence[Rollout], i: int) -> str:
+    """" (file:line)" of row i's prompt when the rows carry it, else nothing."""
+    where = rows[i].where if i < len(rows) else ""
+    return f" ({where})" if where else ""
+
+
+def _check_container(name: str, values: Any, n: int) -> None:
+    """A sequence of n values; RewardError naming the function otherwise."""
     if isinstance(values, (str, bytes, Mapping)) or not hasattr(values, "__len__"):
         raise RewardError(f"reward function '{name}' returned {type(values).__name__}, expected a list of {n} "
                           "rewards (float or None)")
     if len(values) != n:
         raise RewardError(f"reward function '{name}' returned {len(values)} rewards for {n} rows")
-    out: list[float | None] = []
-    for i, v in enumerate(values):
-        if v is None:
-            out.append(None)
-            continue
-        if not isinstance(v, numbers.Real):  # bool, int, float, numpy scalars; not str, not arrays
-            raise RewardError(f"reward function '{name}' returned {type(v).__name__} {v!r:.40} for row {i}, "
-                              "expected a float or None")
-        f = float(v)
-        if not math.isfinite(f):
-            raise RewardError(f"reward function '{name}' returned {f} for row {i}; return None when a reward "
-                              "does not apply to a row")
-        out.append(f)
-    return out
+
+
+def _value(name: str, v: Any, i: int, at: str = "") -> float | None:
+    """A float or None, finite; RewardError naming the function and row i (at: its file:line) otherwise."""
+    if v is None:
+        return None
+    if not isinstance(v, numbers.Real):  # bool, int, float, numpy scalars; not str, not arrays
+        raise RewardError(f"reward function '{name}' returned {type(v).__name__} {v!r:.40} for row {i}{at}, "
+                          "expected a float or None")
+    f = float(v)
+    if not math.isfinite(f):
+        raise RewardError(f"reward function '{name}' returned {f} for row {i}{at}; return None when a reward "
+                          "does not apply to a row")
+    return f
 
 
 def _import_object(spec: str) -> Any:
@@ -226,15 +358,18 @@ def _import_object(spec: str) -> Any:
     raise ValueError(f"reward {spec!r}: {first_error}")
 
 
-def load_reward(spec: str | Callable, **options: Any) -> Reward:
-    """A ``Reward`` from a registered name ("accuracy", "format", "overlong"), a dotted path to a user function
-    ("package.module:function" or "package.module.function"), or a callable. ``options`` are passed to the
+def load_reward(spec: str | Callable, context: RewardContext | None = None, /, **options: Any) -> Reward:
+    """A ``Reward`` from a registered name ("accuracy", "format", "overlong", "reward_model"), a dotted path to a user
+    function ("package.module:function" or "package.module.function"), or a callable. ``options`` are passed to the
     function as keyword arguments on every call; they are checked against its signature now, not at the first
-    rollout."""
+    rollout. A reward factory (``@reward_factory``) is called now, with ``context`` (the run's mesh, dtype and
+    tokenizer; an empty context when None) and the options, and the function it returns is the reward."""
     if callable(spec):
         name, fn = getattr(spec, "__name__", type(spec).__name__), spec
     elif spec in _REGISTRY:
         name, fn = spec, _REGISTRY[spec]
+        if isinstance(fn, str):
+            fn = _import_object(fn)
     elif "." in spec or ":" in spec:
         name, fn = spec, _import_object(spec)
         if not callable(fn):
@@ -242,30 +377,58 @@ def load_reward(spec: str | Callable, **options: Any) -> Reward:
     else:
         raise ValueError(f"unknown reward {spec!r}: built-ins are {', '.join(registered_rewards())}; a user "
                          "function is given as package.module:function")
+    factory = is_reward_factory(fn)
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):  # some builtins and C callables have no signature: check at call time
         signature = None
     if signature is not None:
         try:
-            signature.bind([], **options)
+            if factory:
+                signature.bind(context, **options)
+            else:
+                signature.bind([], **options)
         except TypeError as e:
             raise ValueError(f"reward {name!r} does not accept options {sorted(options)}: {e}") from None
+    if factory:
+        built = fn(context if context is not None else RewardContext(), **options)
+        if not callable(built):
+            raise ValueError(f"reward {name!r}: the factory returned a {type(built).__name__}, not a callable")
+        return Reward(name, built, {})
     return Reward(name, fn, dict(options))
 
 
 # ------------------------------------------------------------------------------------------------------ combining
 
 
-def compute_rewards(rewards: Sequence[Reward], rows: Sequence[Rollout]) -> np.ndarray:
-    """Every reward on every row: float64 [len(rows), len(rewards)], NaN where a function returned None."""
+def compute_rewards(rewards: Sequence[Reward], rows: Sequence[Rollout], *, on_error: Literal["raise", "skip"] = "raise",
+                    failures: list[RewardFailure] | None = None) -> np.ndarray:
+    """Every reward on every row: float64 [len(rows), len(rewards)], NaN where a function returned None.
+
+    on_error: what a function that raises or returns something unusable does (a reward's own ``on_error`` wins):
+    "raise" a ``RewardError`` naming the function and the row, or "skip": the failed cells stay NaN and each failure
+    is appended to ``failures`` (``failed_rows`` turns them into a mask: such a row should get no reward at all,
+    not the sum of the functions that did not fail)."""
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     rows = list(rows)
     table = np.full((len(rows), len(rewards)), np.nan, dtype=np.float64)
     for k, reward in enumerate(rewards):
-        for i, v in enumerate(reward(rows)):
+        values, failed = reward.evaluate(rows, reward.on_error or on_error)
+        if failures is not None:
+            failures.extend(failed)
+        for i, v in enumerate(values):
             if v is not None:
                 table[i, k] = v
     return table
+
+
+def failed_rows(failures: Sequence[RewardFailure], n: int) -> np.ndarray:
+    """bool [n]: the rows at least one reward function failed on."""
+    mask = np.zeros(n, bool)
+    for f in failures:
+        mask[f.row] = True
+    return mask
 
 
 def weighted_sum(components: Mapping[str, Sequence[float | None]] | np.ndarray,

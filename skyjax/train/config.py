@@ -214,12 +214,17 @@ class GRPOObjectiveConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RewardSpec:
-    """One reward function of GRPO (skyjax.rl.rewards): a built-in name (accuracy, format, overlong) or a dotted
-    path `package.module:function`, its weight, and keyword options passed to it."""
+    """One reward function of GRPO (skyjax.rl.rewards): a built-in name (accuracy, format, overlong, reward_model)
+    or a dotted path `package.module:function`, its weight, and keyword options passed to it."""
 
     name: str = "accuracy"
     weight: float = 1.0
     options: dict = dataclasses.field(default_factory=dict)
+    on_error: Literal["raise", "skip"] | None = None  # overrides rollout.on_reward_error for this function
+
+    def __post_init__(self):
+        require(f"rollout.rewards[{self.name}].on_error", self.on_error, self.on_error in (None, "raise", "skip"),
+                "raise, skip or null (rollout.on_reward_error)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,12 +280,17 @@ class RolloutConfig:
     # every N steps (0: never) the rollout's prompts, image paths, completions and rewards go to
     # run_dir/completions.jsonl (skyjax.train.grpo_log)
     log_completions_every: int = 0
+    # a reward function that raises or returns NaN / a non-number for a completion: stop with an error naming the
+    # function and the prompt row (file:line), or skip: that completion gets no reward (advantage 0) and is counted
+    on_reward_error: Literal["raise", "skip"] = "raise"
 
     def __post_init__(self):
         _positive("rollout", self, "num_generations", "max_new_tokens", "num_iterations")
         _non_negative("rollout", self, "temperature", "top_k", "log_completions_every")
         require("rollout.top_p", self.top_p, 0 < self.top_p <= 1, "must be in (0, 1]")
         require("rollout.rewards", list(self.rewards), bool(self.rewards), "at least one reward")
+        require("rollout.on_reward_error", self.on_reward_error, self.on_reward_error in ("raise", "skip"),
+                "raise or skip")
 
 
 @dataclasses.dataclass(frozen=True)

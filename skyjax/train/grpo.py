@@ -18,7 +18,8 @@ The same rollout batch serves rollout.num_iterations optimizer steps (pi_old sta
 the second step on the importance ratio moves off 1 and the clip acts). A checkpoint saved in the middle of a reused
 batch holds that batch (its arrays, exact, but the images; its rows' prompt records, whose images are read and
 prepared again on restore), so a resumed run trains on the very same batch, buffered rows and dynamic sampling's
-picks included. Policies: Skywork R1V (InternVL tiles) and Qwen2.5-VL (patches, M-RoPE), skyjax.train.grpo_rows.
+picks included. Policies: Skywork R1V (InternVL tiles), Qwen2.5-VL (patches, M-RoPE; skyjax.train.grpo_rows) and
+text-only Qwen2 (skyjax.train.grpo_text).
 Logging beyond the step's metrics (reward components, throughput, the completions table): skyjax.train.grpo_log.
 """
 
@@ -48,6 +49,7 @@ class PromptExample:
     where: str
     record: Record
     images: list  # PIL images, decoded
+    weight: float = 1.0  # 0: the stand-in for a row the pipeline skipped (data.on_error: skip); trains nothing
 
 
 class PromptPipeline(RecordPipeline):
@@ -60,6 +62,8 @@ class PromptPipeline(RecordPipeline):
         return PromptExample(where, where, record, load_images(record, where, self.blank))
 
     def collate(self, examples, weights) -> dict:
+        # a skipped row's stand-in is a copy of a good example: its own object, so its weight travels with it
+        examples = [e if w > 0 else dataclasses.replace(e, weight=float(w)) for e, w in zip(examples, weights)]
         return {"prompts": list(examples), "weights": list(weights), "row_ids": [e.row_id for e in examples]}
 
 
@@ -79,31 +83,45 @@ class RolloutSource:
     def __init__(self, pipeline: PromptPipeline, bundle: ModelBundle, cfg, trainer):
         from skyjax.rl.rewards import load_reward
         from skyjax.sample.adapters import adapter_for
+        from skyjax.train.grpo_text import TEXT_POLICIES, is_text_policy
 
-        if bundle.model.arch.name not in GRPO_ARCHITECTURES:
-            raise ConfigError(f"kind grpo: {bundle.model.arch.name} policies are not supported (Skywork R1V / "
-                              f"InternVL and Qwen2.5-VL are)")
+        arch = bundle.model.arch.name
+        if arch not in (*GRPO_ARCHITECTURES, *TEXT_POLICIES):
+            raise ConfigError(f"kind grpo: {arch} policies are not supported (Skywork R1V / InternVL, Qwen2.5-VL and "
+                              f"the text-only {', '.join(TEXT_POLICIES)} are)")
         self.pipeline, self.iterator = pipeline, iter(pipeline.dataset)
         self.cfg, self.rollout = cfg, cfg.rollout
         self.tokenizer = bundle.tokenizer
-        # the run's tiling (data.max_tiles) or pixel range (data.min/max_pixels), as SFT and MPO see their images;
-        # the format also packs each training micro-batch's images (skyjax.train.grpo_rows)
         from skyjax.train.grpo_log import RolloutLog
         from skyjax.train.grpo_rows import placeholder_ids
-        from skyjax.train.sft import vision_format
 
-        self.fmt = vision_format(bundle, cfg.data)
-        self.adapter = dataclasses.replace(adapter_for(bundle.model), image_cfg=self.fmt.image_cfg)
+        self.adapter, self.fmt = adapter_for(bundle.model), None
+        if not is_text_policy(arch):
+            # the run's tiling (data.max_tiles) or pixel range (data.min/max_pixels), as SFT and MPO see their
+            # images; the format also packs each training micro-batch's images (skyjax.train.grpo_rows)
+            from skyjax.train.sft import vision_format
+
+            self.fmt = vision_format(bundle, cfg.data)
+            self.adapter = dataclasses.replace(self.adapter, image_cfg=self.fmt.image_cfg)
         self.placeholders = placeholder_ids(bundle.model.config)
         self.rollout_log = RolloutLog(trainer.run_dir, cfg.rollout.log_completions_every, cfg.rollout.num_iterations,
                                       lead=jax.process_index() == 0)
         self.records: dict = {}  # file:line -> record, the cached batch's rows' prompts (saved in its middle)
         self.restored: dict | None = None  # a saved state whose reused batch is rebuilt by the next call
         self.model_cfg = bundle.model.config
+        from skyjax.rl.rewards import RewardContext
+
+        # reward factories (the reward model) get the trainer's mesh: they load beside the policy, not elsewhere
+        context = RewardContext(mesh=trainer.mesh, dtype=cfg.model.dtype, tokenizer=bundle.tokenizer)
         try:
-            self.rewards = [load_reward(r.name, **r.options) for r in cfg.rollout.rewards]
+            self.rewards = [dataclasses.replace(load_reward(r.name, context, **r.options), on_error=r.on_error)
+                            for r in cfg.rollout.rewards]
         except ValueError as e:
             raise ConfigError(f"rollout.rewards: {e}") from None
+        self.log = getattr(trainer, "log", print)
+        self.reward_failures: list = []  # this rollout's (rollout.on_reward_error: skip)
+        self._failed_rows: set = set()
+        self.skipped_completions = 0  # over the run
         self.weights = [float(r.weight) for r in cfg.rollout.rewards]
         from skyjax.sample.cli import default_stop_ids
 
@@ -129,6 +147,11 @@ class RolloutSource:
 
     def prepare(self, examples: Sequence[PromptExample]) -> dict:
         """The sampler's prompt batch (chat template, images, left padding), checked (image tokens)."""
+        if not self.adapter.supports_images:
+            for e in examples:
+                if e.images:
+                    raise BadRowError(f"{e.where}: {len(e.images)} image(s), but the policy is a text-only "
+                                      f"{self.adapter.name} model: drop the row's images or train an R1V policy")
         inputs = self.adapter.prepare([e.record.conversation() for e in examples], [e.images for e in examples],
                                       self.tokenizer)
         self.adapter.check(inputs)
@@ -146,11 +169,13 @@ class RolloutSource:
         return inputs, *(np.asarray(x) for x in (out.tokens, out.logprobs, out.lengths, out.stopped))
 
     def score(self, examples, tokens, lengths):
-        """Rewards per completion [B*G] (weighted sum), per component [B*G, K], and the completions' texts."""
-        from skyjax.rl.rewards import Rollout, compute_rewards, weighted_sum
+        """Rewards per completion [B*G] (weighted sum; NaN for a completion a reward function failed on, with
+        rollout.on_reward_error: skip), per component [B*G, K], and the completions' texts."""
+        from skyjax.rl.rewards import Rollout, compute_rewards, failed_rows, weighted_sum
 
         g = self.rollout.num_generations
         prompts = [_prompt_text(self.tokenizer, e.record) for e in examples]  # once per prompt, not per completion
+        messages = [e.record.conversation() for e in examples]
         rows, texts = [], []
         for r in range(tokens.shape[0]):
             e = examples[r // g]
@@ -159,9 +184,27 @@ class RolloutSource:
             texts.append(text)
             rows.append(Rollout(prompt=prompts[r // g], completion=text, completion_ids=ids,
                                 images=tuple(e.record.images), answer=e.record.answer,
-                                meta=dict(e.record.meta or {})))
-        table = compute_rewards(self.rewards, rows)
-        return weighted_sum(table, self.weights), table, texts
+                                meta=dict(e.record.meta or {}), messages=messages[r // g],
+                                image_data=tuple(e.images), where=e.row_id))
+        failures: list = []
+        table = compute_rewards(self.rewards, rows, on_error=self.rollout.on_reward_error, failures=failures)
+        total = weighted_sum(table, self.weights)
+        # a completion some function failed on gets no reward at all (not the sum of the others): advantage 0;
+        # a skipped prompt's stand-in (weight 0) has none either, so it is in no statistic (not a batch std)
+        failed = failed_rows(failures, len(rows))
+        total[failed | np.repeat([e.weight <= 0 for e in examples], g)] = np.nan
+        self._note_failures(failures, [(id(examples[r // g]), r % g) for r in np.flatnonzero(failed)])
+        return total, table, texts
+
+    def _note_failures(self, failures, keys) -> None:
+        """Keep this rollout's reward failures (skipped completions, by (example object, completion index): dynamic
+        sampling may pick rows from several draws); say the first few of the run."""
+        self.reward_failures += list(failures)
+        self._failed_rows |= set(keys)
+        before = self.skipped_completions
+        self.skipped_completions += len(keys)
+        for f in failures[: max(0, 10 - before)]:
+            self.log(f"reward skipped (rollout.on_reward_error: skip): {f.message}")
 
     def build_batch(self, examples, inputs, tokens, logps, lengths, stopped, advantages, rewards) -> dict:
         """The training batch [A, b, ...] of B*G completion rows (see the module docstring)."""
@@ -220,6 +263,7 @@ class RolloutSource:
         prompts = next(self.iterator)
         examples = prompts["prompts"]
         start = time.perf_counter()
+        self.reward_failures, self._failed_rows = [], set()
         inputs, tokens, logps, lengths, stopped = self.generate(state, examples)
         self.rollout_log.sampled(time.perf_counter() - start, int(np.sum(lengths)))
         rewards, table, _ = self.score(examples, tokens, lengths)
@@ -238,6 +282,7 @@ class RolloutSource:
             records.update({row_location(p.record): p.record for p in self.buffer.prompts.values()})
         batch, row_ids, more = mix_buffer(self, state, batch, row_ids, examples, inputs)  # + `effective` per row
         self.records = {r: records[r] for r in row_ids}
+        self._add_row_flags(batch, examples)
         self.stats = {k: float(v) for k, v in metrics.items()} | extra | more
         self.stats.update(rollout_stats(self.reward_names(), table, lengths, self._cut(tokens, lengths)))
         if self.rollout_log.wants(step):
@@ -303,6 +348,20 @@ class RolloutSource:
         self.stats = dict(saved["stats"])
         self.cached, self.used = (batch, row_ids), int(saved["used"]) + 1
         return self.cached
+
+    def _add_row_flags(self, batch: dict, examples) -> None:
+        """A prompt the pipeline skipped (data.on_error: skip, e.g. a missing image) is a zero-weight copy of a good
+        one: its completions get row_weight 0. `reward_skipped` marks the completions a reward function failed on
+        (logged as reward_skipped_fraction). A row the buffer placed (rollout.buffer) is neither."""
+        g = self.rollout.num_generations
+        a, per = batch["row_weight"].shape
+        rows = a * per
+        weight = np.array([examples[r // g].weight for r in range(rows)], np.float32)
+        skipped = np.array([(id(examples[r // g]), r % g) in self._failed_rows for r in range(rows)], np.float32)
+        buffered = np.asarray(batch.get("buffered", np.zeros((a, per)))).reshape(-1) > 0
+        batch["row_weight"] = np.where(buffered, batch["row_weight"].reshape(-1),
+                                       batch["row_weight"].reshape(-1) * weight).reshape(a, per)
+        batch["reward_skipped"] = np.where(buffered, 0.0, skipped).astype(np.float32).reshape(a, per)
 
     def get_state(self) -> Any:
         from skyjax.train.grpo_buffer import buffer_state, record_to_json

@@ -34,6 +34,7 @@ from skyjax.train.pipeline import RecordPipeline, read_records
 from skyjax.train.setup import PairPipeline, load_reward_bundle
 from skyjax.train.grpo import (PromptPipeline, abstract_grpo_batch, greedy_eval, grpo_summary, rollout_source,
                                synthetic_prompts)
+from skyjax.train.grpo_text import load_grpo_bundle
 from skyjax.train.mpo import MPOPipeline
 from skyjax.train.sft import SFTPipeline, abstract_sft_batch, load_sft_bundle
 
@@ -317,7 +318,7 @@ TASKS: dict[str, Task] = {
                 sft_summary, abstract_sft_batch),
     "mpo": Task("mpo", OBJECTIVES["mpo"], "preference", load_sft_bundle, MPOPipeline, _synthetic_pairs,
                 objective_eval, mpo_summary, _abstract_mpo_batch, row_unit="pairs", batch_source=mpo_batch_source),
-    "grpo": Task("grpo", OBJECTIVES["grpo"], "generate", load_sft_bundle, PromptPipeline, synthetic_prompts,
+    "grpo": Task("grpo", OBJECTIVES["grpo"], "generate", load_grpo_bundle, PromptPipeline, synthetic_prompts,
                  greedy_eval, grpo_summary, abstract_grpo_batch, row_unit="completions", batch_source=rollout_source),
 }
 

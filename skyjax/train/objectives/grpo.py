@@ -112,7 +112,9 @@ ROLLOUT_NAMES = {"rewards": "reward", "lengths": "completion_length", "truncated
                  "zero_std": "frac_reward_zero_std",
                  # rows with a non-zero advantage (after rollout.buffer, and before it), rows from the buffer
                  "effective": "effective_fraction", "effective_fresh": "effective_fraction_fresh",
-                 "buffered": "buffer_fraction"}
+                 "buffered": "buffer_fraction",
+                 # completions a reward function failed on (rollout.on_reward_error: skip)
+                 "reward_skipped": "reward_skipped_fraction"}
 
 
 def needs_reference(cfg: GRPOObjectiveConfig) -> bool:
