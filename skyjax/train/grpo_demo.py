@@ -46,7 +46,7 @@ def reward_curve(metrics: Path) -> dict[str, list]:
         curve["reward"].append(float(row["reward"]))
         curve["effective_fraction"].append(1.0 - float(row.get("frac_reward_zero_std", 0.0)))
         for key, value in row.items():
-            if key.startswith("rewards/"):
+            if key.startswith("rewards/") and not key.endswith("/std"):  # each function's mean
                 curve.setdefault(key, []).append(float(value))
     return curve
 
