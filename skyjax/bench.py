@@ -264,6 +264,14 @@ def run_compile_bench(hidden: int = 512, heads: int = 8, kv_heads: int = 2, inte
 # --- the harness ------------------------------------------------------------------------------------------------------
 
 
+def _timed(run) -> dict:
+    """A benchmark's entry with the wall time it took (`wall_s`)."""
+    t = time.perf_counter()
+    entry = run()
+    entry["wall_s"] = time.perf_counter() - t
+    return entry
+
+
 def _first(d: dict, *paths, default=None):
     """The first of several possible key paths ('a.b') present in d: the generate benchmark's dict is read
     defensively, since its layout belongs to skyjax.sample.bench."""
@@ -336,50 +344,34 @@ def run_benchmarks(only=BENCHMARKS, settings: dict | None = None, log=print) -> 
         from skyjax.sample.bench import run_generate_bench
 
         log("generate: skyjax vs transformers generate")
-        t = time.perf_counter()
-        entry = _generate_entry(run_generate_bench(**settings["generate"], log=log))
-        entry["wall_s"] = time.perf_counter() - t
-        out["generate"] = entry
+        out["generate"] = _timed(lambda: _generate_entry(run_generate_bench(**settings["generate"],
+                                                                            log=log)))
     if "compile" in only:
         log("compile: lower + compile of a Qwen2 train step, 2 vs 28 layers")
-        t = time.perf_counter()
-        entry = run_compile_bench(**settings["compile"], log=log)
-        entry["wall_s"] = time.perf_counter() - t
-        out["compile"] = entry
+        out["compile"] = _timed(lambda: run_compile_bench(**settings["compile"], log=log))
     if "rm_train_step_gpu" in only:
         from skyjax.train.bench import run_rm_gpu_bench
 
         log("rm_train_step_gpu: skyjax vs transformers + PyTorch on the GPU, bf16, 1.5B decoder (MFU)")
-        t = time.perf_counter()
-        entry = run_rm_gpu_bench(**settings["rm_train_step_gpu"], log=log)
-        entry["wall_s"] = time.perf_counter() - t
-        out["rm_train_step_gpu"] = entry
+        entry = out["rm_train_step_gpu"] = _timed(lambda: run_rm_gpu_bench(**settings["rm_train_step_gpu"],
+                                                                          log=log))
         if "skipped" in entry:
             log(f"rm_train_step_gpu: skipped ({entry['skipped']})")
     if "score" in only:
         from skyjax.eval.bench import run_score_bench
 
         log("score: a VL-RewardBench scoring job, skyjax vs transformers + PyTorch")
-        t = time.perf_counter()
-        entry = run_score_bench(**settings["score"], log=log)
-        entry["wall_s"] = time.perf_counter() - t
-        out["score"] = entry
+        out["score"] = _timed(lambda: run_score_bench(**settings["score"], log=log))
     if "mpo_step" in only:
         from skyjax.train.mpo_bench import run_mpo_bench
 
         log("mpo_step: the kind: mpo train step, skyjax vs TRL's DPOTrainer configured as MPO")
-        t = time.perf_counter()
-        entry = run_mpo_bench(**settings["mpo_step"], log=log)
-        entry["wall_s"] = time.perf_counter() - t
-        out["mpo_step"] = entry
+        out["mpo_step"] = _timed(lambda: run_mpo_bench(**settings["mpo_step"], log=log))
     if "grpo_step" in only:
         from skyjax.train.grpo_bench import run_grpo_bench
 
         log("grpo_step: one GRPO iteration (rollout + update), skyjax's kind: grpo vs TRL's GRPOTrainer")
-        t = time.perf_counter()
-        entry = run_grpo_bench(**settings["grpo_step"], log=log)
-        entry["wall_s"] = time.perf_counter() - t
-        out["grpo_step"] = entry
+        out["grpo_step"] = _timed(lambda: run_grpo_bench(**settings["grpo_step"], log=log))
     out["wall_s"] = time.perf_counter() - t_all
     if hasattr(os, "getloadavg"):  # the load at the end too: a shared machine's other work shows here
         out["machine"]["load_average_end"] = list(os.getloadavg())

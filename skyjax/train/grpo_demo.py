@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from skyjax.train.config import OptimizerConfig, RunConfig, TrainerConfig
-from skyjax.train.mpo_demo import _log, _stage, fresh_start, greedy_accuracy
+from skyjax.train.config import RunConfig
+from skyjax.train.mpo_demo import _log, _stage, demo_data, greedy_accuracy, warmup_config
 
 
 def reward_curve(metrics: Path) -> dict[str, list]:
@@ -54,29 +54,11 @@ def reward_curve(metrics: Path) -> dict[str, list]:
 def run_demo(cfg: RunConfig, run_dir: Path, *, resume: bool = True) -> dict:
     """The whole demo (see the module docstring); returns the summary written to run_dir/summary.json. A rerun
     resumes: finished stages are skipped, an interrupted one resumes from its checkpoint."""
-    from skyjax.data.synthetic import make_prompts
-    from skyjax.data.synthetic_sft import make_sft_records
-
     t0 = time.time()
-    demo, syn = cfg.demo, cfg.data.synthetic
-    run_dir = Path(run_dir).resolve()
-    if not resume:
-        fresh_start(run_dir)
-    data = run_dir / "data"
-    tasks = tuple(syn.tasks)
-    kw = dict(image_size=syn.image_size, tasks=tasks)
-    sft_rows = make_sft_records(data, "warmup", syn.train, seed=syn.seed, reasoning=demo.reasoning, **kw)
-    prompts = make_prompts(data, "prompts", demo.prompts, seed=syn.seed + 2, **kw)
-    heldout = make_prompts(data, "heldout", syn.heldout, seed=syn.seed + 1, **kw)
-
-    quiet = dict(progress=cfg.trainer.progress, eval_batch_size=cfg.trainer.eval_batch_size, export=True)
-    warm_cfg = RunConfig(
-        kind="sft", name=f"{cfg.name}_warmup", model=cfg.model,
-        data=dataclasses.replace(cfg.data, train=(str(sft_rows),), eval=(), synthetic=None,
-                                 tile_buckets=(cfg.data.batch_size * (cfg.data.max_tiles or 1),)),
-        optimizer=OptimizerConfig(lr=demo.warmup_lr, schedule="constant", warmup_steps=0, clip_norm=1.0),
-        trainer=TrainerConfig(steps=demo.warmup_steps, log_every=max(demo.warmup_steps // 4, 1),
-                              freeze=cfg.trainer.freeze, **quiet), mesh=cfg.mesh)
+    run_dir, data, sft_rows, prompts, heldout, _ = demo_data(cfg, run_dir, resume=resume,
+                                                             reasoning=cfg.demo.reasoning)
+    # one tile bucket for a batch of SFT rows (the run's buckets are sized for prompts x completions)
+    warm_cfg = warmup_config(cfg, sft_rows, tile_buckets=(cfg.data.batch_size * (cfg.data.max_tiles or 1),))
     warm = _stage("warmup", warm_cfg, run_dir / "warmup")
     policy = Path(warm["paths"]["checkpoint"])
     budget = cfg.rollout.max_new_tokens

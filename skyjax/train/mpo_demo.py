@@ -116,34 +116,51 @@ def fresh_start(run_dir: Path) -> None:
         _log(f"--no-resume: moved the previous demo's files to {aside}")
 
 
-def run_demo(cfg: RunConfig, run_dir: Path, *, resume: bool = True) -> dict:
-    """The whole demo (see the module docstring); returns the summary written to run_dir/summary.json. A rerun
-    resumes: finished stages are skipped, an interrupted one resumes from its checkpoint."""
-    from skyjax.data.synthetic import make_prompts, make_records
+def demo_data(cfg: RunConfig, run_dir: Path, *, resume: bool, **sft_kw):
+    """The demos' run folder (moved aside first with resume=False) and their synthetic task under run_dir/data: SFT
+    rows of the warm start (`sft_kw` to make_sft_records), prompts with answers and held-out prompts.
+    Returns (run_dir, data, sft_rows, prompts, heldout, the task's keyword arguments)."""
+    from skyjax.data.synthetic import make_prompts
     from skyjax.data.synthetic_sft import make_sft_records
 
-    t0 = time.time()
-    demo, syn = cfg.demo, cfg.data.synthetic
+    syn = cfg.data.synthetic
     run_dir = Path(run_dir).resolve()
     if not resume:
         fresh_start(run_dir)
     data = run_dir / "data"
-    tasks = tuple(syn.tasks)
-    kw = dict(image_size=syn.image_size, tasks=tasks)
-    sft_rows = make_sft_records(data, "warmup", syn.train, seed=syn.seed, **kw)
-    prompts = make_prompts(data, "prompts", demo.prompts, seed=syn.seed + 2, **kw)
+    kw = dict(image_size=syn.image_size, tasks=tuple(syn.tasks))
+    sft_rows = make_sft_records(data, "warmup", syn.train, seed=syn.seed, **sft_kw, **kw)
+    prompts = make_prompts(data, "prompts", cfg.demo.prompts, seed=syn.seed + 2, **kw)
     heldout = make_prompts(data, "heldout", syn.heldout, seed=syn.seed + 1, **kw)
+    return run_dir, data, sft_rows, prompts, heldout, kw
+
+
+def warmup_config(cfg: RunConfig, sft_rows: Path, **data) -> RunConfig:
+    """The demos' warm start: a short SFT of the run's model on `sft_rows` (demo.warmup_steps at demo.warmup_lr);
+    `data` replaces keys of the run's data section."""
+    demo = cfg.demo
+    return RunConfig(
+        kind="sft", name=f"{cfg.name}_warmup", model=cfg.model,
+        data=dataclasses.replace(cfg.data, train=(str(sft_rows),), eval=(), synthetic=None, **data),
+        optimizer=OptimizerConfig(lr=demo.warmup_lr, schedule="constant", warmup_steps=0, clip_norm=1.0),
+        trainer=TrainerConfig(steps=demo.warmup_steps, log_every=max(demo.warmup_steps // 4, 1),
+                              freeze=cfg.trainer.freeze, progress=cfg.trainer.progress,
+                              eval_batch_size=cfg.trainer.eval_batch_size, export=True), mesh=cfg.mesh)
+
+
+def run_demo(cfg: RunConfig, run_dir: Path, *, resume: bool = True) -> dict:
+    """The whole demo (see the module docstring); returns the summary written to run_dir/summary.json. A rerun
+    resumes: finished stages are skipped, an interrupted one resumes from its checkpoint."""
+    from skyjax.data.synthetic import make_records
+
+    t0 = time.time()
+    demo, syn = cfg.demo, cfg.data.synthetic
+    run_dir, data, sft_rows, prompts, heldout, kw = demo_data(cfg, run_dir, resume=resume)
     rm_train = make_records(data, "rm_train", demo.reward_rows, seed=syn.seed + 3, **kw)
 
     mesh, model = cfg.mesh, cfg.model
     quiet = dict(progress=cfg.trainer.progress, eval_batch_size=cfg.trainer.eval_batch_size, export=True)
-    warm_cfg = RunConfig(
-        kind="sft", name=f"{cfg.name}_warmup", model=model,
-        data=dataclasses.replace(cfg.data, train=(str(sft_rows),), eval=(), synthetic=None),
-        optimizer=OptimizerConfig(lr=demo.warmup_lr, schedule="constant", warmup_steps=0, clip_norm=1.0),
-        trainer=TrainerConfig(steps=demo.warmup_steps, log_every=max(demo.warmup_steps // 4, 1), freeze=cfg.trainer.freeze,
-                              **quiet), mesh=mesh)
-    warm = _stage("warmup", warm_cfg, run_dir / "warmup")
+    warm = _stage("warmup", warmup_config(cfg, sft_rows), run_dir / "warmup")
     policy = Path(warm["paths"]["checkpoint"])
     before = greedy_accuracy(policy, heldout, max_new_tokens=demo.max_new_tokens)
     _log(f"[warmup] held-out greedy accuracy {before['accuracy']:.3f}")
